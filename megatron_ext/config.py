@@ -1,0 +1,195 @@
+"""Dataclass configs of the model and its parallel layout, validated in one place.
+
+Every check raises :class:`ConfigError` with the command-line flag that sets the offending
+field, so a bad run fails before anything heavy is built.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Optional
+
+from megatron_ext.variants import NORM_TYPE_NAMES, NORM_TYPES, LayerStyle, LNSMode, default_post_num
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the flag to change."""
+
+
+def flag(field_name: str) -> str:
+    """The command-line flag of a config field (``post_num`` → ``--post-num``)."""
+    return "--" + field_name.replace("_", "-")
+
+
+def _require(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{flag(field_name)}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    """Shape, architecture and init of a Llama-style GPAS model (spec §1, §3, §4)."""
+
+    norm_type: str = "pre_gpas"
+    num_layers: int = 12
+    hidden_size: int = 512
+    num_attention_heads: int = 8
+    num_query_groups: Optional[int] = None  # None: multi-head attention (the reference)
+    ffn_hidden_size: int = 1368
+    vocab_size: int = 32000
+    make_vocab_size_divisible_by: int = 128
+    seq_length: int = 256
+    max_position_embeddings: Optional[int] = None  # None: seq_length
+    rotary_base: int = 10000
+    layernorm_epsilon: float = 1e-6
+    # Mix-LN: number of leading Post-LN layers (None: num_layers // 4).
+    post_num: Optional[int] = None
+    # LNS form: "gamma" (GPAS reference, learnable γ init 1/√(l+1)) or "fixed" (official LNS).
+    lns_mode: str = LNSMode.GAMMA.value
+    # The reference gives deeppost_gpas α but *not* the DeepNorm init; True applies it.
+    deepnorm_init_for_gpas: bool = False
+    init_method_std: float = 0.02
+    embedding_init_std: float = math.sqrt(0.4)
+    # False (reference): linear_proj/linear_fc2 use N(0, σ); True: Megatron's σ/√(2L).
+    scaled_output_init: bool = False
+    untie_embeddings_and_output_weights: bool = True
+    gate_init: float = 0.0
+
+    @property
+    def row(self):
+        return NORM_TYPES[self.norm_type]
+
+    @property
+    def resolved_post_num(self) -> Optional[int]:
+        if self.row.style is not LayerStyle.MIX:
+            return None
+        return default_post_num(self.num_layers) if self.post_num is None else self.post_num
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def kv_channels(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings or self.seq_length
+
+    def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
+        """Vocabulary rounded up so every TP rank holds an equal, aligned slice (as Megatron-LM)."""
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def validate(self) -> "ModelConfig":
+        _require(
+            self.norm_type in NORM_TYPES,
+            "norm_type",
+            f"unknown norm type {self.norm_type!r}; choose one of {', '.join(NORM_TYPE_NAMES)}",
+        )
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                     "vocab_size", "seq_length", "make_vocab_size_divisible_by"):
+            _require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        _require(
+            self.hidden_size % self.num_attention_heads == 0,
+            "num_attention_heads",
+            f"hidden size {self.hidden_size} is not divisible by {self.num_attention_heads} heads",
+        )
+        _require(
+            self.num_attention_heads % self.query_groups == 0,
+            "num_query_groups",
+            f"{self.num_attention_heads} heads are not divisible into {self.query_groups} groups",
+        )
+        _require(self.max_positions >= self.seq_length, "max_position_embeddings",
+                 f"{self.max_positions} is shorter than --seq-length {self.seq_length}")
+        _require(self.layernorm_epsilon > 0, "layernorm_epsilon", "must be positive")
+        _require(self.init_method_std > 0, "init_method_std", "must be positive")
+        _require(self.embedding_init_std > 0, "embedding_init_std", "must be positive")
+        _require(
+            self.lns_mode in tuple(m.value for m in LNSMode),
+            "lns_mode",
+            f"unknown LNS form {self.lns_mode!r}; choose 'gamma' or 'fixed'",
+        )
+        if self.post_num is not None:
+            _require(
+                self.row.style is LayerStyle.MIX,
+                "post_num",
+                f"only applies to the Mix-LN types (post_pre, post_pre_gpas), not {self.norm_type!r}",
+            )
+            _require(
+                0 <= self.post_num <= self.num_layers,
+                "post_num",
+                f"must be in [0, {self.num_layers}] for {self.num_layers} layers, got {self.post_num}",
+            )
+        return self
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split over processes (Megatron-LM's flag names)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+
+    def virtual_pipeline_model_parallel_size(self, num_layers: int) -> Optional[int]:
+        """Model chunks per pipeline stage (interleaved 1F1B), or None without interleaving."""
+        if self.num_layers_per_virtual_pipeline_stage is None:
+            return None
+        per_stage = num_layers // self.pipeline_model_parallel_size
+        return per_stage // self.num_layers_per_virtual_pipeline_stage
+
+    def validate(self, model: ModelConfig, world_size: Optional[int] = None) -> "ParallelConfig":
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        _require(tp >= 1, "tensor_model_parallel_size", f"must be ≥ 1, got {tp}")
+        _require(pp >= 1, "pipeline_model_parallel_size", f"must be ≥ 1, got {pp}")
+        _require(
+            model.num_attention_heads % tp == 0,
+            "tensor_model_parallel_size",
+            f"{model.num_attention_heads} attention heads are not divisible by TP size {tp}",
+        )
+        _require(
+            model.query_groups % tp == 0,
+            "tensor_model_parallel_size",
+            f"{model.query_groups} query groups are not divisible by TP size {tp}",
+        )
+        _require(
+            model.ffn_hidden_size % tp == 0,
+            "tensor_model_parallel_size",
+            f"FFN hidden size {model.ffn_hidden_size} is not divisible by TP size {tp}",
+        )
+        _require(
+            model.num_layers % pp == 0,
+            "pipeline_model_parallel_size",
+            f"{model.num_layers} layers are not divisible by {pp} pipeline stages",
+        )
+        _require(not self.sequence_parallel or tp > 1, "sequence_parallel",
+                 "needs --tensor-model-parallel-size > 1")
+        if self.num_layers_per_virtual_pipeline_stage is not None:
+            per_stage = model.num_layers // pp
+            chunk = self.num_layers_per_virtual_pipeline_stage
+            _require(pp > 1, "num_layers_per_virtual_pipeline_stage",
+                     "needs --pipeline-model-parallel-size > 1")
+            _require(
+                chunk > 0 and per_stage % chunk == 0,
+                "num_layers_per_virtual_pipeline_stage",
+                f"{per_stage} layers per pipeline stage are not divisible into chunks of {chunk}",
+            )
+        if world_size is not None:
+            _require(
+                world_size % (tp * pp) == 0,
+                "tensor_model_parallel_size",
+                f"world size {world_size} is not divisible by TP×PP = {tp * pp}",
+            )
+        return self
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+
+def config_fields(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))

@@ -1,0 +1,71 @@
+"""Process-group setup for one process or a torchrun/SLURM job, on CPU (gloo) or GPU (nccl)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from megatron_ext.config import ParallelConfig
+from megatron_ext.platform.cpu_emulation import enable_cpu_emulation
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(
+    parallel: ParallelConfig,
+    *,
+    device: str = "cuda",
+    num_layers: Optional[int] = None,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+) -> None:
+    """Initialize torch.distributed from the environment and megatron-core's parallel state.
+
+    Without RANK/WORLD_SIZE in the environment it runs as a single process. ``device="cpu"``
+    switches on CPU emulation and the gloo backend.
+    """
+    if device == "cpu":
+        enable_cpu_emulation()
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend="gloo" if device == "cpu" else "nccl",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    vpp = (
+        parallel.virtual_pipeline_model_parallel_size(num_layers)
+        if num_layers is not None
+        else None
+    )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=vpp,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,105 @@
+"""megatron-core's optimizer with the GPAS gates in their own group and the reference clipping.
+
+Step order (spec §2): global-norm clip over all parameters (gates included), *then* a joint-norm
+clip of the gates alone (``torch.nn.utils.clip_grad_norm_`` semantics:
+factor = min(1, max_norm / (norm + 1e-6))), then the update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.optimizer import (
+    OptimizerConfig,
+    ParamKey,
+    get_megatron_optimizer,
+    get_standard_config_overrides,
+)
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.transformer.module import param_is_not_shared
+
+from megatron_ext.layers.transformer_layer import GATE_ATTR
+
+#: Key carried by the optimizer param group that holds the gates.
+GATE_GROUP_KEY = "is_gpas_gate"
+
+
+@dataclass
+class StepResult:
+    success: bool
+    grad_norm: Optional[float]
+    gate_grad_norm: Optional[float]
+
+
+def build_optimizer(model_chunks, config: OptimizerConfig):
+    """get_megatron_optimizer with the gates in a group of their own (no weight decay)."""
+    overrides = get_standard_config_overrides(config)
+    overrides[ParamKey(attr=GATE_ATTR)] = {GATE_GROUP_KEY: True, "wd_mult": 0.0}
+    return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
+
+
+def _sub_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def gate_main_params(optimizer) -> list[torch.nn.Parameter]:
+    """The optimizer's (main) gate parameters held by this rank."""
+    params = []
+    for sub in _sub_optimizers(optimizer):
+        for group in sub.optimizer.param_groups:
+            if group.get(GATE_GROUP_KEY, False):
+                params.extend(group["params"])
+    return params
+
+
+def _clip_gate_grads(optimizer, max_norm: float) -> float:
+    """Joint-norm clip of all gates across every rank; returns the norm before clipping."""
+    params = gate_main_params(optimizer)
+    counted = [
+        p.grad
+        for p in params
+        if p.grad is not None
+        and param_is_not_shared(p)
+        and tensor_parallel.param_is_not_tensor_parallel_duplicate(p)
+    ]
+    sq = torch.zeros(1, dtype=torch.float32, device=_device_of(params))
+    for g in counted:
+        sq += g.detach().float().pow(2).sum()
+    group = _sub_optimizers(optimizer)[0].get_grad_stats_parallel_group()
+    torch.distributed.all_reduce(sq, group=group)
+    norm = sq.sqrt().item()
+    coeff = max_norm / (norm + 1e-6)
+    if coeff < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coeff)
+    return norm
+
+
+def _device_of(params: Iterable[torch.Tensor]) -> torch.device:
+    for p in params:
+        return p.device
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@torch.no_grad()
+def optimizer_step(optimizer, clip_grad: float = 0.0, clip_gate_grad: float = 0.0) -> StepResult:
+    """One update: prepare grads, global clip, gate clip, step. Skips the update on inf/NaN.
+
+    The megatron optimizer must be built with ``clip_grad=0`` so that clipping happens here, in
+    the reference's order.
+    """
+    if optimizer.prepare_grads():
+        return StepResult(False, None, None)
+    grad_norm = optimizer.get_grad_norm()
+    if clip_grad > 0.0:
+        for sub in _sub_optimizers(optimizer):
+            params = sub.get_parameters()
+            if params:
+                clip_grad_by_total_norm_fp32(params, max_norm=clip_grad, total_norm=grad_norm)
+    gate_norm = _clip_gate_grads(optimizer, clip_gate_grad) if clip_gate_grad > 0.0 else None
+    success = optimizer.step_with_ready_grads()
+    return StepResult(bool(success), float(grad_norm), gate_norm)

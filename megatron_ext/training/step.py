@@ -1,0 +1,91 @@
+"""One training iteration through megatron-core's pipeline schedules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional, Sequence
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_ext.training.optimizer import optimizer_step
+
+
+def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of per-token losses over non-pad tokens, and their count.
+
+    Returned as megatron-core's 3-tuple; the schedule divides by the count (a mean over non-pad
+    tokens per micro-batch, as the reference) and by the number of micro-batches.
+    """
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.float().reshape(-1)
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    """megatron-core forward-step contract: returns (output, loss_func)."""
+    batch = next(data_iterator)
+    output = model(
+        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
+    )
+    return output, partial(masked_token_loss, batch["loss_mask"])
+
+
+@dataclass
+class IterationResult:
+    loss: Optional[float]  # mean of per-micro-batch token means, averaged over DP
+    grad_norm: Optional[float]
+    gate_grad_norm: Optional[float]
+    update_successful: bool
+    num_tokens: int
+
+
+def _reduce_loss(loss_reports: Sequence[dict]) -> tuple[Optional[float], int]:
+    """Average of per-micro-batch means over micro-batches and DP (None off the last stage)."""
+    if not loss_reports:
+        return None, 0
+    means = torch.stack([r["lm loss"][0] / r["lm loss"][1].clamp(min=1) for r in loss_reports])
+    tokens = torch.stack([r["lm loss"][1] for r in loss_reports]).sum()
+    stats = torch.stack([means.mean(), tokens])
+    dp = parallel_state.get_data_parallel_group()
+    torch.distributed.all_reduce(stats, group=dp)
+    dp_size = torch.distributed.get_world_size(group=dp)
+    return (stats[0] / dp_size).item(), int(stats[1].item())
+
+
+def train_step(
+    data_iterators,
+    model,
+    optimizer,
+    *,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    clip_grad: float = 0.0,
+    clip_gate_grad: float = 0.0,
+) -> IterationResult:
+    """Forward/backward over ``num_microbatches``, then one optimizer update.
+
+    ``data_iterators`` holds one iterator per model chunk (virtual pipeline stage).
+    """
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    forward_backward = get_forward_backward_func()
+    reports = forward_backward(
+        forward_step_func=forward_step,
+        data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
+        model=model if len(model) > 1 else model[0],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    step = optimizer_step(optimizer, clip_grad=clip_grad, clip_gate_grad=clip_gate_grad)
+    loss, tokens = _reduce_loss(reports if parallel_state.is_pipeline_last_stage() else [])
+    return IterationResult(loss, step.grad_norm, step.gate_grad_norm, step.success, tokens)

@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="gpas-megatron",
+    version="0.1.0",
+    description="Pretrain Llama-style models with GPAS and ten normalization baselines on Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_ext", "megatron_ext.*"]),
+    py_modules=["pretrain_gpas"],
+    install_requires=[
+        "megatron-core==0.16.1",
+        "torch>=2.6",
+        "numpy",
+        "sentencepiece",
+        "psutil",  # megatron-core's dist_checkpointing needs it but does not declare it
+        "pyyaml",
+    ],
+    extras_require={
+        "test": ["pytest", "ruff", "mistral-common", "transformers", "safetensors", "matplotlib"],
+        "wandb": ["wandb"],
+        "hf": ["transformers", "safetensors", "tokenizers"],
+        "plot": ["matplotlib"],
+    },
+)
