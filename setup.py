@@ -9,7 +9,6 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_ext", "megatron_ext.*"]),
-    py_modules=["pretrain_gpas"],
     install_requires=[
         "megatron-core==0.16.1",
         "torch>=2.6",

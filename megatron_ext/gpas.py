@@ -15,9 +15,14 @@ import torch
 import torch.nn.functional as F
 
 
-def gpas_scale(gate: torch.Tensor) -> torch.Tensor:
-    """c = 1 − SiLU(g), computed in fp32. Returns a 0-dim fp32 tensor."""
-    return 1.0 - F.silu(gate.float().reshape(()))
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half-precision streams, the stream's own dtype when it is wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def gpas_scale(gate: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """c = 1 − SiLU(g) as a 0-dim tensor, computed in at least fp32."""
+    return 1.0 - F.silu(gate.to(_math_dtype(dtype)).reshape(()))
 
 
 def silu_derivative(g: torch.Tensor) -> torch.Tensor:
@@ -30,22 +35,21 @@ class _GPASFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, gate)
-        c = gpas_scale(gate)
-        if x.dtype == torch.float32:
+        math_dtype = _math_dtype(x.dtype)
+        c = gpas_scale(gate, math_dtype)
+        if x.dtype == math_dtype:
             return x * c
         # One rounding: multiply in fp32, round once to the stream's dtype.
-        return (x.float() * c).to(x.dtype)
+        return (x.to(math_dtype) * c).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, gate = ctx.saved_tensors
         grad_gate = None
         if ctx.needs_input_grad[1]:
-            g = gate.float().reshape(())
-            if x.dtype == torch.float32 and grad_out.dtype == torch.float32:
-                inner = torch.dot(grad_out.reshape(-1), x.reshape(-1))
-            else:
-                inner = torch.dot(grad_out.reshape(-1).float(), x.reshape(-1).float())
+            math_dtype = _math_dtype(x.dtype)
+            g = gate.to(math_dtype).reshape(())
+            inner = (grad_out.to(math_dtype) * x.to(math_dtype)).sum()
             grad_gate = (-silu_derivative(g) * inner).reshape(gate.shape).to(gate.dtype)
         # Gradient preservation: the activation gradient passes through unchanged.
         return grad_out, grad_gate

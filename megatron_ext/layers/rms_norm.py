@@ -16,7 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x²) + ε) with the statistics in fp32, returned in x's dtype."""
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     var = xf.pow(2).mean(dim=-1, keepdim=True)
     return (xf * torch.rsqrt(var + eps)).to(x.dtype)
 
