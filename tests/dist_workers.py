@@ -64,3 +64,62 @@ def micro_batches(global_batch: dict, dp_rank: int, dp_size: int, micro_batch_si
         mb["position_ids"] = torch.arange(seq).unsqueeze(0).expand(micro_batch_size, -1)
         out.append(mb)
     return out
+
+
+# --- layouts ---------------------------------------------------------------------------------
+
+PARITY_STEPS = 3
+GLOBAL_BATCH = 4
+MICRO_BATCH = 1
+
+
+def train_layout(layout: dict, norm_types, ckpt_root=None, steps: int = PARITY_STEPS):
+    """Train each norm type ``steps`` iterations under ``layout`` from the same seeded init.
+
+    Returns {norm_type: {"losses": [...], "eval_loss": float}} (losses from the last pipeline
+    stage). With ``ckpt_root`` the trained weights are saved to ``ckpt_root/<norm_type>``.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer import OptimizerConfig
+
+    from megatron_ext.config import ParallelConfig
+    from megatron_ext.models.gpt import build_model_chunks, build_transformer_config
+    from megatron_ext.models.presets import model_preset
+    from megatron_ext.platform.distributed import init_distributed
+    from megatron_ext.training.checkpointing import save_model
+    from megatron_ext.training.model_setup import wrap_model
+    from megatron_ext.training.optimizer import build_optimizer
+    from megatron_ext.training.step import evaluate_loss, train_step
+
+    parallel = ParallelConfig(**layout)
+    init_distributed(parallel, device="cpu", num_layers=4, seed=1234)
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    num_micro = GLOBAL_BATCH // (dp_size * MICRO_BATCH)
+    results = {}
+    for norm_type in norm_types:
+        cfg = model_preset("tiny4", norm_type=norm_type)
+        tc = build_transformer_config(cfg, parallel, use_cpu=True)
+        chunks = build_model_chunks(cfg, tc, seed=99)
+        model = wrap_model(chunks, tc, use_distributed_optimizer=parallel.use_distributed_optimizer)
+        optimizer = build_optimizer(model, OptimizerConfig(
+            optimizer="adam", lr=3e-3, min_lr=0.0, weight_decay=0.0, adam_beta1=0.9,
+            adam_beta2=0.999, adam_eps=1e-8, clip_grad=0.0,
+            use_distributed_optimizer=parallel.use_distributed_optimizer))
+        # One training batch, seen every step (so the loss must fall), and one held-out batch.
+        train_batch, eval_batch = synthetic_batches(seed=5, num_batches=2,
+                                                    global_batch=GLOBAL_BATCH,
+                                                    seq_length=cfg.seq_length, vocab=cfg.vocab_size)
+        losses = []
+        for _ in range(steps):
+            mbs = micro_batches(train_batch, dp_rank, dp_size, MICRO_BATCH)
+            result = train_step([iter(mbs) for _ in model], model, optimizer,
+                                num_microbatches=num_micro, seq_length=cfg.seq_length,
+                                micro_batch_size=MICRO_BATCH, clip_grad=1.0, clip_gate_grad=0.01)
+            losses.append(result.loss)
+        mbs = micro_batches(eval_batch, dp_rank, dp_size, MICRO_BATCH)
+        eval_loss = evaluate_loss([iter(mbs) for _ in model], model, num_microbatches=num_micro,
+                                  seq_length=cfg.seq_length, micro_batch_size=MICRO_BATCH)
+        if ckpt_root is not None:
+            save_model(model, os.path.join(ckpt_root, norm_type))
+        results[norm_type] = {"losses": losses, "eval_loss": eval_loss}
+    return results

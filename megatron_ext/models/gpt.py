@@ -29,8 +29,10 @@ def build_transformer_config(
 ) -> TransformerConfig:
     """The megatron-core TransformerConfig of a Llama-style model (spec §1).
 
-    No biases, no dropout, RMSNorm ε 1e-6, SwiGLU, RoPE, untied head. Weight init is done by
-    :func:`megatron_ext.models.init.initialize_model`, so megatron-core's own init is off.
+    No biases, no dropout, RMSNorm ε 1e-6, SwiGLU, RoPE, untied head. The final weights come from
+    :func:`megatron_ext.models.init.initialize_model`; megatron-core's own init still runs first
+    because it is also where megatron-core tags tensor-parallel weights (``tensor_model_parallel``,
+    ``partition_dim``), which gradient-norm and checkpoint code rely on.
     """
     model.validate()
     parallel = (parallel or ParallelConfig()).validate(model)
@@ -58,7 +60,7 @@ def build_transformer_config(
         attention_softmax_in_fp32=True,
         apply_query_key_layer_scaling=False,
         init_method_std=model.init_method_std,
-        perform_initialization=False,
+        perform_initialization=True,
         use_cpu_initialization=use_cpu,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
