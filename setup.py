@@ -3,7 +3,9 @@ from setuptools import find_packages, setup
 setup(
     name="gpas-megatron",
     version="0.1.0",
-    description="Pretrain Llama-style models with GPAS and ten normalization baselines on Megatron-Core",
+    description=(
+        "Pretrain Llama-style models with GPAS and ten normalization baselines on Megatron-Core"
+    ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",

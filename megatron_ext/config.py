@@ -83,14 +83,21 @@ class ModelConfig:
         multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
         return int(math.ceil(self.vocab_size / multiple) * multiple)
 
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> ModelConfig:
         _require(
             self.norm_type in NORM_TYPES,
             "norm_type",
             f"unknown norm type {self.norm_type!r}; choose one of {', '.join(NORM_TYPE_NAMES)}",
         )
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-                     "vocab_size", "seq_length", "make_vocab_size_divisible_by"):
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "ffn_hidden_size",
+            "vocab_size",
+            "seq_length",
+            "make_vocab_size_divisible_by",
+        ):
             _require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
         _require(
             self.hidden_size % self.num_attention_heads == 0,
@@ -102,8 +109,11 @@ class ModelConfig:
             "num_query_groups",
             f"{self.num_attention_heads} heads are not divisible into {self.query_groups} groups",
         )
-        _require(self.max_positions >= self.seq_length, "max_position_embeddings",
-                 f"{self.max_positions} is shorter than --seq-length {self.seq_length}")
+        _require(
+            self.max_positions >= self.seq_length,
+            "max_position_embeddings",
+            f"{self.max_positions} is shorter than --seq-length {self.seq_length}",
+        )
         _require(self.layernorm_epsilon > 0, "layernorm_epsilon", "must be positive")
         _require(self.init_method_std > 0, "init_method_std", "must be positive")
         _require(self.embedding_init_std > 0, "embedding_init_std", "must be positive")
@@ -116,12 +126,14 @@ class ModelConfig:
             _require(
                 self.row.style is LayerStyle.MIX,
                 "post_num",
-                f"only applies to the Mix-LN types (post_pre, post_pre_gpas), not {self.norm_type!r}",
+                "only applies to the Mix-LN types (post_pre, post_pre_gpas), "
+                f"not {self.norm_type!r}",
             )
             _require(
                 0 <= self.post_num <= self.num_layers,
                 "post_num",
-                f"must be in [0, {self.num_layers}] for {self.num_layers} layers, got {self.post_num}",
+                f"must be in [0, {self.num_layers}] for {self.num_layers} layers, "
+                f"got {self.post_num}",
             )
         return self
 
@@ -143,7 +155,7 @@ class ParallelConfig:
         per_stage = num_layers // self.pipeline_model_parallel_size
         return per_stage // self.num_layers_per_virtual_pipeline_stage
 
-    def validate(self, model: ModelConfig, world_size: Optional[int] = None) -> "ParallelConfig":
+    def validate(self, model: ModelConfig, world_size: Optional[int] = None) -> ParallelConfig:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
         _require(tp >= 1, "tensor_model_parallel_size", f"must be ≥ 1, got {tp}")
         _require(pp >= 1, "pipeline_model_parallel_size", f"must be ≥ 1, got {pp}")
@@ -167,13 +179,19 @@ class ParallelConfig:
             "pipeline_model_parallel_size",
             f"{model.num_layers} layers are not divisible by {pp} pipeline stages",
         )
-        _require(not self.sequence_parallel or tp > 1, "sequence_parallel",
-                 "needs --tensor-model-parallel-size > 1")
+        _require(
+            not self.sequence_parallel or tp > 1,
+            "sequence_parallel",
+            "needs --tensor-model-parallel-size > 1",
+        )
         if self.num_layers_per_virtual_pipeline_stage is not None:
             per_stage = model.num_layers // pp
             chunk = self.num_layers_per_virtual_pipeline_stage
-            _require(pp > 1, "num_layers_per_virtual_pipeline_stage",
-                     "needs --pipeline-model-parallel-size > 1")
+            _require(
+                pp > 1,
+                "num_layers_per_virtual_pipeline_stage",
+                "needs --pipeline-model-parallel-size > 1",
+            )
             _require(
                 chunk > 0 and per_stage % chunk == 0,
                 "num_layers_per_virtual_pipeline_stage",

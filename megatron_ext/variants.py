@@ -71,7 +71,9 @@ NORM_TYPES: dict[str, NormTypeRow] = {
             description="DeepNorm+GPAS",
         ),
         NormTypeRow("pre_gpas", LayerStyle.PRE, gpas=True, description="Pre-LN+GPAS"),
-        NormTypeRow("sandwich_gpas", LayerStyle.SANDWICH, gpas=True, description="Sandwich-LN+GPAS"),
+        NormTypeRow(
+            "sandwich_gpas", LayerStyle.SANDWICH, gpas=True, description="Sandwich-LN+GPAS"
+        ),
         NormTypeRow("post_pre_gpas", LayerStyle.MIX, gpas=True, description="Mix-LN+GPAS"),
         NormTypeRow("lns_gpas", LayerStyle.PRE, gpas=True, lns=True, description="LNS+GPAS"),
     )

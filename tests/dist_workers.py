@@ -12,8 +12,13 @@ from megatron_ext.platform.distributed import free_port
 
 
 def _entry(rank, world_size, port, fn, args, result_dir):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     try:
         result = fn(*args)
         torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
@@ -28,28 +33,50 @@ def run_ranks(fn, world_size: int, args, tmp_path) -> list:
     result_dir = str(tmp_path / f"ranks_{fn.__name__}_{free_port()}")
     os.makedirs(result_dir)
     try:
-        mp.start_processes(_entry, args=(world_size, free_port(), fn, args, result_dir),
-                           nprocs=world_size, join=True, start_method="spawn")
+        mp.start_processes(
+            _entry,
+            args=(world_size, free_port(), fn, args, result_dir),
+            nprocs=world_size,
+            join=True,
+            start_method="spawn",
+        )
     except Exception as err:
-        errors = [open(os.path.join(result_dir, f)).read()
-                  for f in sorted(os.listdir(result_dir)) if f.endswith(".err")]
+        errors = [
+            open(os.path.join(result_dir, f)).read()
+            for f in sorted(os.listdir(result_dir))
+            if f.endswith(".err")
+        ]
         raise AssertionError("rank failed:\n" + "\n".join(errors)) from err
-    return [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False)
-            for r in range(world_size)]
+    return [
+        torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False)
+        for r in range(world_size)
+    ]
 
 
-def synthetic_batches(seed: int, num_batches: int, global_batch: int, seq_length: int,
-                      vocab: int, pad_fraction: float = 0.2):
+def synthetic_batches(
+    seed: int,
+    num_batches: int,
+    global_batch: int,
+    seq_length: int,
+    vocab: int,
+    pad_fraction: float = 0.2,
+):
     """Deterministic global batches with right padding (loss mask 0 on pads)."""
     gen = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(num_batches):
         tokens = torch.randint(0, vocab, (global_batch, seq_length + 1), generator=gen)
-        lengths = torch.randint(int(seq_length * (1 - pad_fraction)), seq_length + 1,
-                                (global_batch,), generator=gen)
+        lengths = torch.randint(
+            int(seq_length * (1 - pad_fraction)), seq_length + 1, (global_batch,), generator=gen
+        )
         mask = (torch.arange(seq_length)[None, :] < lengths[:, None]).float()
-        batches.append(dict(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(),
-                            loss_mask=mask))
+        batches.append(
+            dict(
+                tokens=tokens[:, :-1].contiguous(),
+                labels=tokens[:, 1:].contiguous(),
+                loss_mask=mask,
+            )
+        )
     return batches
 
 
@@ -59,7 +86,7 @@ def micro_batches(global_batch: dict, dp_rank: int, dp_size: int, micro_batch_si
     per_rank = n // dp_size
     out = []
     for start in range(dp_rank * per_rank, (dp_rank + 1) * per_rank, micro_batch_size):
-        mb = {k: v[start:start + micro_batch_size] for k, v in global_batch.items()}
+        mb = {k: v[start : start + micro_batch_size] for k, v in global_batch.items()}
         seq = mb["tokens"].shape[1]
         mb["position_ids"] = torch.arange(seq).unsqueeze(0).expand(micro_batch_size, -1)
         out.append(mb)
@@ -101,24 +128,50 @@ def train_layout(layout: dict, norm_types, ckpt_root=None, steps: int = PARITY_S
         tc = build_transformer_config(cfg, parallel, use_cpu=True)
         chunks = build_model_chunks(cfg, tc, seed=99)
         model = wrap_model(chunks, tc, use_distributed_optimizer=parallel.use_distributed_optimizer)
-        optimizer = build_optimizer(model, OptimizerConfig(
-            optimizer="adam", lr=3e-3, min_lr=0.0, weight_decay=0.0, adam_beta1=0.9,
-            adam_beta2=0.999, adam_eps=1e-8, clip_grad=0.0,
-            use_distributed_optimizer=parallel.use_distributed_optimizer))
+        optimizer = build_optimizer(
+            model,
+            OptimizerConfig(
+                optimizer="adam",
+                lr=3e-3,
+                min_lr=0.0,
+                weight_decay=0.0,
+                adam_beta1=0.9,
+                adam_beta2=0.999,
+                adam_eps=1e-8,
+                clip_grad=0.0,
+                use_distributed_optimizer=parallel.use_distributed_optimizer,
+            ),
+        )
         # One training batch, seen every step (so the loss must fall), and one held-out batch.
-        train_batch, eval_batch = synthetic_batches(seed=5, num_batches=2,
-                                                    global_batch=GLOBAL_BATCH,
-                                                    seq_length=cfg.seq_length, vocab=cfg.vocab_size)
+        train_batch, eval_batch = synthetic_batches(
+            seed=5,
+            num_batches=2,
+            global_batch=GLOBAL_BATCH,
+            seq_length=cfg.seq_length,
+            vocab=cfg.vocab_size,
+        )
         losses = []
         for _ in range(steps):
             mbs = micro_batches(train_batch, dp_rank, dp_size, MICRO_BATCH)
-            result = train_step([iter(mbs) for _ in model], model, optimizer,
-                                num_microbatches=num_micro, seq_length=cfg.seq_length,
-                                micro_batch_size=MICRO_BATCH, clip_grad=1.0, clip_gate_grad=0.01)
+            result = train_step(
+                [iter(mbs) for _ in model],
+                model,
+                optimizer,
+                num_microbatches=num_micro,
+                seq_length=cfg.seq_length,
+                micro_batch_size=MICRO_BATCH,
+                clip_grad=1.0,
+                clip_gate_grad=0.01,
+            )
             losses.append(result.loss)
         mbs = micro_batches(eval_batch, dp_rank, dp_size, MICRO_BATCH)
-        eval_loss = evaluate_loss([iter(mbs) for _ in model], model, num_microbatches=num_micro,
-                                  seq_length=cfg.seq_length, micro_batch_size=MICRO_BATCH)
+        eval_loss = evaluate_loss(
+            [iter(mbs) for _ in model],
+            model,
+            num_microbatches=num_micro,
+            seq_length=cfg.seq_length,
+            micro_batch_size=MICRO_BATCH,
+        )
         if ckpt_root is not None:
             save_model(model, os.path.join(ckpt_root, norm_type))
         results[norm_type] = {"losses": losses, "eval_loss": eval_loss}

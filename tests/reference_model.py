@@ -100,8 +100,9 @@ def forward(tokens, weights, norm_type, num_layers, heads, groups, post_num=0, l
     """Logits [b, s, V] of the reference model."""
     h = weights["embedding"][tokens]
     for l in range(num_layers):
-        h = decoder_layer(h, weights["layers"][l], norm_type, l, num_layers, post_num, heads,
-                          groups, lns_fixed)
+        h = decoder_layer(
+            h, weights["layers"][l], norm_type, l, num_layers, post_num, heads, groups, lns_fixed
+        )
     return rms_norm(h, weights["final_norm"]) @ weights["lm_head"].T
 
 
@@ -110,8 +111,12 @@ def forward(tokens, weights, norm_type, num_layers, heads, groups, post_num=0, l
 # Which megatron module holds which of the spec's norms (N1, N_pa, N_pf, N_pff), by layer kind.
 PRE_NORMS = {"N1": "input_layernorm", "N_pa": "pre_mlp_layernorm"}
 POST_NORMS = {"N_pa": "post_attn_add_layernorm", "N_pff": "post_mlp_add_layernorm"}
-SANDWICH_NORMS = {"N1": "input_layernorm", "N_pa": "post_self_attn_layernorm",
-                  "N_pf": "pre_mlp_layernorm", "N_pff": "post_mlp_layernorm"}
+SANDWICH_NORMS = {
+    "N1": "input_layernorm",
+    "N_pa": "post_self_attn_layernorm",
+    "N_pf": "pre_mlp_layernorm",
+    "N_pff": "post_mlp_layernorm",
+}
 
 
 def norm_map(norm_type, l, post_num):
@@ -130,8 +135,11 @@ def split_qkv(qkv, heads, groups):
     d = qkv.shape[0] // (heads + 2 * groups)
     r = heads // groups
     grouped = qkv.view(groups, r + 2, d, h)
-    return (grouped[:, :r].reshape(heads * d, h), grouped[:, r].reshape(groups * d, h),
-            grouped[:, r + 1].reshape(groups * d, h))
+    return (
+        grouped[:, :r].reshape(heads * d, h),
+        grouped[:, r].reshape(groups * d, h),
+        grouped[:, r + 1].reshape(groups * d, h),
+    )
 
 
 def from_megatron(model, norm_type, num_layers, heads, groups, post_num=0):
@@ -152,10 +160,15 @@ def from_megatron(model, norm_type, num_layers, heads, groups, post_num=0):
         p = f"decoder.layers.{l}."
         q, k, v = split_qkv(params[p + "self_attention.linear_qkv.weight"], heads, groups)
         gate, up = params[p + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-        w = {"q": leaf(q), "k": leaf(k), "v": leaf(v),
-             "o": leaf(params[p + "self_attention.linear_proj.weight"]),
-             "gate": leaf(gate), "up": leaf(up),
-             "down": leaf(params[p + "mlp.linear_fc2.weight"])}
+        w = {
+            "q": leaf(q),
+            "k": leaf(k),
+            "v": leaf(v),
+            "o": leaf(params[p + "self_attention.linear_proj.weight"]),
+            "gate": leaf(gate),
+            "up": leaf(up),
+            "down": leaf(params[p + "mlp.linear_fc2.weight"]),
+        }
         for spec_name, module in norm_map(norm_type, l, post_num).items():
             w[spec_name] = leaf(params[p + module + ".weight"])
         if p + "gpas_gate" in params:
@@ -163,17 +176,24 @@ def from_megatron(model, norm_type, num_layers, heads, groups, post_num=0):
         weights["layers"].append(w)
 
     def grads_by_megatron_name():
-        out = {"embedding.word_embeddings.weight": weights["embedding"].grad,
-               "output_layer.weight": weights["lm_head"].grad,
-               "decoder.final_layernorm.weight": weights["final_norm"].grad}
+        out = {
+            "embedding.word_embeddings.weight": weights["embedding"].grad,
+            "output_layer.weight": weights["lm_head"].grad,
+            "decoder.final_layernorm.weight": weights["final_norm"].grad,
+        }
         for l, w in enumerate(weights["layers"]):
             p = f"decoder.layers.{l}."
             d = w["q"].shape[0] // heads
             r = heads // groups
             h = w["q"].shape[1]
             out[p + "self_attention.linear_qkv.weight"] = torch.cat(
-                [w["q"].grad.view(groups, r * d, h), w["k"].grad.view(groups, d, h),
-                 w["v"].grad.view(groups, d, h)], dim=1).reshape(-1, h)
+                [
+                    w["q"].grad.view(groups, r * d, h),
+                    w["k"].grad.view(groups, d, h),
+                    w["v"].grad.view(groups, d, h),
+                ],
+                dim=1,
+            ).reshape(-1, h)
             out[p + "self_attention.linear_proj.weight"] = w["o"].grad
             out[p + "mlp.linear_fc1.weight"] = torch.cat([w["gate"].grad, w["up"].grad], dim=0)
             out[p + "mlp.linear_fc2.weight"] = w["down"].grad

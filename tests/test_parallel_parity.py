@@ -27,8 +27,7 @@ def runs(tmp_path_factory):
     out = {}
     for name, layout in {"single": {}, **LAYOUTS}.items():
         world = 1 if name == "single" else 2
-        per_rank = run_ranks(train_layout, world, (layout, NORM_TYPE_NAMES, str(root / name)),
-                             root)
+        per_rank = run_ranks(train_layout, world, (layout, NORM_TYPE_NAMES, str(root / name)), root)
         merged = {}
         for nt in NORM_TYPE_NAMES:
             losses = [r[nt]["losses"] for r in per_rank if r[nt]["losses"][0] is not None]
@@ -47,7 +46,7 @@ def test_layout_reproduces_single_process_losses(runs, layout, norm_type):
     assert len(single) == len(parallel) == PARITY_STEPS
     assert single[0] == pytest.approx(math.log(512), abs=0.05)  # near-uniform at init
     assert single[-1] < single[0]  # it trains
-    for step, (a, b) in enumerate(zip(single, parallel)):
+    for step, (a, b) in enumerate(zip(single, parallel, strict=True)):
         assert b == pytest.approx(a, rel=1e-5), f"step {step}: single {a} vs {layout} {b}"
 
 
@@ -68,8 +67,9 @@ def test_checkpoints_from_tp2_and_pp2_load_at_tp1(megatron_cpu, runs, norm_type)
     logits = {}
     for layout in ("single", "tp2", "pp2"):
         cfg, model = _load_tp1(norm_type, str(root / layout / norm_type))
-        batch = synthetic_batches(seed=5, num_batches=2, global_batch=4,
-                                  seq_length=cfg.seq_length, vocab=cfg.vocab_size)[-1]
+        batch = synthetic_batches(
+            seed=5, num_batches=2, global_batch=4, seq_length=cfg.seq_length, vocab=cfg.vocab_size
+        )[-1]
         tokens = batch["tokens"]
         positions = torch.arange(cfg.seq_length).unsqueeze(0).expand(tokens.shape[0], -1)
         with torch.no_grad():

@@ -38,22 +38,32 @@ def _perturb(model, seed=7):
 
 def _reference_grads(model, cfg, tokens, probe, dtype):
     post_num = cfg.resolved_post_num or 0
-    weights, grads_of = ref.from_megatron(model, cfg.norm_type, cfg.num_layers,
-                                          cfg.num_attention_heads, cfg.query_groups, post_num)
+    weights, grads_of = ref.from_megatron(
+        model, cfg.norm_type, cfg.num_layers, cfg.num_attention_heads, cfg.query_groups, post_num
+    )
     if dtype != weights["embedding"].dtype:
         weights = _cast_leaves(weights, dtype)
-    logits = ref.forward(tokens, weights, cfg.norm_type, cfg.num_layers,
-                         cfg.num_attention_heads, cfg.query_groups, post_num,
-                         lns_fixed=cfg.lns_mode == "fixed")
+    logits = ref.forward(
+        tokens,
+        weights,
+        cfg.norm_type,
+        cfg.num_layers,
+        cfg.num_attention_heads,
+        cfg.query_groups,
+        post_num,
+        lns_fixed=cfg.lns_mode == "fixed",
+    )
     (logits * probe.to(dtype)).sum().backward()
     return logits, grads_of
 
 
 def _cast_leaves(weights, dtype):
     """Same values, wider dtype, still leaves (the grads_of closure reads .grad of these)."""
+
     def cast(t):
         t.data = t.data.to(dtype)
         return t
+
     weights["embedding"], weights["lm_head"] = cast(weights["embedding"]), cast(weights["lm_head"])
     weights["final_norm"] = cast(weights["final_norm"])
     for w in weights["layers"]:
@@ -76,8 +86,11 @@ def _compare(cfg, dtype=torch.float32):
     (logits * probe).sum().backward()
 
     expected, grads_of = _reference_grads(model, cfg, tokens, probe, dtype)
-    truth = grads_of() if dtype == torch.float64 else _reference_grads(
-        model, cfg, tokens, probe, torch.float64)[1]()
+    truth = (
+        grads_of()
+        if dtype == torch.float64
+        else _reference_grads(model, cfg, tokens, probe, torch.float64)[1]()
+    )
 
     assert logits.dtype == dtype
     assert_rel_close(logits, expected, rel, "logits")
@@ -117,6 +130,7 @@ def test_grouped_query_attention_layout(megatron_cpu):
 
 # --- init rules (spec §1, §3.1) ---------------------------------------------------------------
 
+
 def _params(cfg, seed=5):
     tc = build_transformer_config(cfg, use_cpu=True)
     return dict(build_model(cfg, tc, seed=seed).named_parameters())
@@ -131,7 +145,9 @@ def test_gates_start_at_zero_one_per_layer(megatron_cpu, norm_type):
 
 
 def test_no_gates_without_gpas(megatron_cpu):
-    assert not any("gate" in n and "gpas" in n for n in _params(model_preset("tiny4", norm_type="pre")))
+    assert not any(
+        "gate" in n and "gpas" in n for n in _params(model_preset("tiny4", norm_type="pre"))
+    )
 
 
 def test_lns_gamma_form_initialises_pre_norms_to_inverse_sqrt_depth(megatron_cpu):
@@ -167,10 +183,15 @@ def test_deepnorm_xavier_gains(megatron_cpu):
     q, k, v = ref.split_qkv(p["decoder.layers.1.self_attention.linear_qkv.weight"], 4, 4)
     gate, up = p["decoder.layers.1.mlp.linear_fc1.weight"].chunk(2)
     expected = {
-        "q": (q, math.sqrt(2 / (2 * h))), "k": (k, math.sqrt(2 / (2 * h))),
+        "q": (q, math.sqrt(2 / (2 * h))),
+        "k": (k, math.sqrt(2 / (2 * h))),
         "v": (v, beta * math.sqrt(2 / (2 * h))),
-        "o": (p["decoder.layers.1.self_attention.linear_proj.weight"], beta * math.sqrt(2 / (2 * h))),
-        "gate": (gate, beta * math.sqrt(2 / (h + f))), "up": (up, beta * math.sqrt(2 / (h + f))),
+        "o": (
+            p["decoder.layers.1.self_attention.linear_proj.weight"],
+            beta * math.sqrt(2 / (2 * h)),
+        ),
+        "gate": (gate, beta * math.sqrt(2 / (h + f))),
+        "up": (up, beta * math.sqrt(2 / (h + f))),
         "down": (p["decoder.layers.1.mlp.linear_fc2.weight"], beta * math.sqrt(2 / (h + f))),
     }
     for name, (t, std) in expected.items():

@@ -78,9 +78,7 @@ def _te_modules() -> _Modules:
             "(pip install transformer-engine[pytorch]); use --transformer-impl local without it"
         ) from err
     if TENorm is None or TELayerNormColumnParallelLinear is None:
-        raise ImportError(
-            "Transformer Engine is not importable here; use --transformer-impl local"
-        )
+        raise ImportError("Transformer Engine is not importable here; use --transformer-impl local")
     return _Modules(
         TENorm,
         TEColumnParallelLinear,

@@ -74,11 +74,17 @@ class GPASTransformerLayer(TransformerLayer):
         )
         self.recipe = recipe
         norm_kwargs = dict(
-            config=self.config, hidden_size=self.config.hidden_size, eps=self.config.layernorm_epsilon
+            config=self.config,
+            hidden_size=self.config.hidden_size,
+            eps=self.config.layernorm_epsilon,
         )
-        self.post_self_attn_layernorm = build_module(submodules.post_self_attn_layernorm, **norm_kwargs)
+        self.post_self_attn_layernorm = build_module(
+            submodules.post_self_attn_layernorm, **norm_kwargs
+        )
         self.post_mlp_layernorm = build_module(submodules.post_mlp_layernorm, **norm_kwargs)
-        self.post_attn_add_layernorm = build_module(submodules.post_attn_add_layernorm, **norm_kwargs)
+        self.post_attn_add_layernorm = build_module(
+            submodules.post_attn_add_layernorm, **norm_kwargs
+        )
         self.post_mlp_add_layernorm = build_module(submodules.post_mlp_add_layernorm, **norm_kwargs)
 
         if recipe.gpas is not GPASPlacement.NONE:
@@ -166,6 +172,8 @@ class GPASTransformerLayer(TransformerLayer):
         mlp = self._branch_output(mlp, self.post_mlp_layernorm)
         output = self._residual_update(hidden, mlp, self.mlp_bda, self.post_mlp_add_layernorm)
 
-        # Pipeline send buffers are views-intolerant (deallocate_output_tensor asserts _base is None).
-        output = make_viewless_tensor(inp=output, requires_grad=output.requires_grad, keep_graph=True)
+        # Pipeline sends reject views (deallocate_output_tensor asserts _base is None).
+        output = make_viewless_tensor(
+            inp=output, requires_grad=output.requires_grad, keep_graph=True
+        )
         return output, context

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Optional
 
 import torch
 
@@ -67,19 +68,22 @@ class _LayerInit:
         k = self._matrix("k", ng * d, h, 1.0, self.std_in)
         v = self._matrix("v", ng * d, h, self.beta, self.std_in)
         r = nq // ng
-        return torch.cat(
-            [q.view(ng, r * d, h), k.view(ng, d, h), v.view(ng, d, h)], dim=1
-        ).reshape(-1, h)
+        return torch.cat([q.view(ng, r * d, h), k.view(ng, d, h), v.view(ng, d, h)], dim=1).reshape(
+            -1, h
+        )
 
     def proj(self) -> torch.Tensor:
         cfg = self.cfg
-        return self._matrix("o", self.h, cfg.num_attention_heads * cfg.kv_channels, self.beta,
-                            self.std_out)
+        return self._matrix(
+            "o", self.h, cfg.num_attention_heads * cfg.kv_channels, self.beta, self.std_out
+        )
 
     def fc1_halves(self) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.cfg.ffn_hidden_size
-        return (self._matrix("gate", f, self.h, self.beta, self.std_in),
-                self._matrix("up", f, self.h, self.beta, self.std_in))
+        return (
+            self._matrix("gate", f, self.h, self.beta, self.std_in),
+            self._matrix("up", f, self.h, self.beta, self.std_in),
+        )
 
     def fc2(self) -> torch.Tensor:
         return self._matrix("down", self.h, self.cfg.ffn_hidden_size, self.beta, self.std_out)
@@ -123,8 +127,12 @@ def _initialize_chunk(chunk, cfg, recipes, seed, tp_rank, tp_size, gate_value) -
     if emb is not None:
         w = emb.word_embeddings.weight
         padded_vocab = w.shape[0] * (tp_size if getattr(w, "tensor_model_parallel", False) else 1)
-        full = _normal((padded_vocab, cfg.hidden_size), cfg.embedding_init_std, seed,
-                       "embedding.word_embeddings.weight")
+        full = _normal(
+            (padded_vocab, cfg.hidden_size),
+            cfg.embedding_init_std,
+            seed,
+            "embedding.word_embeddings.weight",
+        )
         _copy(w, _tp_slice(full, w, tp_rank, tp_size))
     out = getattr(chunk, "output_layer", None)
     if out is not None and out.weight is not None and cfg.untie_embeddings_and_output_weights:

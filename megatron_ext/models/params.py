@@ -19,8 +19,10 @@ class ParameterCount:
         return self.embedding + self.non_embedding
 
     def __str__(self) -> str:
-        return (f"{self.total / 1e6:,.1f}M parameters ({self.non_embedding / 1e6:,.1f}M "
-                f"non-embedding, {self.embedding / 1e6:,.1f}M embedding, {self.gates} GPAS gates)")
+        return (
+            f"{self.total / 1e6:,.1f}M parameters ({self.non_embedding / 1e6:,.1f}M "
+            f"non-embedding, {self.embedding / 1e6:,.1f}M embedding, {self.gates} GPAS gates)"
+        )
 
 
 def count_parameters(cfg: ModelConfig, padded_vocab: bool = False) -> ParameterCount:

@@ -31,14 +31,27 @@ def model_preset(name: str, **overrides) -> ModelConfig:
     key = name.lower()
     if key in _REFERENCE_SHAPES:
         hidden, ffn, layers, heads = _REFERENCE_SHAPES[key]
-        base = ModelConfig(hidden_size=hidden, ffn_hidden_size=ffn, num_layers=layers,
-                           num_attention_heads=heads, vocab_size=32000, seq_length=256)
+        base = ModelConfig(
+            hidden_size=hidden,
+            ffn_hidden_size=ffn,
+            num_layers=layers,
+            num_attention_heads=heads,
+            vocab_size=32000,
+            seq_length=256,
+        )
     elif key in _TINY_SHAPES:
         hidden, ffn, layers, heads = _TINY_SHAPES[key]
-        base = ModelConfig(hidden_size=hidden, ffn_hidden_size=ffn, num_layers=layers,
-                           num_attention_heads=heads, vocab_size=512, seq_length=32,
-                           make_vocab_size_divisible_by=64)
+        base = ModelConfig(
+            hidden_size=hidden,
+            ffn_hidden_size=ffn,
+            num_layers=layers,
+            num_attention_heads=heads,
+            vocab_size=512,
+            seq_length=32,
+            make_vocab_size_divisible_by=64,
+        )
     else:
-        raise ConfigError(f"--model-size: unknown preset {name!r}; choose one of "
-                          f"{', '.join(PRESET_NAMES)}")
+        raise ConfigError(
+            f"--model-size: unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}"
+        )
     return replace(base, **overrides)

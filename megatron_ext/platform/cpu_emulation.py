@@ -116,7 +116,9 @@ def enable_cpu_emulation() -> None:
     mode = CudaToCpuMode()
     mode.__enter__()
     _state["mode"] = mode
-    logger.info("CPU emulation on (checked against megatron-core %s)", CHECKED_MEGATRON_CORE_VERSION)
+    logger.info(
+        "CPU emulation on (checked against megatron-core %s)", CHECKED_MEGATRON_CORE_VERSION
+    )
 
 
 def cpu_emulation_enabled() -> bool:

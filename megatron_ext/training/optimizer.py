@@ -7,8 +7,9 @@ factor = min(1, max_norm / (norm + 1e-6))), then the update.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from megatron.core import parallel_state
@@ -58,8 +59,9 @@ def _reduce_loss(loss_reports: Sequence[dict]) -> tuple[Optional[float], int]:
     return (stats[0] / dp_size).item(), int(stats[1].item())
 
 
-def _run_schedule(data_iterators, model, num_microbatches, seq_length, micro_batch_size,
-                  forward_only):
+def _run_schedule(
+    data_iterators, model, num_microbatches, seq_length, micro_batch_size, forward_only
+):
     forward_backward = get_forward_backward_func()
     return forward_backward(
         forward_step_func=forward_step,
@@ -90,22 +92,25 @@ def train_step(
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    reports = _run_schedule(data_iterators, model, num_microbatches, seq_length,
-                            micro_batch_size, forward_only=False)
+    reports = _run_schedule(
+        data_iterators, model, num_microbatches, seq_length, micro_batch_size, forward_only=False
+    )
     step = optimizer_step(optimizer, clip_grad=clip_grad, clip_gate_grad=clip_gate_grad)
     loss, tokens = _reduce_loss(reports if parallel_state.is_pipeline_last_stage() else [])
     return IterationResult(loss, step.grad_norm, step.gate_grad_norm, step.success, tokens)
 
 
 @torch.no_grad()
-def evaluate_loss(data_iterators, model, *, num_microbatches: int, seq_length: int,
-                  micro_batch_size: int) -> Optional[float]:
+def evaluate_loss(
+    data_iterators, model, *, num_microbatches: int, seq_length: int, micro_batch_size: int
+) -> Optional[float]:
     """Forward-only pass; the loss as in :func:`train_step` (None off the last pipeline stage)."""
     for chunk in model:
         chunk.eval()
     try:
-        reports = _run_schedule(data_iterators, model, num_microbatches, seq_length,
-                                micro_batch_size, forward_only=True)
+        reports = _run_schedule(
+            data_iterators, model, num_microbatches, seq_length, micro_batch_size, forward_only=True
+        )
     finally:
         for chunk in model:
             chunk.train()

@@ -1,0 +1,75 @@
+"""Bad configurations fail before any model is built, naming the flag to change."""
+
+import pytest
+
+from megatron_ext.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_ext.models.presets import model_preset
+
+
+def test_unknown_norm_type():
+    with pytest.raises(ConfigError, match=r"--norm-type: unknown norm type 'preln'"):
+        ModelConfig(norm_type="preln").validate()
+
+
+@pytest.mark.parametrize("post_num", [-1, 13])
+def test_post_num_out_of_range(post_num):
+    with pytest.raises(ConfigError, match=r"--post-num: must be in \[0, 12\]"):
+        model_preset("71m", norm_type="post_pre", post_num=post_num).validate()
+
+
+def test_post_num_given_to_non_mix_type():
+    with pytest.raises(ConfigError, match=r"--post-num: only applies to the Mix-LN types"):
+        model_preset("71m", norm_type="pre_gpas", post_num=3).validate()
+
+
+def test_post_num_default_is_quarter_depth():
+    assert model_preset("71m", norm_type="post_pre").resolved_post_num == 3
+    assert model_preset("1b", norm_type="post_pre_gpas").resolved_post_num == 6
+    assert model_preset("7b", norm_type="post_pre").resolved_post_num == 8
+    assert model_preset("7b", norm_type="pre").resolved_post_num is None
+
+
+def test_layers_not_divisible_by_pipeline_size():
+    with pytest.raises(ConfigError, match=r"--pipeline-model-parallel-size: 12 layers"):
+        ParallelConfig(pipeline_model_parallel_size=5).validate(model_preset("71m"))
+
+
+def test_heads_not_divisible_by_tensor_size():
+    with pytest.raises(ConfigError, match=r"--tensor-model-parallel-size: 8 attention heads"):
+        ParallelConfig(tensor_model_parallel_size=3).validate(model_preset("71m"))
+
+
+def test_virtual_pipeline_chunks():
+    with pytest.raises(ConfigError, match="--num-layers-per-virtual-pipeline-stage"):
+        ParallelConfig(
+            pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=4
+        ).validate(model_preset("71m"))
+    ok = ParallelConfig(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2)
+    assert ok.validate(model_preset("71m")).virtual_pipeline_model_parallel_size(12) == 3
+
+
+def test_sequence_parallel_needs_tensor_parallel():
+    with pytest.raises(ConfigError, match="--sequence-parallel"):
+        ParallelConfig(sequence_parallel=True).validate(model_preset("71m"))
+
+
+def test_unknown_lns_mode():
+    with pytest.raises(ConfigError, match="--lns-mode"):
+        model_preset("71m", norm_type="lns", lns_mode="learned").validate()
+
+
+def test_world_size_must_hold_the_model():
+    with pytest.raises(ConfigError, match="world size 3"):
+        ParallelConfig(tensor_model_parallel_size=2).validate(model_preset("71m"), world_size=3)
+
+
+def test_errors_raise_before_building(monkeypatch):
+    """build_transformer_config validates first: no megatron object is created on bad input."""
+    import megatron_ext.models.gpt as gpt
+
+    def boom(**kwargs):
+        raise AssertionError("TransformerConfig was built for an invalid configuration")
+
+    monkeypatch.setattr(gpt, "TransformerConfig", boom)
+    with pytest.raises(ConfigError, match="--norm-type"):
+        gpt.build_transformer_config(ModelConfig(norm_type="nope"))
