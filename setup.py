@@ -20,7 +20,7 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "ruff", "mistral-common", "transformers", "safetensors", "matplotlib"],
+        "test": ["pytest", "ruff"],
         "wandb": ["wandb"],
         "hf": ["transformers", "safetensors", "tokenizers"],
         "plot": ["matplotlib"],

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from megatron_ext.variants import NORM_TYPE_NAMES
+from tests.conftest import assert_rel_close
 from tests.dist_workers import PARITY_STEPS, run_ranks, synthetic_batches, train_layout
 
 pytestmark = pytest.mark.slow
@@ -82,5 +83,6 @@ def test_checkpoints_from_tp2_and_pp2_load_at_tp1(megatron_cpu, runs, norm_type)
         if norm_type.endswith("_gpas"):
             gates = [p.item() for n, p in model.named_parameters() if n.endswith("gpas_gate")]
             assert all(g != 0.0 for g in gates)  # trained gates travelled through the checkpoint
+    # Across layouts the weights differ only by the fp32 rounding of three training steps.
     for layout in ("tp2", "pp2"):
-        torch.testing.assert_close(logits[layout], logits["single"], rtol=1e-4, atol=1e-5)
+        assert_rel_close(logits[layout], logits["single"], 1e-4, f"{layout} logits")
