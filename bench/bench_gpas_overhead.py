@@ -76,7 +76,7 @@ def run(shape_name, shape, device, bf16, repeats):
     models = {nt: _model(nt, shape, device, bf16) for nt in ("pre", "pre_gpas")}
     tokens, pos = _inputs(models["pre"][0], shape, device)
     times = {nt: [] for nt in models}
-    for nt, (_, m) in models.items():  # warm-up
+    for _, m in models.values():  # warm-up
         _step(m, tokens, pos)
     for _ in range(repeats):
         for nt, (_, m) in models.items():
@@ -88,10 +88,13 @@ def run(shape_name, shape, device, bf16, repeats):
             times[nt].append(time.perf_counter() - t0)
     med = {nt: statistics.median(v) for nt, v in times.items()}
     mem = {nt: _saved_bytes(m, tokens, pos) for nt, (_, m) in models.items()}
-    print(f"{shape_name:>22}: pre {med['pre'] * 1e3:8.2f} ms  pre_gpas {med['pre_gpas'] * 1e3:8.2f} ms"
-          f"  time ratio {med['pre_gpas'] / med['pre']:.3f}   saved activations "
-          f"{mem['pre'] / 2**20:.1f} → {mem['pre_gpas'] / 2**20:.1f} MiB"
-          f" (ratio {mem['pre_gpas'] / mem['pre']:.3f})")
+    print(
+        f"{shape_name:>22}: pre {med['pre'] * 1e3:8.2f} ms  "
+        f"pre_gpas {med['pre_gpas'] * 1e3:8.2f} ms"
+        f"  time ratio {med['pre_gpas'] / med['pre']:.3f}   saved activations "
+        f"{mem['pre'] / 2**20:.1f} → {mem['pre_gpas'] / 2**20:.1f} MiB"
+        f" (ratio {mem['pre_gpas'] / mem['pre']:.3f})"
+    )
     return med["pre_gpas"] / med["pre"], mem["pre_gpas"] / mem["pre"]
 
 
@@ -103,8 +106,10 @@ def main():
     args = parser.parse_args()
     init_distributed(ParallelConfig(), device=args.device)
     torch.set_grad_enabled(True)
-    print(f"device={args.device} bf16={args.bf16} torch={torch.__version__} "
-          f"threads={torch.get_num_threads()}")
+    print(
+        f"device={args.device} bf16={args.bf16} torch={torch.__version__} "
+        f"threads={torch.get_num_threads()}"
+    )
     for name, shape in SHAPES.items():
         run(name, shape, args.device, args.bf16, args.repeats)
 

@@ -14,6 +14,13 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
+def param_device(config: TransformerConfig) -> torch.device:
+    """Where megatron-core allocates parameters: CPU with ``use_cpu_initialization``."""
+    if config.use_cpu_initialization:
+        return torch.device("cpu")
+    return torch.device(torch.cuda.current_device())
+
+
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x²) + ε) with the statistics in fp32, returned in x's dtype."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -45,7 +52,12 @@ class RMSNorm(MegatronModule):
         self.gamma_init = float(gamma_init)
         self.output_scale = float(output_scale)
         self.weight = torch.nn.Parameter(
-            torch.full((hidden_size,), self.gamma_init, dtype=config.params_dtype)
+            torch.full(
+                (hidden_size,),
+                self.gamma_init,
+                dtype=config.params_dtype,
+                device=param_device(config),
+            )
         )
         # Under sequence parallelism each TP rank sees a slice of the sequence, so γ's gradient
         # is a partial sum that finalize_model_grads must all-reduce over TP.

@@ -29,6 +29,7 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.utils import make_viewless_tensor
 
 from megatron_ext.gpas import gpas
+from megatron_ext.layers.rms_norm import param_device
 from megatron_ext.variants import GPASPlacement, LayerRecipe
 
 #: Attribute set on every GPAS gate parameter (used by clipping, freezing and logging).
@@ -88,7 +89,9 @@ class GPASTransformerLayer(TransformerLayer):
         self.post_mlp_add_layernorm = build_module(submodules.post_mlp_add_layernorm, **norm_kwargs)
 
         if recipe.gpas is not GPASPlacement.NONE:
-            gate = torch.nn.Parameter(torch.zeros(1, dtype=config.params_dtype))
+            gate = torch.nn.Parameter(
+                torch.zeros(1, dtype=config.params_dtype, device=param_device(config))
+            )
             setattr(gate, GATE_ATTR, True)
             # With sequence parallelism each TP rank sees part of the sequence, so the gate
             # gradient is a partial sum to be all-reduced over TP like a norm's γ.

@@ -1,0 +1,148 @@
+"""Training throughput on one GPU: tokens/s, TFLOP/s and MFU, pre vs pre_gpas side by side.
+
+Synthetic tokens, bf16 with fp32 master weights (Float16Module + megatron-core's optimizer),
+Adam, the local (non-Transformer-Engine) spec unless --transformer-impl says otherwise.
+
+    python bench/bench_throughput.py --model-size 1b --micro-batch-size 32 --num-microbatches 4
+    python bench/bench_throughput.py --model-size 7b --num-layers 4 --micro-batch-size 8
+
+FLOPs use Megatron-LM's formula (megatron_ext/training/flops.py); MFU uses the dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+
+import torch
+from megatron.core.optimizer import OptimizerConfig
+
+from megatron_ext.config import ParallelConfig
+from megatron_ext.models.gpt import build_model_chunks, build_transformer_config
+from megatron_ext.models.params import count_parameters
+from megatron_ext.models.presets import model_preset
+from megatron_ext.platform.distributed import init_distributed
+from megatron_ext.training.flops import device_peak_tflops, flops_per_iteration
+from megatron_ext.training.model_setup import wrap_model
+from megatron_ext.training.optimizer import build_optimizer
+from megatron_ext.training.step import train_step
+
+
+def _batches(cfg, mbs, n, seq, device):
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(0, cfg.vocab_size, (mbs, seq + 1), generator=gen)
+        out.append(
+            dict(
+                tokens=tokens[:, :-1].to(device),
+                labels=tokens[:, 1:].to(device),
+                loss_mask=torch.ones(mbs, seq, device=device),
+                position_ids=torch.arange(seq, device=device).expand(mbs, -1),
+            )
+        )
+    return out
+
+
+def measure(norm_type, args):
+    overrides = {"num_layers": args.num_layers} if args.num_layers else {}
+    cfg = model_preset(
+        args.model_size, norm_type=norm_type, seq_length=args.seq_length, **overrides
+    )
+    tc = build_transformer_config(
+        cfg,
+        bf16=True,
+        recompute_granularity="full" if args.recompute else None,
+        recompute_method="uniform" if args.recompute else None,
+        recompute_num_layers=1 if args.recompute else None,
+    )
+    model = wrap_model(build_model_chunks(cfg, tc, transformer_impl=args.transformer_impl), tc)
+    opt = build_optimizer(
+        model,
+        OptimizerConfig(
+            optimizer="adam",
+            lr=1e-4,
+            weight_decay=0.0,
+            bf16=True,
+            params_dtype=torch.bfloat16,
+            clip_grad=0.0,
+        ),
+    )
+    data = _batches(cfg, args.micro_batch_size, args.num_microbatches, args.seq_length, "cuda")
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(args.warmup + args.iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        result = train_step(
+            [iter(data)],
+            model,
+            opt,
+            num_microbatches=args.num_microbatches,
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+            clip_grad=1.0,
+            clip_gate_grad=0.01,
+        )
+        torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    gbs = args.micro_batch_size * args.num_microbatches
+    flops = flops_per_iteration(cfg, gbs, args.seq_length, cfg.padded_vocab_size())
+    peak = device_peak_tflops(torch.cuda.get_device_name())
+    row = {
+        "norm_type": norm_type,
+        "params_M": round(count_parameters(cfg).total / 1e6, 1),
+        "iter_ms": round(t * 1e3, 2),
+        "tokens_per_s": round(gbs * args.seq_length / t),
+        "tflops": round(flops / t / 1e12, 1),
+        "mfu": round(flops / t / 1e12 / peak, 4) if peak else None,
+        "max_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "loss": round(result.loss, 4),
+    }
+    del model, opt
+    torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-size", default="1b")
+    p.add_argument("--num-layers", type=int, default=None)
+    p.add_argument("--seq-length", type=int, default=256)
+    p.add_argument("--micro-batch-size", type=int, default=32)
+    p.add_argument("--num-microbatches", type=int, default=4)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--recompute", action="store_true")
+    p.add_argument("--transformer-impl", default="local")
+    p.add_argument("--norm-types", default="pre,pre_gpas")
+    p.add_argument("--json", default=None, help="append the results as one JSON line here")
+    args = p.parse_args()
+    init_distributed(ParallelConfig(), device="cuda")
+    header = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        **{k: v for k, v in vars(args).items() if k != "json"},
+    }
+    print(json.dumps(header))
+    rows = [measure(nt, args) for nt in args.norm_types.split(",")]
+    for row in rows:
+        print(json.dumps(row))
+    if len(rows) == 2:
+        print(
+            f"step-time ratio {rows[1]['norm_type']}/{rows[0]['norm_type']}: "
+            f"{rows[1]['iter_ms'] / rows[0]['iter_ms']:.4f}"
+        )
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"header": header, "rows": rows}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
