@@ -109,6 +109,20 @@ def measure(norm_type, args):
     return row
 
 
+def _measure_in_fresh_process(norm_type, args):
+    """Each norm type in its own process, so one model's memory cannot inflate the next peak."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "--single", norm_type]
+    for key, value in vars(args).items():
+        if key in ("json", "single", "norm_types") or value is None or value is False:
+            continue
+        cmd += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-size", default="1b")
@@ -122,8 +136,12 @@ def main():
     p.add_argument("--transformer-impl", default="local")
     p.add_argument("--norm-types", default="pre,pre_gpas")
     p.add_argument("--json", default=None, help="append the results as one JSON line here")
+    p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    init_distributed(ParallelConfig(), device="cuda")
+    if args.single:
+        init_distributed(ParallelConfig(), device="cuda")
+        print(json.dumps(measure(args.single, args)))
+        return
     header = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(),
@@ -131,7 +149,7 @@ def main():
         **{k: v for k, v in vars(args).items() if k != "json"},
     }
     print(json.dumps(header))
-    rows = [measure(nt, args) for nt in args.norm_types.split(",")]
+    rows = [_measure_in_fresh_process(nt, args) for nt in args.norm_types.split(",")]
     for row in rows:
         print(json.dumps(row))
     if len(rows) == 2:

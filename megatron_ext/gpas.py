@@ -6,7 +6,9 @@ Backward: ∂L/∂x = ∂L/∂y unchanged (the gradient is *not* scaled by c), a
 
 The reference writes this as ``x - silu(g) * x.detach()``; a custom autograd Function gives the
 same values while saving a single activation (x) for backward, doing the gate math in fp32 and
-returning the input dtype (pipeline send/recv buffers are preallocated in that dtype).
+returning the input dtype (pipeline send/recv buffers are preallocated in that dtype). On CUDA
+with Triton the forward is one fused pass and the gate gradient one fused multiply-reduce
+(``megatron_ext.kernels.gpas_triton``); elsewhere it falls back to plain torch ops.
 """
 
 from __future__ import annotations
@@ -31,10 +33,22 @@ def silu_derivative(g: torch.Tensor) -> torch.Tensor:
     return s * (1.0 + g * (1.0 - s))
 
 
+def _fused(x: torch.Tensor) -> bool:
+    if not x.is_cuda:
+        return False
+    from megatron_ext.kernels import gpas_triton
+
+    return gpas_triton.supports(x)
+
+
 class _GPASFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, gate)
+        if _fused(x):
+            from megatron_ext.kernels import gpas_triton
+
+            return gpas_triton.scale(x, gate)
         math_dtype = _math_dtype(x.dtype)
         c = gpas_scale(gate, math_dtype)
         if x.dtype == math_dtype:
@@ -49,7 +63,12 @@ class _GPASFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             math_dtype = _math_dtype(x.dtype)
             g = gate.to(math_dtype).reshape(())
-            inner = (grad_out.to(math_dtype) * x.to(math_dtype)).sum()
+            if _fused(x):
+                from megatron_ext.kernels import gpas_triton
+
+                inner = gpas_triton.dot(grad_out, x).to(math_dtype)
+            else:
+                inner = (grad_out.to(math_dtype) * x.to(math_dtype)).sum()
             grad_gate = (-silu_derivative(g) * inner).reshape(gate.shape).to(gate.dtype)
         # Gradient preservation: the activation gradient passes through unchanged.
         return grad_out, grad_gate
