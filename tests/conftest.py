@@ -19,3 +19,32 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, w
     scale = expected.abs().max().item()
     err = (actual - expected).abs().max().item()
     assert err <= rel * max(scale, 1e-30), f"{what}: max|Δ| {err:.3e} > {rel:g} × {scale:.3e}"
+
+
+@pytest.fixture(scope="session")
+def english_docs():
+    from tests.text_fixtures import english_documents
+
+    docs = english_documents()
+    assert len(docs) >= 100
+    return docs
+
+
+@pytest.fixture(scope="session")
+def mistral_model():
+    from tests.text_fixtures import mistral_tokenizer_path
+
+    path = mistral_tokenizer_path()
+    if path is None:
+        pytest.fail(
+            "the mistral-common package (pip install mistral-common) provides the real "
+            "SentencePiece model these tests use; install the test extras"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_dir(english_docs, tmp_path_factory):
+    from tests.text_fixtures import train_hf_tokenizer
+
+    return train_hf_tokenizer(english_docs, str(tmp_path_factory.mktemp("hf_tok")))
