@@ -18,8 +18,12 @@ setup(
         "sentencepiece",
         "psutil",  # megatron-core's dist_checkpointing needs it but does not declare it
         "pyyaml",
+        "orjson",  # fast JSON-lines parsing in preprocessing (falls back to json)
+        "tqdm",
+        "tokenizers",  # Hugging Face tokenizer files in preprocessing
     ],
     extras_require={
+        # mistral-common ships a real 32k SentencePiece model the tests use (its data file only).
         "test": ["pytest", "ruff"],
         "wandb": ["wandb"],
         "hf": ["transformers", "safetensors", "tokenizers"],

@@ -14,6 +14,15 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+try:  # orjson parses C4 lines ~1.5× faster; the standard library is the fallback
+    from orjson import JSONDecodeError as _OrjsonError
+    from orjson import loads as _loads
+
+    _JSON_ERRORS: tuple = (ValueError, _OrjsonError)
+except ImportError:  # pragma: no cover - depends on the environment
+    _loads = json.loads
+    _JSON_ERRORS = (ValueError,)
+
 SKIP_REASONS = ("malformed_json", "missing_key", "non_string_text", "invalid_utf8")
 MAX_REPORTED = 5
 
@@ -78,13 +87,13 @@ class RecordReader:
 
     def _parse(self, raw_line: bytes, line: int):
         try:
-            text_line = raw_line.decode("utf-8")
+            raw_line.decode("utf-8")
         except UnicodeDecodeError as err:
             self._skip(line, "invalid_utf8", str(err))
             return None
         try:
-            record = json.loads(text_line)
-        except ValueError as err:
+            record = _loads(raw_line)
+        except _JSON_ERRORS as err:
             self._skip(line, "malformed_json", str(err))
             return None
         if not isinstance(record, dict):

@@ -197,30 +197,50 @@ def _init_worker(cfg: PreprocessConfig, threads: int, counters) -> None:
     )
 
 
-def _encode(tokenizer: Tokenizer, texts, threads: int, append_eod: bool, dtype):
-    ids = tokenizer.encode_batch(texts, threads)
+def _flatten(tokenizer: Tokenizer, ids: list, append_eod: bool, dtype):
+    """Per-document token lists → one flat array and the lengths (EOD appended when asked)."""
     lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
     if append_eod:
         lengths += 1
         flat = itertools.chain.from_iterable(itertools.chain(d, (tokenizer.eod,)) for d in ids)
     else:
         flat = itertools.chain.from_iterable(ids)
-    tokens = np.fromiter(flat, dtype=dtype, count=int(lengths.sum()))
-    return tokens, lengths
+    return np.fromiter(flat, dtype=dtype, count=int(lengths.sum())), lengths
 
 
-def _reader_thread(reader: RecordReader, out: queue.Queue, batch_docs: int) -> None:
-    try:
-        for batch in reader.batches(max_docs=batch_docs):
-            out.put(("batch", batch, reader.bytes_read()))
-        out.put(("done", None, reader.bytes_read()))
-    except BaseException as err:  # handed to the encoding thread, which re-raises it
-        out.put(("error", err, 0))
+def _run_stage(target, inbox: queue.Queue, outbox: Optional[queue.Queue]) -> threading.Thread:
+    """A pipeline thread: applies ``target`` to each item until ``None``; errors travel on."""
+
+    def loop():
+        try:
+            while (item := inbox.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                result = target(item)
+                if outbox is not None:
+                    outbox.put(result)
+        except BaseException as err:  # hand the failure downstream, then stop
+            if outbox is not None:
+                outbox.put(err)
+            else:
+                errors.append(err)
+            return
+        if outbox is not None:
+            outbox.put(None)
+
+    errors: list = []
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.errors = errors
+    thread.start()
+    return thread
 
 
 def process_shard(shard: Shard) -> ShardResult:
+    """Three overlapping stages: read+parse (thread) → tokenize (native threads, GIL released)
+    → flatten+write (thread). Memory: at most a few batches in flight."""
     cfg: PreprocessConfig = _worker["cfg"]
     tokenizer: Tokenizer = _worker["tokenizer"]
+    threads = _worker["threads"]
     bytes_done, docs_done, tokens_done = _worker["counters"]
     dtype = token_dtype(tokenizer.vocab_size)
     result = ShardResult(shard.name)
@@ -234,54 +254,89 @@ def process_shard(shard: Shard) -> ShardResult:
         }
     )
     reader = RecordReader(shard.path, cfg.json_keys, cfg.strict)
-    batches: queue.Queue = queue.Queue(maxsize=4)
-    thread = threading.Thread(
-        target=_reader_thread, args=(reader, batches, cfg.batch_docs), daemon=True
+    parsed: queue.Queue = queue.Queue(maxsize=4)
+    encoded: queue.Queue = queue.Queue(maxsize=2)
+    position = [0]
+
+    def write(item):
+        key_ids, offset = item
+        for key, ids in zip(cfg.json_keys, key_ids, strict=True):
+            tokens, lengths = _flatten(tokenizer, ids, cfg.append_eod, dtype)
+            if writers:
+                writers[key].add_documents(tokens, lengths)
+            if key == cfg.json_keys[0]:
+                result.documents += len(lengths)
+                with docs_done.get_lock():
+                    docs_done.value += len(lengths)
+            result.tokens += len(tokens)
+            with tokens_done.get_lock():
+                tokens_done.value += len(tokens)
+        with bytes_done.get_lock():
+            bytes_done.value += offset - position[0]
+        position[0] = offset
+
+    writer_thread = _run_stage(write, encoded, None)
+    reader_thread = threading.Thread(
+        target=_read_into, args=(reader, parsed, cfg.batch_docs), daemon=True
     )
-    thread.start()
-    last_bytes = 0
+    reader_thread.start()
     try:
-        while True:
-            kind, payload, position = batches.get()
-            if kind == "error":
-                raise payload
-            if kind == "batch":
-                for key, texts in zip(cfg.json_keys, payload, strict=True):
-                    tokens, lengths = _encode(
-                        tokenizer, texts, _worker["threads"], cfg.append_eod, dtype
-                    )
-                    if writers:
-                        writers[key].add_documents(tokens, lengths)
-                    if key == cfg.json_keys[0]:
-                        result.documents += len(lengths)
-                        with docs_done.get_lock():
-                            docs_done.value += len(lengths)
-                    result.tokens += len(tokens)
-                    with tokens_done.get_lock():
-                        tokens_done.value += len(tokens)
-            with bytes_done.get_lock():
-                bytes_done.value += position - last_bytes
-            last_bytes = position
-            if kind == "done":
-                break
+        while (item := parsed.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            batch, offset = item
+            encoded.put(([tokenizer.encode_batch(texts, threads) for texts in batch], offset))
+        encoded.put(None)
+        writer_thread.join()
+        if writer_thread.errors:
+            raise writer_thread.errors[0]
         for writer in writers.values():
             writer.finalize()
     except (InputError, OSError) as err:
-        for writer in writers.values():
-            writer.abort()
+        _abort(writers, encoded, writer_thread, parsed, reader_thread)
         result.error = str(err)
     except BaseException:
-        for writer in writers.values():
-            writer.abort()
+        _abort(writers, encoded, writer_thread, parsed, reader_thread)
         raise
-    finally:
-        thread.join(timeout=5)
     with bytes_done.get_lock():
-        bytes_done.value += shard.size - last_bytes  # count the whole file once it is finished
+        bytes_done.value += shard.size - position[0]  # count the whole file once it is finished
     result.skipped = reader.stats.skipped
     result.examples = [str(s) for s in reader.stats.examples]
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _read_into(reader: RecordReader, out: queue.Queue, batch_docs: int) -> None:
+    try:
+        for batch in reader.batches(max_docs=batch_docs):
+            out.put((batch, reader.bytes_read()))
+        out.put(None)
+    except BaseException as err:  # handed to the tokenizing thread, which re-raises it
+        out.put(err)
+
+
+def _abort(writers, encoded, writer_thread, parsed, reader_thread) -> None:
+    _stop(encoded, writer_thread)
+    while reader_thread.is_alive():  # unblock the reader, which may wait on a full queue
+        try:
+            parsed.get(timeout=0.1)
+        except queue.Empty:
+            pass
+    for writer in writers.values():
+        writer.abort()
+
+
+def _stop(inbox: queue.Queue, thread: threading.Thread) -> None:
+    """Ask a pipeline thread to finish and wait for it (dropping what it still holds)."""
+    while thread.is_alive():
+        try:
+            inbox.put(None, timeout=0.1)
+        except queue.Full:
+            try:
+                inbox.get_nowait()
+            except queue.Empty:
+                pass
+        thread.join(timeout=0.1)
 
 
 # --- driver ------------------------------------------------------------------------------------

@@ -1,0 +1,201 @@
+"""Training-side datasets built with megatron-core's dataset machinery.
+
+* ``packed`` (default): megatron-core's ``GPTDataset`` — documents concatenated with EOD and cut
+  into fixed-length samples — through ``BlendedMegatronDatasetBuilder`` (blending by weights,
+  ``--split`` or per-split paths, cached indices).
+* ``per-document``: the GPAS reference protocol (spec §6): one document per sample, its first
+  seq_len − 1 tokens plus EOS, right-padded, loss mask 0 on the padding. Built through the same
+  builder, so blending, splits and caching work identically.
+
+Sample order depends only on the seed and the sample index, never on data-loader workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.megatron_dataset import MegatronDataset
+
+from megatron_ext.config import ConfigError
+
+DATA_MODES = ("packed", "per-document")
+
+
+@dataclass
+class DatasetTokenizer:
+    """The few tokenizer facts megatron-core's dataset code reads."""
+
+    vocab_size: int
+    eod: int
+
+    @property
+    def eos(self) -> int:
+        return self.eod
+
+    @property
+    def unique_identifiers(self) -> dict:
+        """Part of megatron-core's dataset cache key."""
+        return {"class": type(self).__name__, "vocab_size": self.vocab_size, "eod": self.eod}
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how samples are cut (Megatron-LM's flag names)."""
+
+    data_path: Optional[Sequence[str]] = None  # "p1 p2" or "w1 p1 w2 p2"
+    train_data_path: Optional[Sequence[str]] = None
+    valid_data_path: Optional[Sequence[str]] = None
+    test_data_path: Optional[Sequence[str]] = None
+    split: str = "969,30,1"
+    data_cache_path: Optional[str] = None
+    mock_data: bool = False
+    data_mode: str = "packed"
+    pad_id: int = 0  # input id placed on padding in per-document mode (masked out of the loss)
+
+    def validate(self) -> DataConfig:
+        if self.data_mode not in DATA_MODES:
+            raise ConfigError(
+                f"--data-mode: unknown {self.data_mode!r}; choose one of {DATA_MODES}"
+            )
+        per_split = any((self.train_data_path, self.valid_data_path, self.test_data_path))
+        if not self.mock_data and not self.data_path and not per_split:
+            raise ConfigError(
+                "--data-path: give a dataset prefix (or --train-data-path …, or "
+                "--mock-data for synthetic data)"
+            )
+        if self.data_path and per_split:
+            raise ConfigError(
+                "--data-path: use either --data-path with --split, or "
+                "--train-data-path/--valid-data-path/--test-data-path, not both"
+            )
+        for name in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
+            parse_blend(getattr(self, name), flag_name=name)
+        return self
+
+
+def parse_blend(items: Optional[Sequence[str]], flag_name: str = "data_path"):
+    """Megatron-LM's blend syntax: ``p1 p2`` (equal weights) or ``w1 p1 w2 p2``."""
+    if not items:
+        return None
+    items = list(items)
+    flag = "--" + flag_name.replace("_", "-")
+
+    def is_number(x):
+        try:
+            float(x)
+            return True
+        except ValueError:
+            return False
+
+    if not any(is_number(x) for x in items):
+        return items, None
+    if len(items) % 2 or not all(is_number(x) for x in items[0::2]):
+        raise ConfigError(f"{flag}: expected 'weight prefix' pairs, got {' '.join(items)}")
+    weights = [float(x) for x in items[0::2]]
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"{flag}: weights must be non-negative with a positive sum")
+    return items[1::2], weights
+
+
+class PerDocumentDataset(MegatronDataset):
+    """One document per sample (the GPAS reference's protocol), order set by seed and index."""
+
+    build_low_level_dataset = staticmethod(GPTDataset.build_low_level_dataset)
+    numel_low_level_dataset = staticmethod(GPTDataset.numel_low_level_dataset)
+
+    def __init__(self, dataset, dataset_path, indices, num_samples, index_split, config):
+        super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
+        self.seq_length = config.sequence_length
+        self.eod = config.tokenizer.eod
+        self.pad_id = getattr(config, "per_document_pad_id", 0)
+        self.num_docs = len(indices)
+        if self.num_docs == 0:
+            raise ValueError(f"{dataset_path}: no documents in the {index_split.name} split")
+        self.length = num_samples if num_samples is not None else self.num_docs
+        self._orders: dict[int, np.ndarray] = {}
+
+    @staticmethod
+    def _key_config_attributes() -> list[str]:
+        return ["random_seed", "sequence_length", "split", "split_matrix"]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _document(self, idx: int) -> int:
+        epoch, position = divmod(idx, self.num_docs)
+        order = self._orders.get(epoch)
+        if order is None:
+            rng = np.random.RandomState((self.config.random_seed + 7919 * epoch) % (2**32))
+            order = self._orders[epoch] = rng.permutation(self.num_docs)
+        return int(self.indices[order[position]])
+
+    def __getitem__(self, idx):
+        tokens = self.dataset.get(self._document(int(idx)))
+        if len(tokens) and tokens[-1] == self.eod:
+            tokens = tokens[:-1]
+        text = np.concatenate([tokens[: self.seq_length - 1].astype(np.int64), [self.eod]])
+        real = len(text)
+        sample = np.full(self.seq_length + 1, self.pad_id, dtype=np.int64)
+        sample[:real] = text
+        loss_mask = np.zeros(self.seq_length, dtype=np.float32)
+        loss_mask[: real - 1] = 1.0
+        return {
+            "tokens": torch.from_numpy(sample[:-1].copy()),
+            "labels": torch.from_numpy(sample[1:].copy()),
+            "loss_mask": torch.from_numpy(loss_mask),
+            "position_ids": torch.arange(self.seq_length, dtype=torch.int64),
+        }
+
+
+def _gpt_config(data: DataConfig, seq_length: int, seed: int, tokenizer: DatasetTokenizer):
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=parse_blend(data.data_path),
+        blend_per_split=[
+            parse_blend(data.train_data_path, "train_data_path"),
+            parse_blend(data.valid_data_path, "valid_data_path"),
+            parse_blend(data.test_data_path, "test_data_path"),
+        ]
+        if any((data.train_data_path, data.valid_data_path, data.test_data_path))
+        else None,
+        split=data.split if data.data_path or data.mock_data else None,
+        path_to_cache=data.data_cache_path,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    config.per_document_pad_id = data.pad_id
+    return config
+
+
+def build_datasets(
+    data: DataConfig,
+    *,
+    seq_length: int,
+    seed: int,
+    vocab_size: int,
+    eod_id: int,
+    num_samples: Sequence[int],
+    is_built_on_rank: Callable[[], bool] = lambda: True,
+):
+    """(train, valid, test) datasets holding at least ``num_samples`` samples each (None where a
+    split is empty)."""
+    data.validate()
+    tokenizer = DatasetTokenizer(vocab_size=vocab_size, eod=eod_id)
+    config = _gpt_config(data, seq_length, seed, tokenizer)
+    if data.mock_data:
+        cls = MockGPTDataset
+    elif data.data_mode == "per-document":
+        cls = PerDocumentDataset
+    else:
+        cls = GPTDataset
+    return BlendedMegatronDatasetBuilder(cls, list(num_samples), is_built_on_rank, config).build()
