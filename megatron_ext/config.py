@@ -78,9 +78,14 @@ class ModelConfig:
     def max_positions(self) -> int:
         return self.max_position_embeddings or self.seq_length
 
-    def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
-        """Vocabulary rounded up so every TP rank holds an equal, aligned slice (as Megatron-LM)."""
-        multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
+    def padded_vocab_size(self) -> int:
+        """Vocabulary rounded up to a multiple of ``make_vocab_size_divisible_by``.
+
+        Unlike Megatron-LM (which pads to a multiple of 128 × TP), the padding does not depend
+        on the tensor-parallel size, so the padded logits — and the loss — are the same under
+        every layout and a checkpoint resumes exactly under another TP size.
+        """
+        multiple = self.make_vocab_size_divisible_by
         return int(math.ceil(self.vocab_size / multiple) * multiple)
 
     def validate(self) -> ModelConfig:
@@ -173,6 +178,12 @@ class ParallelConfig:
             model.ffn_hidden_size % tp == 0,
             "tensor_model_parallel_size",
             f"FFN hidden size {model.ffn_hidden_size} is not divisible by TP size {tp}",
+        )
+        _require(
+            model.padded_vocab_size() % tp == 0,
+            "make_vocab_size_divisible_by",
+            f"the padded vocabulary ({model.padded_vocab_size()}) is not divisible by TP size "
+            f"{tp}; use a multiple of {tp}",
         )
         _require(
             model.num_layers % pp == 0,

@@ -176,3 +176,10 @@ def train_layout(layout: dict, norm_types, ckpt_root=None, steps: int = PARITY_S
             save_model(model, os.path.join(ckpt_root, norm_type))
         results[norm_type] = {"losses": losses, "eval_loss": eval_loss}
     return results
+
+
+def run_cli(argv: list) -> int:
+    """Run pretrain_gpas.py's main in this (spawned) rank."""
+    import pretrain_gpas
+
+    return pretrain_gpas.main(list(argv))

@@ -100,6 +100,10 @@ class GPASTransformerLayer(TransformerLayer):
         else:
             self.gpas_gate = None
 
+        # Optional recorder of the residual stream (training-dynamics telemetry); see
+        # megatron_ext.training.telemetry. None costs nothing.
+        self.telemetry = None
+
         # This forward implements MLP recompute itself; norm recompute/offload of the stock
         # layer is not used (full-layer recompute via the block still works).
         self.recompute_input_layernorm = False
@@ -170,10 +174,14 @@ class GPASTransformerLayer(TransformerLayer):
         hidden = self._residual_update(
             hidden_states, attn, self.self_attn_bda, self.post_attn_add_layernorm
         )
+        if self.telemetry is not None:
+            self.telemetry.record(self.layer_number - 1, "attn", hidden)
 
         mlp = self._mlp(self.pre_mlp_layernorm(hidden))
         mlp = self._branch_output(mlp, self.post_mlp_layernorm)
         output = self._residual_update(hidden, mlp, self.mlp_bda, self.post_mlp_add_layernorm)
+        if self.telemetry is not None:
+            self.telemetry.record(self.layer_number - 1, "mlp", output)
 
         # Pipeline sends reject views (deallocate_output_tensor asserts _base is None).
         output = make_viewless_tensor(

@@ -94,9 +94,12 @@ def build_model(
     """One GPTModel chunk (the whole model without virtual pipelining) for this rank."""
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    vocab = model.padded_vocab_size(tp_size)
+    vocab = model.padded_vocab_size()
     if vocab % tp_size:
-        raise ConfigError(f"--vocab-size: {vocab} is not divisible by TP size {tp_size}")
+        raise ConfigError(
+            f"--make-vocab-size-divisible-by: padded vocabulary {vocab} is not divisible by TP "
+            f"size {tp_size}"
+        )
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=get_decoder_block_spec(

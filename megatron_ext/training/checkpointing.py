@@ -1,13 +1,54 @@
-"""Model checkpoints through megatron-core dist_checkpointing (TP/PP/DP-invariant on disk)."""
+"""Checkpoints through megatron-core ``dist_checkpointing``: TP/PP/DP-invariant on disk.
+
+Layout under ``--save DIR``::
+
+    DIR/iter_0000100/        model, optimizer, scheduler and run state (torch_dist format)
+    DIR/iter_0000100/rng/    per-rank RNG states
+    DIR/latest_checkpointed_iteration.txt
+
+A checkpoint is written to ``iter_XXXXXXX.tmp`` and renamed when every rank has finished; the
+latest-pointer is replaced after that. A crash at any point therefore leaves the previous
+checkpoint and pointer intact. The optimizer state is saved reshardable, so a run can resume
+under a different TP / PP / DP layout (the per-rank RNG states are then re-seeded).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import random
+import re
+import shutil
+from typing import Optional
 
+import numpy as np
 import torch
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_ext.training.model_setup import unwrap_model
+
+logger = logging.getLogger("gpas")
+
+LATEST = "latest_checkpointed_iteration.txt"
+# The distributed optimizer's state in a layout-free form: it reloads under another TP/PP/DP
+# layout. (megatron-core 0.16.1 removed "fully_sharded_model_space"; "dp_reshardable" fails to
+# load with torch's Adam. "fully_reshardable" needs the workaround in _load_optimizer_state.)
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str) -> Optional[int]:
+    path = os.path.join(root, LATEST)
+    if not os.path.isfile(path):
+        return None
+    text = open(path, encoding="utf-8").read().strip()
+    if not text.isdigit():
+        raise ValueError(f"--load: {path} does not hold an iteration number ({text!r})")
+    return int(text)
 
 
 def _model_sharded_state_dict(chunks) -> dict:
@@ -18,11 +59,58 @@ def _model_sharded_state_dict(chunks) -> dict:
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
+def _load_model_state(chunks, state: dict) -> None:
+    unwrapped = [unwrap_model(c) for c in chunks]
+    if len(unwrapped) == 1:
+        unwrapped[0].load_state_dict(state["model"])
+    else:
+        for i, chunk in enumerate(unwrapped):
+            chunk.load_state_dict(state[f"model{i}"])
+
+
+def _rank_tag() -> str:
+    return (
+        f"pp{parallel_state.get_pipeline_model_parallel_rank()}_"
+        f"tp{parallel_state.get_tensor_model_parallel_rank()}_"
+        f"dp{parallel_state.get_data_parallel_rank()}"
+    )
+
+
+def _rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def save_model(chunks, directory: str) -> None:
     """Write the model weights of every rank into ``directory`` (collective)."""
-    if torch.distributed.get_rank() == 0:
+    if _is_rank0():
         os.makedirs(directory, exist_ok=True)
-    torch.distributed.barrier()
+    _barrier()
     dist_checkpointing.save(_model_sharded_state_dict(chunks), directory)
 
 
@@ -30,10 +118,134 @@ def load_model(chunks, directory: str) -> None:
     """Load weights saved under any TP/PP layout into ``chunks`` (collective)."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"--load: no checkpoint directory at {directory}")
-    state = dist_checkpointing.load(_model_sharded_state_dict(chunks), directory)
-    unwrapped = [unwrap_model(c) for c in chunks]
-    if len(unwrapped) == 1:
-        unwrapped[0].load_state_dict(state["model"])
-    else:
-        for i, chunk in enumerate(unwrapped):
-            chunk.load_state_dict(state[f"model{i}"])
+    if os.path.isfile(os.path.join(directory, LATEST)):
+        directory = checkpoint_dir(directory, latest_iteration(directory))
+    _load_model_state(chunks, dist_checkpointing.load(_model_sharded_state_dict(chunks), directory))
+
+
+def save_checkpoint(
+    root: str,
+    iteration: int,
+    chunks,
+    optimizer,
+    scheduler,
+    run_state: dict,
+    keep_last: Optional[int] = None,
+) -> str:
+    """Atomically save everything needed to resume exactly (collective)."""
+    final = checkpoint_dir(root, iteration)
+    tmp = final + ".tmp"
+    if _is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    model_sd = _model_sharded_state_dict(chunks)
+    state = dict(model_sd)
+    state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_METADATA)
+    state["opt_param_scheduler"] = scheduler.state_dict()
+    state["run_state"] = run_state
+    dist_checkpointing.save(state, tmp)
+    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+    torch.save(_rng_state(), os.path.join(tmp, "rng", f"{_rank_tag()}.pt"))
+    _barrier()
+    if _is_rank0():
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = os.path.join(root, LATEST)
+        with open(pointer + ".tmp", "w", encoding="utf-8") as f:
+            f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pointer + ".tmp", pointer)
+        if keep_last:
+            _prune(root, keep_last, iteration)
+    _barrier()
+    return final
+
+
+def _prune(root: str, keep_last: int, current: int) -> None:
+    pattern = re.compile(r"^iter_(\d{7})$")
+    iterations = sorted(int(m.group(1)) for d in os.listdir(root) if (m := pattern.match(d)))
+    for it in iterations[:-keep_last]:
+        if it != current:
+            shutil.rmtree(checkpoint_dir(root, it), ignore_errors=True)
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """A fresh distributed optimizer has no Adam state (nor step) to load into; megatron-core
+    fills it with a zero-gradient step first, the values being replaced by the load."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if (
+            hasattr(sub, "_init_optimizer_states_with_dummy_values")
+            and inner is not None
+            and len(inner.state) == 0
+        ):
+            sub._init_optimizer_states_with_dummy_values()
+
+
+def _load_optimizer_state(optimizer, state: dict) -> None:
+    """optimizer.load_state_dict, working around a megatron-core 0.16.1 issue: with torch's Adam
+    (no Apex/TE) the distributed optimizer's fully-reshardable load copies every per-parameter
+    state key, including "step", which that format does not store. The per-parameter "step"
+    (restored from the param groups by the first half of the load) is set aside while the
+    parameter states are copied in, then put back — one tensor per parameter, since that first
+    half hands every parameter the same step tensor, which torch's Adam increments in place
+    once per parameter."""
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    param_state = state.get("param_state") if len(subs) == 1 else None
+    distributed = hasattr(subs[0], "load_parameter_state_from_fully_reshardable")
+    if not (
+        distributed
+        and param_state is not None
+        and state.get("param_state_sharding_type") == "fully_reshardable"
+    ):
+        optimizer.load_state_dict(state)
+        return
+    sub = subs[0]
+    rest = {k: v for k, v in state.items() if k not in ("param_state", "param_state_sharding_type")}
+    sub.load_state_dict(rest)
+    steps = {p: st.pop("step") for p, st in sub.optimizer.state.items() if "step" in st}
+    try:
+        sub.load_parameter_state_from_fully_reshardable(param_state)
+    finally:
+        for p, step in steps.items():
+            sub.optimizer.state[p]["step"] = step.clone()
+
+
+def load_checkpoint(
+    root: str, chunks, optimizer, scheduler, *, load_optimizer: bool = True
+) -> Optional[dict]:
+    """Restore the latest checkpoint under ``root``; returns its run state (None: none there)."""
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return None
+    directory = checkpoint_dir(root, iteration)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"--load: {os.path.join(root, LATEST)} names iteration {iteration}, but "
+            f"{directory} is missing"
+        )
+    model_sd = _model_sharded_state_dict(chunks)
+    request = dict(model_sd)
+    if load_optimizer:
+        _materialize_optimizer_state(optimizer)
+        request["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata=_OPTIM_METADATA
+        )
+    state = dist_checkpointing.load(request, directory)
+    _load_model_state(chunks, state)
+    if load_optimizer:
+        _load_optimizer_state(optimizer, state["optimizer"])
+        scheduler.load_state_dict(state["opt_param_scheduler"])
+    rng_file = os.path.join(directory, "rng", f"{_rank_tag()}.pt")
+    if load_optimizer and os.path.isfile(rng_file):
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    elif load_optimizer:
+        logger.info(
+            "no RNG state for %s in %s (layout changed); keeping the fresh seed",
+            _rank_tag(),
+            directory,
+        )
+    return state["run_state"]

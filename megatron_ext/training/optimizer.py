@@ -7,25 +7,18 @@ factor = min(1, max_norm / (norm + 1e-6))), then the update.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel
-from megatron.core.optimizer import (
-    OptimizerConfig,
-    ParamKey,
-    get_megatron_optimizer,
-    get_standard_config_overrides,
-)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.transformer.module import param_is_not_shared
 
-from megatron_ext.layers.transformer_layer import GATE_ATTR
-
-#: Key carried by the optimizer param group that holds the gates.
-GATE_GROUP_KEY = "is_gpas_gate"
+from megatron_ext.layers.transformer_layer import is_gpas_gate
 
 
 @dataclass
@@ -36,24 +29,50 @@ class StepResult:
 
 
 def build_optimizer(model_chunks, config: OptimizerConfig):
-    """get_megatron_optimizer with the gates in a group of their own (no weight decay)."""
-    overrides = get_standard_config_overrides(config)
-    overrides[ParamKey(attr=GATE_ATTR)] = {GATE_GROUP_KEY: True, "wd_mult": 0.0}
-    return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
+    """get_megatron_optimizer with megatron-core's standard groups.
+
+    The gates (shape [1]) fall under the standard no-weight-decay rule. They are deliberately
+    not given a group of their own: megatron-core 0.16.1 matches saved and current param groups
+    by (wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr) only, so a second no-decay group
+    could not be told apart on checkpoint load. Gate clipping finds the gates' main parameters
+    through the optimizer's model→main parameter mapping instead (:func:`gate_main_params`).
+    """
+    return get_megatron_optimizer(config, model_chunks)
 
 
 def _sub_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
+def _flat(groups) -> list:
+    return [p for group in groups for p in group]
+
+
+def _model_to_main_pairs(sub) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+    """(model parameter, the optimizer's main parameter or shard of it) on this rank."""
+    if hasattr(sub, "shard_fp32_from_float16_groups"):  # distributed optimizer
+        return list(
+            zip(
+                _flat(sub.model_float16_groups),
+                _flat(sub.shard_fp32_from_float16_groups),
+                strict=True,
+            )
+        ) + list(zip(_flat(sub.model_fp32_groups), _flat(sub.shard_fp32_groups), strict=True))
+    if hasattr(sub, "fp32_from_float16_groups"):  # bf16/fp16 params with fp32 main params
+        return list(
+            zip(_flat(sub.float16_groups), _flat(sub.fp32_from_float16_groups), strict=True)
+        ) + [(p, p) for p in _flat(sub.fp32_from_fp32_groups)]
+    return [(p, p) for group in sub.optimizer.param_groups for p in group["params"]]
+
+
 def gate_main_params(optimizer) -> list[torch.nn.Parameter]:
-    """The optimizer's (main) gate parameters held by this rank."""
-    params = []
-    for sub in _sub_optimizers(optimizer):
-        for group in sub.optimizer.param_groups:
-            if group.get(GATE_GROUP_KEY, False):
-                params.extend(group["params"])
-    return params
+    """The optimizer's main parameters (or shards) of the GPAS gates held by this rank."""
+    return [
+        main
+        for sub in _sub_optimizers(optimizer)
+        for model, main in _model_to_main_pairs(sub)
+        if is_gpas_gate(model)
+    ]
 
 
 def _clip_gate_grads(optimizer, max_norm: float) -> float:
@@ -96,6 +115,9 @@ def optimizer_step(optimizer, clip_grad: float = 0.0, clip_gate_grad: float = 0.
     if optimizer.prepare_grads():
         return StepResult(False, None, None)
     grad_norm = optimizer.get_grad_norm()
+    if not math.isfinite(grad_norm):
+        # NaN/Inf gradients: skip the update (the caller counts and may stop the run).
+        return StepResult(False, float(grad_norm), None)
     if clip_grad > 0.0:
         for sub in _sub_optimizers(optimizer):
             params = sub.get_parameters()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -30,7 +31,7 @@ def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def forward_step(data_iterator, model):
     """megatron-core forward-step contract: returns (output, loss_func)."""
-    batch = next(data_iterator)
+    batch = {k: v.cuda(non_blocking=True) for k, v in next(data_iterator).items()}
     output = model(
         batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
     )
@@ -44,6 +45,10 @@ class IterationResult:
     gate_grad_norm: Optional[float]
     update_successful: bool
     num_tokens: int
+
+    @property
+    def loss_is_finite(self) -> bool:
+        return self.loss is None or math.isfinite(self.loss)
 
 
 def _reduce_loss(loss_reports: Sequence[dict]) -> tuple[Optional[float], int]:
@@ -102,9 +107,18 @@ def train_step(
 
 @torch.no_grad()
 def evaluate_loss(
-    data_iterators, model, *, num_microbatches: int, seq_length: int, micro_batch_size: int
-) -> Optional[float]:
-    """Forward-only pass; the loss as in :func:`train_step` (None off the last pipeline stage)."""
+    data_iterators,
+    model,
+    *,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    with_tokens: bool = False,
+):
+    """Forward-only pass; the loss as in :func:`train_step` (None off the last pipeline stage).
+
+    With ``with_tokens`` returns (loss, non-pad tokens across data-parallel ranks), the count
+    broadcast to every pipeline stage so that all ranks share one stopping rule."""
     for chunk in model:
         chunk.eval()
     try:
@@ -114,4 +128,20 @@ def evaluate_loss(
     finally:
         for chunk in model:
             chunk.train()
-    return _reduce_loss(reports if parallel_state.is_pipeline_last_stage() else [])[0]
+    loss, tokens = _reduce_loss(reports if parallel_state.is_pipeline_last_stage() else [])
+    if not with_tokens:
+        return loss
+    return loss, _from_last_stage(tokens)
+
+
+def _from_last_stage(value: int) -> int:
+    """Broadcast an integer from the last pipeline stage to all stages."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return value
+    t = torch.tensor(
+        [value], dtype=torch.int64, device="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    group = parallel_state.get_pipeline_model_parallel_group()
+    last = torch.distributed.get_global_rank(group, torch.distributed.get_world_size(group) - 1)
+    torch.distributed.broadcast(t, src=last, group=group)
+    return int(t.item())

@@ -1,0 +1,140 @@
+"""Run telemetry sinks: one console line per log interval, a JSONL metrics file (always),
+W&B (when installed; offline without credentials) and TensorBoard (optional)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Optional
+
+logger = logging.getLogger("gpas")
+
+
+def _wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = os.path.expanduser("~/.netrc")
+    return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc, encoding="utf-8").read()
+
+
+class MetricsWriter:
+    """Writes metrics on the logging rank only; other ranks get a no-op writer."""
+
+    def __init__(
+        self,
+        path: str,
+        enabled: bool,
+        *,
+        tensorboard_dir: Optional[str] = None,
+        wandb_project: Optional[str] = None,
+        wandb_name: Optional[str] = None,
+        wandb_run_id: Optional[str] = None,
+        config: Optional[dict] = None,
+    ):
+        self.enabled = enabled
+        self.path = path
+        self.wandb_run_id = wandb_run_id
+        self._file = self._tb = self._wandb = None
+        if not enabled:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._file = open(path, "a", encoding="utf-8")
+        if tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(tensorboard_dir)
+            except ImportError:
+                logger.warning("--tensorboard-dir given but tensorboard is not installed")
+        if wandb_project:
+            self._start_wandb(wandb_project, wandb_name, wandb_run_id, config)
+
+    def _start_wandb(self, project, name, run_id, config) -> None:
+        try:
+            import wandb
+        except ImportError:
+            logger.warning("--wandb-project given but wandb is not installed (pip install wandb)")
+            return
+        mode = "online" if _wandb_credentials() else "offline"
+        run = wandb.init(
+            project=project,
+            name=name,
+            id=run_id,
+            resume="allow" if run_id else None,
+            config=config,
+            mode=mode,
+        )
+        self.wandb_run_id = run.id
+        self._wandb = run
+        logger.info("W&B run %s (%s)", run.id, mode)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        self._file.write(json.dumps(record, default=_jsonable) + "\n")
+        self._file.flush()
+        step = record.get("iteration")
+        scalars = {
+            k: v
+            for k, v in _flatten(record).items()
+            if isinstance(v, (int, float)) and k not in ("iteration", "time")
+        }
+        if self._tb is not None and step is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+        if self._tb:
+            self._tb.close()
+        if self._wandb:
+            self._wandb.finish()
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "/"))
+        else:
+            out[name] = value
+    return out
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return str(value)
+
+
+def format_step_line(r: dict, train_iters: int) -> str:
+    parts = [
+        f"iter {r['iteration']:>7}/{train_iters}",
+        f"loss {r['lm_loss']:.4f}" if r.get("lm_loss") is not None else "loss -",
+        f"lr {r['lr']:.3e}",
+        f"grad {r['grad_norm']:.3f}" if r.get("grad_norm") is not None else "grad -",
+    ]
+    if r.get("gate_scale_mean") is not None:
+        parts.append(
+            f"gpas c {r['gate_scale_mean']:.4f} [{r['gate_scale_min']:.4f}, "
+            f"{r['gate_scale_max']:.4f}]"
+        )
+    parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
+    parts.append(f"{r['step_time_s'] * 1e3:.0f} ms/it")
+    if r.get("tflops") is not None:
+        parts.append(f"{r['tflops']:.1f} TFLOP/s")
+    if r.get("mfu") is not None:
+        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    if r.get("mem_gib") is not None:
+        parts.append(f"mem {r['mem_gib']:.1f} GiB")
+    if r.get("skipped_iterations"):
+        parts.append(f"skipped {r['skipped_iterations']}")
+    return " | ".join(parts)

@@ -1,0 +1,192 @@
+"""The configuration of a training run: dataclasses, validated in one place before heavy work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron_ext.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_ext.data.datasets import DataConfig
+
+LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root", "WSD")
+DEVICES = ("cuda", "cpu")
+
+
+@dataclass
+class TokenizerConfig:
+    tokenizer_type: str = "NullTokenizer"
+    tokenizer_model: Optional[str] = None
+    eod_id: Optional[int] = None
+
+
+@dataclass
+class OptimConfig:
+    micro_batch_size: int = 1
+    global_batch_size: Optional[int] = None  # None: micro batch × data parallel size
+    train_iters: int = 1000
+    lr: float = 1e-3
+    min_lr: Optional[float] = None  # None: 0.1 × lr (the reference's cosine floor)
+    lr_warmup_iters: int = 0
+    lr_decay_iters: Optional[int] = None  # None: train_iters
+    lr_decay_style: str = "cosine"
+    clip_grad: float = 0.0
+    clip_gate_grad: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    bf16: bool = False
+    fp8_format: Optional[str] = None
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
+    seed: int = 42
+    freeze_gates: bool = False
+    nan_skip_limit: int = 10
+
+    @property
+    def resolved_min_lr(self) -> float:
+        return 0.1 * self.lr if self.min_lr is None else self.min_lr
+
+    @property
+    def resolved_decay_iters(self) -> int:
+        return self.train_iters if self.lr_decay_iters is None else self.lr_decay_iters
+
+
+@dataclass
+class EvalConfig:
+    eval_interval: int = 1000
+    eval_iters: int = 10
+    # per-document mode: evaluate until this many non-pad tokens (the reference's protocol)
+    eval_tokens: Optional[int] = None
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: Optional[int] = None
+    keep_last_checkpoints: Optional[int] = None
+    exit_interval: Optional[int] = None
+    exit_duration_in_mins: Optional[float] = None
+    finetune: bool = False  # load weights only
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    metrics_file: Optional[str] = None
+    tensorboard_dir: Optional[str] = None
+    wandb_project: Optional[str] = None
+    wandb_exp_name: Optional[str] = None
+    new_wandb_on_resume: bool = False
+    telemetry_interval: int = 0
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    device: str = "cuda"
+    transformer_impl: str = "local"
+    num_workers: int = 2
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return self.parallel.data_parallel_size(world_size)
+
+    def global_batch_size(self, world_size: int) -> int:
+        dp = self.data_parallel_size(world_size)
+        return self.optim.global_batch_size or self.optim.micro_batch_size * dp
+
+    def num_microbatches(self, world_size: int) -> int:
+        dp = self.data_parallel_size(world_size)
+        return self.global_batch_size(world_size) // (self.optim.micro_batch_size * dp)
+
+    def validate(self, world_size: int) -> RunConfig:
+        """Every check of the run, each error naming its flag."""
+        self.model.validate()
+        self.parallel.validate(self.model, world_size)
+        self.data.validate()
+        o, e, c, lg = self.optim, self.eval, self.checkpoint, self.logging
+        _req(self.device in DEVICES, "--device", f"choose one of {DEVICES}")
+        _req(o.micro_batch_size > 0, "--micro-batch-size", "must be positive")
+        dp = self.data_parallel_size(world_size)
+        gbs = self.global_batch_size(world_size)
+        _req(
+            gbs % (o.micro_batch_size * dp) == 0,
+            "--global-batch-size",
+            f"{gbs} is not a multiple of micro batch {o.micro_batch_size} × data-parallel "
+            f"size {dp}",
+        )
+        _req(o.train_iters > 0, "--train-iters", "must be positive")
+        _req(o.lr >= 0, "--lr", "must be ≥ 0")
+        _req(o.resolved_min_lr <= o.lr, "--min-lr", f"{o.resolved_min_lr} exceeds --lr {o.lr}")
+        _req(
+            0 <= o.lr_warmup_iters < o.resolved_decay_iters,
+            "--lr-warmup-iters",
+            f"must be in [0, --lr-decay-iters={o.resolved_decay_iters}) "
+            "(--lr-decay-iters defaults to --train-iters)",
+        )
+        _req(
+            o.lr_decay_style in LR_DECAY_STYLES,
+            "--lr-decay-style",
+            f"choose one of {LR_DECAY_STYLES}",
+        )
+        _req(o.clip_grad >= 0, "--clip-grad", "must be ≥ 0 (0 disables)")
+        _req(o.clip_gate_grad >= 0, "--clip-gate-grad", "must be ≥ 0 (0 disables)")
+        _req(o.fp8_format in (None, "hybrid", "e4m3"), "--fp8-format", "choose hybrid or e4m3")
+        _req(
+            o.fp8_format is None or self.transformer_impl == "transformer_engine",
+            "--fp8-format",
+            "needs --transformer-impl transformer_engine",
+        )
+        _req(o.fp8_format is None or self.device == "cuda", "--fp8-format", "needs a GPU")
+        _req(
+            o.recompute_granularity in (None, "full", "selective"),
+            "--recompute-granularity",
+            "choose full or selective",
+        )
+        _req(o.nan_skip_limit >= 1, "--nan-skip-limit", "must be ≥ 1")
+        _req(e.eval_interval > 0, "--eval-interval", "must be positive")
+        _req(e.eval_iters >= 0, "--eval-iters", "must be ≥ 0")
+        _req(lg.log_interval > 0, "--log-interval", "must be positive")
+        _req(c.save_interval is None or c.save_interval > 0, "--save-interval", "must be positive")
+        _req(c.save_interval is None or c.save is not None, "--save-interval", "needs --save DIR")
+        _req(
+            c.keep_last_checkpoints is None or c.keep_last_checkpoints >= 1,
+            "--keep-last-checkpoints",
+            "must be ≥ 1",
+        )
+        _req(
+            self.transformer_impl in ("local", "transformer_engine"),
+            "--transformer-impl",
+            "choose local or transformer_engine",
+        )
+        _req(
+            not (self.device == "cpu" and self.transformer_impl == "transformer_engine"),
+            "--transformer-impl",
+            "Transformer Engine needs --device cuda",
+        )
+        _req(
+            not (self.device == "cpu" and self.parallel.sequence_parallel),
+            "--sequence-parallel",
+            "needs reduce-scatter, which the CPU (gloo) backend lacks",
+        )
+        t = self.tokenizer
+        _req(
+            t.tokenizer_type == "NullTokenizer" or t.tokenizer_model is not None,
+            "--tokenizer-model",
+            f"required with --tokenizer-type {t.tokenizer_type}",
+        )
+        return self
+
+
+def _req(condition: bool, flag: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{flag}: {message}")

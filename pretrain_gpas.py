@@ -1,0 +1,36 @@
+#!/usr/bin/env python3
+"""Pretrain a Llama-style model with GPAS or one of its normalization baselines.
+
+    torchrun --nproc-per-node 8 pretrain_gpas.py --model-size 1b --norm-type pre_gpas \\
+        --data-path data/c4_text_document --tokenizer-type SentencePieceTokenizer \\
+        --tokenizer-model spiece.model --micro-batch-size 32 --global-batch-size 512 \\
+        --train-iters 100000 --lr 5e-4 --lr-warmup-iters 10000 --bf16 --save ckpt --load ckpt
+
+``python pretrain_gpas.py --help`` lists every flag; ``--config run.yaml`` sets any of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from megatron_ext.config import ConfigError
+from megatron_ext.training.arguments import parse_run_config
+from megatron_ext.training.trainer import TrainingStopped, run
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_run_config(argv)
+        run(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except TrainingStopped as err:
+        logging.getLogger("gpas").error(str(err))
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

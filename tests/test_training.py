@@ -1,0 +1,321 @@
+"""pretrain_gpas.py end to end on CPU: exact resume (also with PP=2 and the distributed
+optimizer), resume under another TP size, crash-safe checkpoints, SIGTERM, the LR schedule,
+non-finite steps, the metrics file and configuration errors."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.dist_workers import run_cli, run_ranks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def base_args(save, iters=6, **extra):
+    args = [
+        "--device",
+        "cpu",
+        "--model-size",
+        "tiny4",
+        "--norm-type",
+        "pre_gpas",
+        "--mock-data",
+        "--vocab-size",
+        "512",
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        str(iters),
+        "--lr",
+        "3e-3",
+        "--lr-warmup-iters",
+        "2",
+        "--clip-grad",
+        "1.0",
+        "--clip-gate-grad",
+        "0.01",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "100",
+        "--eval-iters",
+        "1",
+        "--seed",
+        "7",
+        "--num-workers",
+        "0",
+        "--save",
+        save,
+        "--load",
+        save,
+    ]
+    for k, v in extra.items():
+        flag = "--" + k.replace("_", "-")
+        args += [flag] if v is True else [flag, str(v)]
+    return args
+
+
+def losses(metrics_path):
+    out = {}
+    for line in open(metrics_path):
+        r = json.loads(line)
+        if "lm_loss" in r:
+            out[r["iteration"]] = r["lm_loss"]
+    return out
+
+
+def _run(tmp_path, argv, world=1):
+    codes = run_ranks(run_cli, world, (argv,), tmp_path)
+    assert codes == [0] * world
+    return codes
+
+
+@pytest.mark.parametrize(
+    "layout,world",
+    [
+        ({}, 1),
+        ({"pipeline_model_parallel_size": 2}, 2),
+        ({"use_distributed_optimizer": True}, 2),
+    ],
+)
+def test_resume_is_exact(tmp_path, layout, world):
+    straight = str(tmp_path / "straight")
+    _run(tmp_path, base_args(straight, **layout), world)
+    split = str(tmp_path / "split")
+    _run(tmp_path, base_args(split, exit_interval=3, **layout), world)
+    assert open(os.path.join(split, "latest_checkpointed_iteration.txt")).read() == "3"
+    _run(tmp_path, base_args(split, **layout), world)
+    a, b = (
+        losses(os.path.join(straight, "metrics.jsonl")),
+        losses(os.path.join(split, "metrics.jsonl")),
+    )
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert a == b  # bit-identical per-step losses, fp32
+    assert a[6] < a[1]
+
+
+def test_resume_under_a_different_tensor_parallel_size(tmp_path):
+    straight = str(tmp_path / "straight")
+    _run(tmp_path, base_args(straight))
+    moved = str(tmp_path / "moved")
+    _run(tmp_path, base_args(moved, exit_interval=3))
+    _run(tmp_path, base_args(moved, tensor_model_parallel_size=2), world=2)
+    a, b = (
+        losses(os.path.join(straight, "metrics.jsonl")),
+        losses(os.path.join(moved, "metrics.jsonl")),
+    )
+    for it in range(1, 7):
+        assert b[it] == pytest.approx(a[it], rel=1e-5), it
+
+
+def _spawn(args, **kw):
+    return subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "pretrain_gpas.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        cwd=ROOT,
+        **kw,
+    )
+
+
+def test_sigterm_saves_and_exits_then_resumes(tmp_path):
+    save = str(tmp_path / "run")
+    proc = _spawn(base_args(save, iters=400))
+    deadline = time.time() + 120
+    metrics = os.path.join(save, "metrics.jsonl")
+    while time.time() < deadline and not (os.path.exists(metrics) and len(losses(metrics)) >= 3):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "exiting at iteration" in out and "signal SIGTERM" in out
+    saved = int(open(os.path.join(save, "latest_checkpointed_iteration.txt")).read())
+    assert saved >= 3 and saved == max(losses(metrics))
+    resumed = _spawn(base_args(save, iters=saved + 2))
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert f"resumed from iteration {saved}" in out
+    assert max(losses(metrics)) == saved + 2
+
+
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
+    save = str(tmp_path / "run")
+    proc = _spawn(base_args(save, iters=400, save_interval=1))
+    deadline = time.time() + 120
+    killed_in_save = False
+    while time.time() < deadline:
+        entries = os.listdir(save) if os.path.isdir(save) else []
+        if (
+            any(e.endswith(".tmp") and e.startswith("iter_") for e in entries)
+            and "latest_checkpointed_iteration.txt" in entries
+        ):
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed_in_save = True
+            break
+    proc.wait()
+    assert killed_in_save
+    latest = int(open(os.path.join(save, "latest_checkpointed_iteration.txt")).read())
+    resumed = _spawn(base_args(save, iters=latest + 3))
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert f"resumed from iteration {latest}" in out
+
+
+def test_lr_schedule_matches_reference(tmp_path):
+    """Linear warmup from 0, then cosine to 0.1·lr at the last iteration (spec §5)."""
+    save = str(tmp_path / "run")
+    iters, warmup, lr = 12, 4, 1e-2
+    args = base_args(save, iters=iters)
+    args[args.index("--lr") + 1] = str(lr)
+    args[args.index("--lr-warmup-iters") + 1] = str(warmup)
+    _run(tmp_path, args)
+    got = {}
+    for line in open(os.path.join(save, "metrics.jsonl")):
+        r = json.loads(line)
+        if "lr" in r:
+            got[r["iteration"]] = r["lr"]
+    for it, value in got.items():
+        s = it - 1  # scheduler steps taken before this iteration's update
+        mult = (
+            s / warmup
+            if s < warmup
+            else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (iters - warmup)))
+        )
+        assert value == pytest.approx(lr * mult, rel=1e-9, abs=1e-15), it
+
+
+def test_metrics_file_contents(tmp_path):
+    save = str(tmp_path / "run")
+    args = base_args(save, iters=4, telemetry_interval=2)
+    args[args.index("--eval-interval") + 1] = "2"
+    _run(tmp_path, args)
+    records = [json.loads(line) for line in open(os.path.join(save, "metrics.jsonl"))]
+    steps = [r for r in records if "lm_loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    tele = [r for r in records if "telemetry" in r]
+    assert [r["iteration"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert {"iteration", "lm_loss", "lr", "grad_norm", "tokens_per_s", "gpas_scales"} <= set(r)
+        assert len(r["gpas_scales"]) == 4
+    assert [r["iteration"] for r in evals] == [2, 4]
+    assert all(math.isclose(r["val_ppl"], math.exp(r["val_loss"])) for r in evals)
+    assert [r["iteration"] for r in tele] == [2, 4]
+    rows = tele[0]["telemetry"]
+    assert [row["layer"] for row in rows] == [0, 1, 2, 3]
+    assert all(
+        row["rms_after_attn"] > 0
+        and row["rms_after_mlp"] > 0
+        and row["grad_norm"] > 0
+        and "gpas_scale" in row
+        for row in rows
+    )
+
+
+def _nan_worker(save):
+    """Poison the embedding output for every forward after iteration 2."""
+    import torch
+
+    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.training.trainer import Trainer, TrainingStopped
+
+    cfg = parse_run_config(base_args(save, iters=20, nan_skip_limit=3))
+    trainer = Trainer(cfg)
+    trainer.setup()
+    gpt = trainer.model[0].module
+    snapshot = {}
+
+    def poison(module, inputs, output):
+        if trainer.iteration >= 2:
+            if not snapshot:
+                snapshot.update({n: p.detach().clone() for n, p in gpt.named_parameters()})
+            return output * float("nan")
+        return output
+
+    gpt.embedding.register_forward_hook(poison)
+    try:
+        trainer.train()
+    except TrainingStopped as err:
+        unchanged = all(torch.equal(snapshot[n], p.detach()) for n, p in gpt.named_parameters())
+        return {
+            "stopped": str(err),
+            "iteration": trainer.iteration,
+            "unchanged": unchanged,
+            "skipped": trainer.skipped_total,
+        }
+    return {"stopped": None}
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
+    save = str(tmp_path / "run")
+    (result,) = run_ranks(_nan_worker, 1, (save,), tmp_path)
+    assert result["stopped"] and "--nan-skip-limit" in result["stopped"]
+    assert result["iteration"] == 5 and result["skipped"] == 3
+    assert result["unchanged"]  # skipped steps did not touch the weights
+    assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read() == "5"
+
+
+def test_yaml_config_with_command_line_override(tmp_path):
+    from megatron_ext.training.arguments import parse_run_config
+
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(
+        "model-size: 71m\nnorm_type: sandwich_gpas\nlr: 0.002\n"
+        "clip-gate-grad: 0.01\nmock-data: true\n"
+    )
+    cfg = parse_run_config(["--config", str(cfg_file), "--lr", "0.003"])
+    assert cfg.model.hidden_size == 512 and cfg.model.norm_type == "sandwich_gpas"
+    assert cfg.optim.lr == 0.003 and cfg.optim.clip_gate_grad == 0.01 and cfg.data.mock_data
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--norm-type", "preln"], "--norm-type: unknown norm type"),
+        (["--global-batch-size", "3", "--micro-batch-size", "2"], "--global-batch-size"),
+        (["--lr-warmup-iters", "50", "--train-iters", "10"], "--lr-warmup-iters"),
+        (["--fp8-format", "hybrid"], "--fp8-format: needs --transformer-impl transformer_engine"),
+        (["--tokenizer-type", "SentencePieceTokenizer"], "--tokenizer-model: required"),
+        (["--save-interval", "5"], "--save-interval: needs --save"),
+    ],
+)
+def test_config_errors_name_the_flag(args, message):
+    base = [
+        "--device",
+        "cpu",
+        "--model-size",
+        "tiny",
+        "--mock-data",
+        "--vocab-size",
+        "512",
+        "--train-iters",
+        "10",
+    ]
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "pretrain_gpas.py"), *base, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+
+
+def test_yaml_unknown_key_is_reported(tmp_path):
+    from megatron_ext.config import ConfigError
+    from megatron_ext.training.arguments import parse_run_config
+
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text("learning-rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown key 'learning-rate'"):
+        parse_run_config(["--config", str(cfg_file)])
