@@ -24,7 +24,7 @@ setup(
     ],
     extras_require={
         # mistral-common ships a real 32k SentencePiece model the tests use (its data file only).
-        "test": ["pytest", "ruff"],
+        "test": ["pytest", "ruff", "matplotlib"],
         "wandb": ["wandb"],
         "hf": ["transformers", "safetensors", "tokenizers"],
         "plot": ["matplotlib"],

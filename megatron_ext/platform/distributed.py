@@ -37,15 +37,21 @@ def init_distributed(
     """
     if device == "cpu":
         enable_cpu_emulation()
+    launched = "WORLD_SIZE" in os.environ  # torchrun, srun wrapper or our test harness
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # A single process not started by a launcher gets a private port, so that several
+        # such runs (or a stale MASTER_PORT in the environment) cannot collide.
+        init_method = None if launched else f"tcp://127.0.0.1:{free_port()}"
+        if launched:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group(
             backend="gloo" if device == "cpu" else "nccl",
+            init_method=init_method,
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Plot runs side by side from their metrics files (JSONL written by pretrain_gpas.py):
+training and validation loss against iterations, and — where telemetry was logged — the
+residual stream's RMS against depth (the variance-vs-depth profile) and the GPAS scales.
+
+    python tools/plot_run.py runs/pre/metrics.jsonl runs/pre_gpas/metrics.jsonl \\
+        --labels pre pre_gpas --out comparison.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def read_metrics(path: str) -> dict:
+    train, valid, telemetry = [], [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                raise SystemExit(f"error: {path}:{number}: not a JSON line ({err})") from err
+            if record.get("lm_loss") is not None:
+                train.append((record["iteration"], record["lm_loss"]))
+            if record.get("val_loss") is not None:
+                valid.append((record["iteration"], record["val_loss"]))
+            if record.get("telemetry"):
+                telemetry.append((record["iteration"], record["telemetry"]))
+    return {"train": train, "valid": valid, "telemetry": telemetry}
+
+
+def plot(runs: dict, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_telemetry = any(r["telemetry"] for r in runs.values())
+    fig, axes = plt.subplots(
+        1, 3 if has_telemetry else 1, figsize=(16 if has_telemetry else 7, 4.5), squeeze=False
+    )
+    ax = axes[0][0]
+    for label, r in runs.items():
+        if r["train"]:
+            xs, ys = zip(*r["train"], strict=True)
+            (line,) = ax.plot(xs, ys, label=f"{label} train", alpha=0.8)
+            if r["valid"]:
+                vx, vy = zip(*r["valid"], strict=True)
+                ax.plot(vx, vy, "o--", color=line.get_color(), label=f"{label} validation")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title("Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if has_telemetry:
+        depth, scales = axes[0][1], axes[0][2]
+        for label, r in runs.items():
+            if not r["telemetry"]:
+                continue
+            iteration, rows = r["telemetry"][-1]
+            xs = [row["layer"] + 1 for row in rows]
+            depth.plot(
+                xs,
+                [row["rms_after_mlp"] ** 2 for row in rows],
+                "o-",
+                label=f"{label} (iter {iteration})",
+            )
+            if any("gpas_scale" in row for row in rows):
+                scales.plot(xs, [row.get("gpas_scale") for row in rows], "o-", label=label)
+        depth.set_xlabel("layer")
+        depth.set_ylabel("mean square of the residual stream")
+        depth.set_title("Variance vs depth")
+        depth.set_yscale("log")
+        depth.grid(alpha=0.3)
+        depth.legend()
+        scales.set_xlabel("layer")
+        scales.set_ylabel("c = 1 − SiLU(g)")
+        scales.set_title("GPAS scales")
+        scales.grid(alpha=0.3)
+        if scales.get_legend_handles_labels()[0]:
+            scales.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out + ".tmp.png", dpi=120)
+    os.replace(out + ".tmp.png", out)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("metrics", nargs="+", help="metrics.jsonl files")
+    p.add_argument("--labels", nargs="+", default=None)
+    p.add_argument("--out", default="comparison.png")
+    args = p.parse_args(argv)
+    labels = args.labels or [
+        os.path.basename(os.path.dirname(os.path.abspath(m))) for m in args.metrics
+    ]
+    if len(labels) != len(args.metrics):
+        print("error: --labels needs one label per metrics file", file=sys.stderr)
+        return 2
+    for path in args.metrics:
+        if not os.path.isfile(path):
+            print(f"error: no metrics file at {path}", file=sys.stderr)
+            return 2
+    runs = {label: read_metrics(path) for label, path in zip(labels, args.metrics, strict=True)}
+    plot(runs, args.out)
+    for label, r in runs.items():
+        final = r["valid"][-1][1] if r["valid"] else None
+        print(
+            f"{label}: {len(r['train'])} logged steps, final validation loss "
+            f"{final if final is None else f'{final:.4f}'}"
+        )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
