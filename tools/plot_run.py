@@ -70,6 +70,10 @@ def plot(runs: dict, out: str) -> None:
             )
             if any("gpas_scale" in row for row in rows):
                 scales.plot(xs, [row.get("gpas_scale") for row in rows], "o-", label=label)
+        from matplotlib.ticker import MaxNLocator
+
+        for axis in (depth, scales):
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         depth.set_xlabel("layer")
         depth.set_ylabel("mean square of the residual stream")
         depth.set_title("Variance vs depth")

@@ -80,12 +80,12 @@ class Trainer:
         init_distributed(
             cfg.parallel, device=cfg.device, num_layers=cfg.model.num_layers, seed=cfg.optim.seed
         )
+        # Our log lines on the logging rank; megatron-core's own INFO chatter (bucket listings,
+        # dataset configs) only as warnings.
         logging.basicConfig(
-            level=logging.INFO if _is_logging_rank() else logging.WARNING,
-            format="%(asctime)s %(message)s",
-            datefmt="%H:%M:%S",
-            force=True,
+            level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True
         )
+        logger.setLevel(logging.INFO if _is_logging_rank() else logging.WARNING)
         o = cfg.optim
         self.tf_config = build_transformer_config(
             cfg.model,
