@@ -7,21 +7,38 @@
         --train-iters 100000 --lr 5e-4 --lr-warmup-iters 10000 --bf16 --save ckpt --load ckpt
 
 ``python pretrain_gpas.py --help`` lists every flag; ``--config run.yaml`` sets any of them.
+``--dry-run [--world-size N]`` prints the resolved layout, parameter count, a memory estimate
+per GPU and the token budget, and refuses an impossible layout, without training.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from megatron_ext.config import ConfigError
 from megatron_ext.training.arguments import parse_run_config
+from megatron_ext.training.planning import plan_run
 from megatron_ext.training.trainer import TrainingStopped, run
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    dry_run = "--dry-run" in argv
+    world_size = None
+    if "--world-size" in argv:  # for --dry-run on a machine other than the cluster
+        i = argv.index("--world-size")
+        world_size = int(argv[i + 1])
+        del argv[i : i + 2]
+    argv = [a for a in argv if a != "--dry-run"]
     try:
         cfg = parse_run_config(argv)
+        if dry_run:
+            ws = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            for line in plan_run(cfg, ws).lines():
+                print(line)
+            return 0
         run(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -319,3 +319,45 @@ def test_yaml_unknown_key_is_reported(tmp_path):
     cfg_file.write_text("learning-rate: 0.1\n")
     with pytest.raises(ConfigError, match="unknown key 'learning-rate'"):
         parse_run_config(["--config", str(cfg_file)])
+
+
+def test_dry_run_plans_the_7b_recipe_and_refuses_bad_layouts():
+    base = [
+        sys.executable,
+        os.path.join(ROOT, "pretrain_gpas.py"),
+        "--dry-run",
+        "--model-size",
+        "7b",
+        "--mock-data",
+        "--bf16",
+        "--micro-batch-size",
+        "4",
+        "--global-batch-size",
+        "2048",
+        "--train-iters",
+        "150000",
+    ]
+    ok = subprocess.run(
+        base
+        + [
+            "--world-size",
+            "64",
+            "--tensor-model-parallel-size",
+            "2",
+            "--use-distributed-optimizer",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "64 GPUs = TP 2 × PP 1 × DP 32" in ok.stdout
+    assert "78.64B token slots" in ok.stdout  # 150k × 2048 × 256 (spec §5)
+    assert "6,738.4M in total" in ok.stdout
+    bad = subprocess.run(
+        base + ["--world-size", "8", "--tensor-model-parallel-size", "3"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert bad.returncode == 2 and "--tensor-model-parallel-size" in bad.stderr

@@ -1,0 +1,76 @@
+"""``--dry-run``: the resolved layout, size, memory estimate and token budget of a run, without
+building anything. Uses the same validation as a real run, so an impossible layout is refused."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_ext.models.params import count_parameters
+from megatron_ext.training.run_config import RunConfig
+
+
+@dataclass
+class Plan:
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    global_batch: int
+    num_microbatches: int
+    params_total: int
+    params_per_gpu: int
+    weights_and_optimizer_gib: float
+    activations_gib: float
+    tokens_per_iteration: int
+    total_tokens: int
+
+    def lines(self) -> list[str]:
+        total = self.weights_and_optimizer_gib + self.activations_gib
+        return [
+            f"layout: {self.world_size} GPUs = TP {self.tp} × PP {self.pp} × DP {self.dp}",
+            f"batch: global {self.global_batch} sequences = {self.num_microbatches} "
+            f"micro-batches per DP rank; {self.tokens_per_iteration:,} token slots per iteration",
+            f"training: {self.total_tokens / 1e9:,.2f}B token slots in total",
+            f"parameters: {self.params_total / 1e6:,.1f}M in total, "
+            f"≈{self.params_per_gpu / 1e6:,.1f}M on the most loaded GPU",
+            f"memory per GPU (estimate): weights+grads+optimizer "
+            f"{self.weights_and_optimizer_gib:.1f} GiB, "
+            f"activations {self.activations_gib:.1f} GiB, total {total:.1f} GiB",
+        ]
+
+
+def plan_run(cfg: RunConfig, world_size: int) -> Plan:
+    cfg.validate(world_size)
+    m, par, o = cfg.model, cfg.parallel, cfg.optim
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    dp = par.data_parallel_size(world_size)
+    count = count_parameters(m, padded_vocab=True)
+    # Most loaded stage: its share of the layers plus one (untied) vocabulary matrix.
+    per_gpu = (count.non_embedding / pp + count.embedding / 2) / tp
+    if o.bf16:
+        state_bytes = 2 + 4 + (12 / dp if par.use_distributed_optimizer else 12)
+    else:
+        state_bytes = 4 + 4 + (8 / dp if par.use_distributed_optimizer else 8)
+    s, b, h, a = m.seq_length, o.micro_batch_size, m.hidden_size, m.num_attention_heads
+    act_bytes = 2 if o.bf16 else 4
+    if o.recompute_granularity == "full":
+        per_layer = s * b * h * act_bytes  # layer inputs only
+    else:  # Korthikanti et al. (2022): s·b·h·(34 + 5·a·s/h) bytes in 16-bit, divided over TP
+        per_layer = s * b * h * (34 + 5 * a * s / h) * act_bytes / 2 / tp
+    in_flight = min(pp, cfg.num_microbatches(world_size))  # 1F1B warm-up on the first stage
+    activations = per_layer * (m.num_layers / pp) * in_flight
+    gbs = cfg.global_batch_size(world_size)
+    return Plan(
+        world_size,
+        tp,
+        pp,
+        dp,
+        gbs,
+        cfg.num_microbatches(world_size),
+        count.total,
+        int(per_gpu),
+        per_gpu * state_bytes / 2**30,
+        activations / 2**30,
+        gbs * s,
+        gbs * s * o.train_iters,
+    )
