@@ -158,9 +158,9 @@ class Trainer:
         self._open_metrics(run_state)
         count = count_parameters(cfg.model)
         logger.info(
-            "model: %s %s, %s",
+            "model: %s, %d layers, %s",
             cfg.model.norm_type,
-            cfg.model.num_layers and f"{cfg.model.num_layers} layers",
+            cfg.model.num_layers,
             count,
         )
         logger.info(
