@@ -163,6 +163,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             killed_in_save = True
             break
+        time.sleep(0.002)
     proc.wait()
     assert killed_in_save
     latest = int(open(os.path.join(save, "latest_checkpointed_iteration.txt")).read())
