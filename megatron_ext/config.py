@@ -7,7 +7,7 @@ field, so a bad run fails before anything heavy is built.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 from megatron_ext.variants import NORM_TYPE_NAMES, NORM_TYPES, LayerStyle, LNSMode, default_post_num
@@ -218,7 +218,3 @@ class ParallelConfig:
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
-
-
-def config_fields(cls) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(cls))

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_ext.kernels import gpas_triton
+
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half-precision streams, the stream's own dtype when it is wider."""
@@ -34,11 +36,7 @@ def silu_derivative(g: torch.Tensor) -> torch.Tensor:
 
 
 def _fused(x: torch.Tensor) -> bool:
-    if not x.is_cuda:
-        return False
-    from megatron_ext.kernels import gpas_triton
-
-    return gpas_triton.supports(x)
+    return x.is_cuda and gpas_triton.supports(x)
 
 
 class _GPASFunction(torch.autograd.Function):
@@ -46,8 +44,6 @@ class _GPASFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, gate)
         if _fused(x):
-            from megatron_ext.kernels import gpas_triton
-
             return gpas_triton.scale(x, gate)
         math_dtype = _math_dtype(x.dtype)
         c = gpas_scale(gate, math_dtype)
@@ -64,8 +60,6 @@ class _GPASFunction(torch.autograd.Function):
             math_dtype = _math_dtype(x.dtype)
             g = gate.to(math_dtype).reshape(())
             if _fused(x):
-                from megatron_ext.kernels import gpas_triton
-
                 inner = gpas_triton.dot(grad_out, x).to(math_dtype)
             else:
                 inner = (grad_out.to(math_dtype) * x.to(math_dtype)).sum()

@@ -80,8 +80,6 @@ NORM_TYPES: dict[str, NormTypeRow] = {
 }
 
 NORM_TYPE_NAMES = tuple(NORM_TYPES)
-#: Norm types that fold exactly into a stock Llama (spec §9).
-LLAMA_FOLDABLE = ("pre", "lns", "pre_gpas", "lns_gpas")
 
 
 def deepnorm_alpha(num_layers: int) -> float:

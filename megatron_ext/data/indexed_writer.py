@@ -116,17 +116,6 @@ def is_complete(prefix: str) -> bool:
         return False
 
 
-def remove_dataset(prefix: str) -> None:
-    for path in (
-        bin_path(prefix),
-        idx_path(prefix),
-        bin_path(prefix) + _TMP,
-        idx_path(prefix) + _TMP,
-    ):
-        if os.path.exists(path):
-            os.remove(path)
-
-
 class IndexedDatasetWriter:
     """Streams documents into ``prefix``.bin/.idx; nothing is visible until :meth:`finalize`."""
 

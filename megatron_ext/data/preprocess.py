@@ -208,27 +208,22 @@ def _flatten(tokenizer: Tokenizer, ids: list, append_eod: bool, dtype):
     return np.fromiter(flat, dtype=dtype, count=int(lengths.sum())), lengths
 
 
-def _run_stage(target, inbox: queue.Queue, outbox: Optional[queue.Queue]) -> threading.Thread:
-    """A pipeline thread: applies ``target`` to each item until ``None``; errors travel on."""
+def _start_consumer(target, inbox: queue.Queue) -> threading.Thread:
+    """A thread applying ``target`` to each item of ``inbox`` until ``None``.
+
+    Its first error is kept in ``thread.errors``; after an error it keeps draining the queue so
+    that the producer never blocks on a full queue, and the producer raises it after join()."""
+    errors: list = []
 
     def loop():
         try:
             while (item := inbox.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                result = target(item)
-                if outbox is not None:
-                    outbox.put(result)
-        except BaseException as err:  # hand the failure downstream, then stop
-            if outbox is not None:
-                outbox.put(err)
-            else:
-                errors.append(err)
-            return
-        if outbox is not None:
-            outbox.put(None)
+                target(item)
+        except BaseException as err:
+            errors.append(err)
+            while inbox.get() is not None:
+                pass
 
-    errors: list = []
     thread = threading.Thread(target=loop, daemon=True)
     thread.errors = errors
     thread.start()
@@ -275,7 +270,7 @@ def process_shard(shard: Shard) -> ShardResult:
             bytes_done.value += offset - position[0]
         position[0] = offset
 
-    writer_thread = _run_stage(write, encoded, None)
+    writer_thread = _start_consumer(write, encoded)
     reader_thread = threading.Thread(
         target=_read_into, args=(reader, parsed, cfg.batch_docs), daemon=True
     )

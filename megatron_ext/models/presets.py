@@ -23,6 +23,9 @@ _TINY_SHAPES = {
     "small": (128, 352, 4, 4),
 }
 
+_REFERENCE_DEFAULTS = dict(vocab_size=32000, seq_length=256)
+_TINY_DEFAULTS = dict(vocab_size=512, seq_length=32, make_vocab_size_divisible_by=64)
+
 PRESET_NAMES = tuple(_REFERENCE_SHAPES) + tuple(_TINY_SHAPES)
 
 
@@ -30,28 +33,19 @@ def model_preset(name: str, **overrides) -> ModelConfig:
     """A ModelConfig with the shapes of preset ``name``; ``overrides`` set any other field."""
     key = name.lower()
     if key in _REFERENCE_SHAPES:
-        hidden, ffn, layers, heads = _REFERENCE_SHAPES[key]
-        base = ModelConfig(
-            hidden_size=hidden,
-            ffn_hidden_size=ffn,
-            num_layers=layers,
-            num_attention_heads=heads,
-            vocab_size=32000,
-            seq_length=256,
-        )
+        shape, defaults = _REFERENCE_SHAPES[key], _REFERENCE_DEFAULTS
     elif key in _TINY_SHAPES:
-        hidden, ffn, layers, heads = _TINY_SHAPES[key]
-        base = ModelConfig(
-            hidden_size=hidden,
-            ffn_hidden_size=ffn,
-            num_layers=layers,
-            num_attention_heads=heads,
-            vocab_size=512,
-            seq_length=32,
-            make_vocab_size_divisible_by=64,
-        )
+        shape, defaults = _TINY_SHAPES[key], _TINY_DEFAULTS
     else:
         raise ConfigError(
             f"--model-size: unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}"
         )
+    hidden, ffn, layers, heads = shape
+    base = ModelConfig(
+        hidden_size=hidden,
+        ffn_hidden_size=ffn,
+        num_layers=layers,
+        num_attention_heads=heads,
+        **defaults,
+    )
     return replace(base, **overrides)
