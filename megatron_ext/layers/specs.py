@@ -39,7 +39,7 @@ BACKENDS = ("local", "transformer_engine")
 
 # Checkpoint names of the pre-norms are the fused-TE names for both backends, so a checkpoint
 # written with one backend loads with the other (as megatron-core's own local spec does).
-_PRE_NORM_KEY_MAP = {
+PRE_NORM_KEY_MAP = {
     "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
     "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
 }
@@ -149,7 +149,7 @@ def get_layer_spec(recipe: LayerRecipe, backend: str = "local") -> ModuleSpec:
             post_mlp_layernorm=branch_norm,
             post_attn_add_layernorm=post_add_norm,
             post_mlp_add_layernorm=post_add_norm,
-            sharded_state_dict_keys_map=dict(_PRE_NORM_KEY_MAP)
+            sharded_state_dict_keys_map=dict(PRE_NORM_KEY_MAP)
             if (recipe.has_pre_norms and not fuse_pre_norms)
             else {},
         ),
