@@ -26,7 +26,8 @@ setup(
         # mistral-common ships a real 32k SentencePiece model the tests use (its data file only).
         "test": ["pytest", "ruff", "matplotlib"],
         "wandb": ["wandb"],
-        "hf": ["transformers", "safetensors", "tokenizers"],
+        # Hugging Face export/import; the modeling code uses the transformers 5 API.
+        "hf": ["transformers>=5.0,<6", "safetensors", "tokenizers", "protobuf"],
         "plot": ["matplotlib"],
     },
 )

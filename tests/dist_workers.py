@@ -100,12 +100,35 @@ GLOBAL_BATCH = 4
 MICRO_BATCH = 1
 
 
-def train_layout(layout: dict, norm_types, ckpt_root=None, steps: int = PARITY_STEPS):
+def set_gates(chunks, values) -> None:
+    """Set layer l's GPAS gate to ``values[l % len(values)]`` (global layer index)."""
+    import torch
+
+    with torch.no_grad():
+        for chunk in chunks:
+            for layer in chunk.decoder.layers:
+                if getattr(layer, "gpas_gate", None) is not None:
+                    layer.gpas_gate.fill_(values[(layer.layer_number - 1) % len(values)])
+
+
+def train_layout(
+    layout: dict,
+    norm_types,
+    ckpt_root=None,
+    steps: int = PARITY_STEPS,
+    initial_gates=None,
+    export_root=None,
+):
     """Train each norm type ``steps`` iterations under ``layout`` from the same seeded init.
 
     Returns {norm_type: {"losses": [...], "eval_loss": float}} (losses from the last pipeline
-    stage). With ``ckpt_root`` the trained weights are saved to ``ckpt_root/<norm_type>``.
+    stage). With ``ckpt_root`` the trained weights are saved to ``ckpt_root/<norm_type>``; with
+    ``export_root`` as a weights-only checkpoint with its run configuration (what the Hugging
+    Face export reads) to ``export_root/<norm_type>``. ``initial_gates`` moves the gates away
+    from 0 before training.
     """
+    import dataclasses
+
     from megatron.core import parallel_state as ps
     from megatron.core.optimizer import OptimizerConfig
 
@@ -113,7 +136,7 @@ def train_layout(layout: dict, norm_types, ckpt_root=None, steps: int = PARITY_S
     from megatron_ext.models.gpt import build_model_chunks, build_transformer_config
     from megatron_ext.models.presets import model_preset
     from megatron_ext.platform.distributed import init_distributed
-    from megatron_ext.training.checkpointing import save_model
+    from megatron_ext.training.checkpointing import save_checkpoint, save_model
     from megatron_ext.training.model_setup import wrap_model
     from megatron_ext.training.optimizer import build_optimizer
     from megatron_ext.training.step import evaluate_loss, train_step
@@ -127,6 +150,8 @@ def train_layout(layout: dict, norm_types, ckpt_root=None, steps: int = PARITY_S
         cfg = model_preset("tiny4", norm_type=norm_type)
         tc = build_transformer_config(cfg, parallel, use_cpu=True)
         chunks = build_model_chunks(cfg, tc, seed=99)
+        if initial_gates is not None:
+            set_gates(chunks, initial_gates)
         model = wrap_model(chunks, tc, use_distributed_optimizer=parallel.use_distributed_optimizer)
         optimizer = build_optimizer(
             model,
@@ -174,6 +199,11 @@ def train_layout(layout: dict, norm_types, ckpt_root=None, steps: int = PARITY_S
         )
         if ckpt_root is not None:
             save_model(model, os.path.join(ckpt_root, norm_type))
+        if export_root is not None:
+            run_state = {"iteration": steps, "config": {"model": dataclasses.asdict(cfg)}}
+            save_checkpoint(
+                os.path.join(export_root, norm_type), steps, model, None, None, run_state
+            )
         results[norm_type] = {"losses": losses, "eval_loss": eval_loss}
     return results
 

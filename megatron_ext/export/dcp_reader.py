@@ -77,7 +77,9 @@ class _SliceLoadPlanner(LoadPlanner):
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
         out = self.destination
-        for dim, (offset, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+        for dim, (offset, length) in enumerate(
+            zip(read_item.dest_offsets, read_item.lengths, strict=True)
+        ):
             out = out.narrow(dim, offset, length)
         return out
 
@@ -155,4 +157,6 @@ class DistCheckpointReader:
         return self.read(LAYER_PREFIX + name, index=layer)
 
     def has_layer_tensor(self, layer: int, name: str) -> bool:
-        return f"{LAYER_PREFIX}{layer}.{name}" in self.tensors or LAYER_PREFIX + name in self.tensors
+        return (
+            f"{LAYER_PREFIX}{layer}.{name}" in self.tensors or LAYER_PREFIX + name in self.tensors
+        )

@@ -15,12 +15,22 @@ import torch
 from safetensors.torch import save_file
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
-    """"5GB", "500MB", "2GiB" or a byte count → bytes."""
+    """ "5GB", "500MB", "2GiB" or a byte count → bytes."""
     m = _SIZE.match(str(text))
     if not m:
         raise ValueError(f"--max-shard-size: cannot read {text!r}; use e.g. 5GB or 500MB")

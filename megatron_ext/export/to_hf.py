@@ -12,11 +12,11 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from megatron_ext.config import ModelConfig
 from megatron_ext.export import weight_map as wm
@@ -93,7 +93,9 @@ class _LayerExporter:
     def tensors(self, layer: int, style: LayerStyle, has_gate: bool):
         read = self.reader.layer_tensor
         m = self.model
-        q, k, v = wm.split_qkv(read(layer, wm.QKV), m.num_attention_heads, m.query_groups, m.kv_channels)
+        q, k, v = wm.split_qkv(
+            read(layer, wm.QKV), m.num_attention_heads, m.query_groups, m.kv_channels
+        )
         yield "self_attn.q_proj.weight", q
         yield "self_attn.k_proj.weight", k
         yield "self_attn.v_proj.weight", v
@@ -174,7 +176,9 @@ def _write_tokenizer(opts: ExportOptions, reader: DistCheckpointReader, out: str
     return ids, f"{kind} {path}"
 
 
-def export_to_hf(opts: ExportOptions, progress: Optional[Callable[[str], None]] = None) -> ExportResult:
+def export_to_hf(
+    opts: ExportOptions, progress: Optional[Callable[[str], None]] = None
+) -> ExportResult:
     opts.validate()
     t0 = time.perf_counter()
     say = progress or logger.info
@@ -219,7 +223,9 @@ def export_to_hf(opts: ExportOptions, progress: Optional[Callable[[str], None]] 
     config.save_pretrained(tmp)
     from transformers import GenerationConfig
 
-    GenerationConfig(bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad).save_pretrained(tmp)
+    GenerationConfig(
+        bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad
+    ).save_pretrained(tmp)
     if target == "gpas":
         here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf")
         for name in HF_CODE_FILES:

@@ -61,7 +61,7 @@ def _original_ids(reader: DistCheckpointReader, text: str) -> Optional[list[int]
         return None
     from megatron_ext.data.tokenizers import build_tokenizer
 
-    return list(build_tokenizer(kind, path).encode(text))
+    return list(build_tokenizer(kind, path).encode_batch([text])[0])
 
 
 def _sample_tokens(export_dir: str, reader, text: str, seq_length: int, vocab: int):

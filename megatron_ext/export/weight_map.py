@@ -24,8 +24,10 @@ FC1 = "mlp.linear_fc1.weight"
 GATE = "gpas_gate"
 HF_GATE = "gpas_block.gate"
 
-_LINEARS = {"self_attn.o_proj.weight": "self_attention.linear_proj.weight",
-            "mlp.down_proj.weight": "mlp.linear_fc2.weight"}
+_LINEARS = {
+    "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
+    "mlp.down_proj.weight": "mlp.linear_fc2.weight",
+}
 
 _NORMS = {
     LayerStyle.PRE: {

@@ -50,9 +50,7 @@ class GPASConfig(LlamaConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.norm_type not in NORM_TYPES:
-            raise ValueError(
-                f"norm_type {self.norm_type!r} is not one of {', '.join(NORM_TYPES)}"
-            )
+            raise ValueError(f"norm_type {self.norm_type!r} is not one of {', '.join(NORM_TYPES)}")
         if self.lns_mode not in LNS_MODES:
             raise ValueError(f"lns_mode {self.lns_mode!r} is not one of {LNS_MODES}")
 
@@ -65,7 +63,7 @@ class GPASConfig(LlamaConfig):
         return self.num_hidden_layers // 4 if self.post_num is None else self.post_num
 
     def layer_style(self, layer_idx: int) -> str:
-        """"pre", "post" or "sandwich" for the 0-based layer ``layer_idx``."""
+        """ "pre", "post" or "sandwich" for the 0-based layer ``layer_idx``."""
         style = NORM_TYPES[self.norm_type][0]
         if style == "mix":
             return "post" if layer_idx < self.resolved_post_num else "pre"

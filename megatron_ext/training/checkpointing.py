@@ -132,7 +132,11 @@ def save_checkpoint(
     run_state: dict,
     keep_last: Optional[int] = None,
 ) -> str:
-    """Atomically save everything needed to resume exactly (collective)."""
+    """Atomically save everything needed to resume exactly (collective).
+
+    With ``optimizer=None`` only the weights are written (``run_state["weights_only"]`` is set):
+    such a checkpoint starts a run (e.g. one imported from Hugging Face) rather than resuming it.
+    """
     final = checkpoint_dir(root, iteration)
     tmp = final + ".tmp"
     if _is_rank0():
@@ -141,12 +145,16 @@ def save_checkpoint(
     _barrier()
     model_sd = _model_sharded_state_dict(chunks)
     state = dict(model_sd)
-    state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_METADATA)
-    state["opt_param_scheduler"] = scheduler.state_dict()
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_METADATA)
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    else:
+        run_state = dict(run_state, weights_only=True)
     state["run_state"] = run_state
     dist_checkpointing.save(state, tmp)
-    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-    torch.save(_rng_state(), os.path.join(tmp, "rng", f"{_rank_tag()}.pt"))
+    if optimizer is not None:
+        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+        torch.save(_rng_state(), os.path.join(tmp, "rng", f"{_rank_tag()}.pt"))
     _barrier()
     if _is_rank0():
         if os.path.isdir(final):
@@ -227,6 +235,12 @@ def load_checkpoint(
             f"--load: {os.path.join(root, LATEST)} names iteration {iteration}, but "
             f"{directory} is missing"
         )
+    common = torch.load(
+        os.path.join(directory, "common.pt"), map_location="cpu", weights_only=False
+    )
+    if (common.get("run_state") or {}).get("weights_only") and load_optimizer:
+        logger.info("%s holds weights only (no optimizer state); starting from them", directory)
+        load_optimizer = False
     model_sd = _model_sharded_state_dict(chunks)
     request = dict(model_sd)
     if load_optimizer:

@@ -1,0 +1,324 @@
+"""Hugging Face export and import (tools/convert_to_hf.py, tools/convert_from_hf.py).
+
+Checkpoints of all 11 norm types are trained for two steps under TP=2 and PP=2 with the gates
+moved away from 0 first (layer 1's gate gives a negative scale c). Each export must reproduce
+the logits of our model loaded from the same checkpoint (which tests/test_variants_reference.py
+holds to the plain re-derivation of the spec).
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_ext.export.dcp_reader import CheckpointError, DistCheckpointReader
+from megatron_ext.export.llama_fold import FoldError
+from megatron_ext.export.to_hf import ExportOptions, export_to_hf
+from megatron_ext.export.verify import verify_export
+from megatron_ext.variants import NORM_TYPE_NAMES
+from tests.dist_workers import run_ranks, train_layout
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# c_l = 1 − SiLU(g_l) ≈ 1.19, −1.0, 1.09, 0.90: away from 1, negative at layer 1
+GATES = [-0.5, 2.25, -0.2, 0.18]
+LAYOUTS = {"tp2": {"tensor_model_parallel_size": 2}, "pp2": {"pipeline_model_parallel_size": 2}}
+FOLDABLE = ("pre", "lns", "pre_gpas", "lns_gpas")
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export_checkpoints")
+    for name, layout in LAYOUTS.items():
+        args = (layout, NORM_TYPE_NAMES, None, 2, GATES, str(root / name))
+        run_ranks(train_layout, 2, args, root)
+    return root
+
+
+def _export(checkpoint, out, **kw):
+    return export_to_hf(ExportOptions(str(checkpoint), str(out), overwrite=True, **kw))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("norm_type", NORM_TYPE_NAMES)
+def test_export_reproduces_our_logits(checkpoints, tmp_path, norm_type, layout):
+    ckpt = checkpoints / layout / norm_type
+    targets = ["llama", "gpas"] if norm_type in FOLDABLE else ["gpas"]
+    reader = DistCheckpointReader(str(ckpt))
+    if norm_type.endswith("_gpas"):
+        gate = reader.layer_tensor(1, "gpas_gate").double()
+        assert 1 - torch.nn.functional.silu(gate) < 0, "the test needs a negative c_l"
+    for target in targets:
+        out = tmp_path / target
+        result = _export(ckpt, out, target=target)
+        assert result.target == target
+        report = verify_export(str(ckpt), str(out))
+        assert report.max_abs_diff <= TOLERANCE, (target, report.summary())
+        assert report.max_abs_logit > 0.1  # a real comparison, not of two zero tensors
+        assert abs(report.ppl_hf / report.ppl_megatron - 1) < 1e-4
+        config = json.load(open(out / "config.json"))
+        assert ("auto_map" in config) == (target == "gpas")
+
+
+def test_stock_llama_export_loads_without_remote_code_and_generates(checkpoints, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    _export(checkpoints / "pp2" / "pre_gpas", tmp_path / "llama")
+    assert not any(f.endswith(".py") for f in os.listdir(tmp_path / "llama"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "llama")  # no trust_remote_code
+    assert type(model) is LlamaForCausalLM
+    prompt = torch.tensor([[5, 17, 42, 8]])
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 10) and torch.equal(out[:, :4], prompt)
+
+
+@pytest.mark.parametrize("norm_type", ["sandwich_gpas", "post_pre_gpas", "deeppost"])
+def test_gpas_export_generates_with_kv_cache(checkpoints, tmp_path, norm_type):
+    """Cached incremental decoding equals re-running the whole sequence."""
+    from transformers import AutoModelForCausalLM
+
+    _export(checkpoints / "tp2" / norm_type, tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True).eval()
+    prompt = torch.tensor([[3, 9, 27, 81, 243]])
+    out = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
+    nocache = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(out, nocache)
+
+
+def test_llama_target_of_a_post_norm_type_is_refused(checkpoints, tmp_path):
+    with pytest.raises(FoldError, match="--target gpas"):
+        _export(checkpoints / "tp2" / "sandwich", tmp_path / "x", target="llama")
+    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "x.tmp")
+
+
+def test_missing_and_partial_checkpoints_are_named(checkpoints, tmp_path):
+    import shutil
+
+    with pytest.raises(CheckpointError, match="no checkpoint directory"):
+        DistCheckpointReader(str(tmp_path / "nowhere"))
+    partial = tmp_path / "partial"
+    shutil.copytree(checkpoints / "tp2" / "pre", partial)
+    iteration_dir = partial / "iter_0000002"
+    victim = sorted(f for f in os.listdir(iteration_dir) if f.endswith(".distcp"))[-1]
+    os.remove(iteration_dir / victim)
+    with pytest.raises(CheckpointError, match=re.escape(victim)):
+        DistCheckpointReader(str(partial))
+    os.replace(iteration_dir, str(iteration_dir) + ".tmp")
+    with pytest.raises(CheckpointError, match="names iteration 2"):
+        DistCheckpointReader(str(partial))
+
+
+def test_existing_output_is_kept_without_overwrite(checkpoints, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_to_hf(ExportOptions(str(checkpoints / "tp2" / "pre"), str(out)))
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_sharded_output_and_index(checkpoints, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = _export(checkpoints / "tp2" / "pre", tmp_path / "m", max_shard_size="40KB")
+    assert len(result.files) > 3
+    index = json.load(open(tmp_path / "m" / "model.safetensors.index.json"))
+    assert set(index["weight_map"].values()) == set(result.files)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert len(index["weight_map"]) == len(model.state_dict())
+
+
+def _random_llama(directory, vocab=300):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return model
+
+
+def _run_tool(*argv):
+    return subprocess.run(
+        [sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_hf_llama_to_ours_to_hf_is_the_identity(tmp_path):
+    from safetensors.torch import load_file
+
+    llama = _random_llama(tmp_path / "llama")
+    imported = _run_tool(
+        "tools/convert_from_hf.py",
+        "--hf-dir",
+        str(tmp_path / "llama"),
+        "--save",
+        str(tmp_path / "ours"),
+    )
+    assert imported.returncode == 0, imported.stderr
+    assert "--norm-type pre" in imported.stderr and "--num-query-groups 2" in imported.stderr
+    exported = _run_tool(
+        "tools/convert_to_hf.py",
+        "--load",
+        str(tmp_path / "ours"),
+        "--output",
+        str(tmp_path / "back"),
+        "--verify",
+    )
+    assert exported.returncode == 0, exported.stderr
+    assert "verify passed" in exported.stderr
+    original, back = (
+        load_file(tmp_path / "llama" / "model.safetensors"),
+        load_file(tmp_path / "back" / "model.safetensors"),
+    )
+    assert sorted(original) == sorted(back)
+    for name in original:
+        assert torch.equal(original[name], back[name]), name
+    # our model (padded vocabulary 384) gives the Llama's logits on the real 300 entries
+    from megatron_ext.export.megatron_model import build_cpu_model, megatron_logits
+    from megatron_ext.training.checkpointing import load_model
+
+    cfg = DistCheckpointReader(str(tmp_path / "ours")).model_config()
+    ours = build_cpu_model(cfg)
+    load_model([ours], str(tmp_path / "ours"))
+    tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = llama(tokens).logits
+    assert (megatron_logits(ours, tokens, 300) - expected).abs().max() <= TOLERANCE
+
+
+def test_cli_reports_errors_with_exit_code(checkpoints, tmp_path):
+    bad = _run_tool(
+        "tools/convert_to_hf.py", "--load", str(tmp_path / "none"), "--output", str(tmp_path / "o")
+    )
+    assert bad.returncode == 2 and "no checkpoint directory" in bad.stderr
+    refused = _run_tool(
+        "tools/convert_to_hf.py",
+        "--load",
+        str(checkpoints / "tp2" / "deeppost_gpas"),
+        "--output",
+        str(tmp_path / "o"),
+        "--target",
+        "llama",
+    )
+    assert refused.returncode == 2 and "--target gpas" in refused.stderr
+
+
+def test_sentencepiece_tokenizer_export_matches(mistral_model, english_docs, tmp_path):
+    """The exported tokenizer.json encodes real English like the SentencePiece model; the only
+    known differences are splits inside runs of 4+ spaces."""
+    import difflib
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from megatron_ext.export.tokenizer_export import export_tokenizer
+
+    ids = export_tokenizer("SentencePieceTokenizer", mistral_model, str(tmp_path))
+    assert (ids.bos, ids.eos, ids.unk) == (1, 2, 0)
+    sp = spm.SentencePieceProcessor(model_file=mistral_model)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    total = differing = 0
+    for doc in english_docs:
+        want, got = sp.encode(doc), hf.encode(doc, add_special_tokens=False)
+        total += len(want)
+        if want != got:
+            assert re.search(" {4}", doc), doc[:200]
+            blocks = difflib.SequenceMatcher(a=want, b=got, autojunk=False).get_matching_blocks()
+            differing += len(want) - sum(b.size for b in blocks)
+        assert hf.decode(got) == sp.decode(want) or want != got
+    assert differing / total < 0.01
+
+
+def test_tokenizer_travels_with_the_export_and_is_verified(mistral_model, tmp_path):
+    """A run trained with a SentencePiece model: --verify checks the tokenizer ids too."""
+    import dataclasses
+
+    from megatron_ext.export.megatron_model import build_cpu_model
+    from megatron_ext.models.presets import model_preset
+    from megatron_ext.training.checkpointing import save_checkpoint
+
+    cfg = model_preset("tiny", norm_type="pre_gpas", vocab_size=32000)
+    model = build_cpu_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    tokenizer = {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": mistral_model}
+    run_state = {"config": {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer}}
+    save_checkpoint(str(tmp_path / "ck"), 1, [model], None, None, run_state)
+    done = _run_tool(
+        "tools/convert_to_hf.py",
+        "--load",
+        str(tmp_path / "ck"),
+        "--output",
+        str(tmp_path / "hf"),
+        "--verify",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "tokenizer: identical ids" in done.stderr
+    assert {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"} <= set(
+        os.listdir(tmp_path / "hf")
+    )
+    config = json.load(open(tmp_path / "hf" / "config.json"))
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+
+
+def test_llama_fold_is_exact_with_per_norm_epsilon(tmp_path):
+    """Gates that shrink the stream ~40× make the shared-ε effect of a stock Llama visible
+    (spec §9); with each norm's ε/P² the folded Llama is exact, so only ε differs."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    from megatron_ext.export.megatron_model import build_cpu_model, megatron_logits
+    from megatron_ext.models.presets import model_preset
+    from megatron_ext.training.checkpointing import save_checkpoint
+    from tests.dist_workers import set_gates
+
+    cfg = model_preset("tiny4", norm_type="lns_gpas", lns_mode="fixed")
+    model = build_cpu_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05)
+            else:
+                p.add_(0.1 * torch.randn_like(p))
+    set_gates([model], [0.4, -0.9, 1.6, 0.7])  # c ≈ 0.76, 1.26, −0.33, 0.53
+    run_state = {"config": {"model": dataclasses.asdict(cfg)}}
+    save_checkpoint(str(tmp_path / "ck"), 1, [model], None, None, run_state)
+    result = _export(tmp_path / "ck", tmp_path / "hf", target="llama")
+    fold = result.fold
+    assert abs(fold.final_scale) < 0.05 and min(fold.mlp_scale) < 0
+    assert "worst ε effect at the final norm" in fold.epsilon_report()
+
+    llama = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(3))
+    expected = megatron_logits(model, tokens, cfg.vocab_size)
+    with torch.no_grad():
+        shared = (llama(tokens).logits - expected).abs().max().item()
+        for i, layer in enumerate(llama.model.layers):
+            layer.input_layernorm.variance_epsilon = fold.eps / fold.attn_scale[i] ** 2
+            layer.post_attention_layernorm.variance_epsilon = fold.eps / fold.mlp_scale[i] ** 2
+        llama.model.norm.variance_epsilon = fold.eps / fold.final_scale**2
+        exact = (llama(tokens).logits - expected).abs().max().item()
+    assert exact <= TOLERANCE, exact
+    assert shared > 10 * exact  # the shared ε is what differs, and the report says where
