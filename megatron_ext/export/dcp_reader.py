@@ -19,8 +19,8 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_ext.config import ModelConfig
+from megatron_ext.training.checkpointing import latest_checkpoint_dir, read_run_state
 
-LATEST = "latest_checkpointed_iteration.txt"
 LAYER_PREFIX = "decoder.layers."
 
 
@@ -32,14 +32,10 @@ def resolve_checkpoint_dir(path: str) -> str:
     """``path`` may be a save root (with a latest-pointer) or one ``iter_XXXXXXX`` directory."""
     if not os.path.isdir(path):
         raise CheckpointError(f"no checkpoint directory at {path}")
-    pointer = os.path.join(path, LATEST)
-    if os.path.isfile(pointer):
-        text = open(pointer, encoding="utf-8").read().strip()
-        if not text.isdigit():
-            raise CheckpointError(f"{pointer} does not hold an iteration number ({text!r})")
-        path = os.path.join(path, f"iter_{int(text):07d}")
-        if not os.path.isdir(path):
-            raise CheckpointError(f"{pointer} names iteration {text}, but {path} is missing")
+    try:
+        path = latest_checkpoint_dir(path) or path
+    except (ValueError, FileNotFoundError) as err:
+        raise CheckpointError(str(err)) from err
     if path.rstrip("/").endswith(".tmp"):
         raise CheckpointError(
             f"{path} is a checkpoint still being written (or from a crashed save); "
@@ -99,10 +95,7 @@ class DistCheckpointReader:
             raise CheckpointError(f"{self.directory}/.metadata cannot be read ({err})") from err
         self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
         self._check_files()
-        common = torch.load(
-            os.path.join(self.directory, "common.pt"), map_location="cpu", weights_only=False
-        )
-        self.run_state: dict = common.get("run_state") or {}
+        self.run_state = read_run_state(self.directory)
         if "config" not in self.run_state:
             raise CheckpointError(
                 f"{self.directory}/common.pt has no run configuration; it was not written by "

@@ -51,6 +51,29 @@ def latest_iteration(root: str) -> Optional[int]:
     return int(text)
 
 
+def latest_checkpoint_dir(root: str) -> Optional[str]:
+    """The ``iter_XXXXXXX`` directory the latest-pointer under ``root`` names (None: no
+    pointer there)."""
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return None
+    directory = checkpoint_dir(root, iteration)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"--load: {os.path.join(root, LATEST)} names iteration {iteration}, but "
+            f"{directory} is missing"
+        )
+    return directory
+
+
+def read_run_state(directory: str) -> dict:
+    """The run state saved with the checkpoint in ``directory`` (its common.pt)."""
+    common = torch.load(
+        os.path.join(directory, "common.pt"), map_location="cpu", weights_only=False
+    )
+    return common.get("run_state") or {}
+
+
 def _model_sharded_state_dict(chunks) -> dict:
     """One sharded state dict for all chunks (``model`` or ``model0``, ``model1``… with VPP)."""
     chunks = [unwrap_model(c) for c in chunks]
@@ -118,8 +141,7 @@ def load_model(chunks, directory: str) -> None:
     """Load weights saved under any TP/PP layout into ``chunks`` (collective)."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"--load: no checkpoint directory at {directory}")
-    if os.path.isfile(os.path.join(directory, LATEST)):
-        directory = checkpoint_dir(directory, latest_iteration(directory))
+    directory = latest_checkpoint_dir(directory) or directory
     _load_model_state(chunks, dist_checkpointing.load(_model_sharded_state_dict(chunks), directory))
 
 
@@ -226,19 +248,10 @@ def load_checkpoint(
     root: str, chunks, optimizer, scheduler, *, load_optimizer: bool = True
 ) -> Optional[dict]:
     """Restore the latest checkpoint under ``root``; returns its run state (None: none there)."""
-    iteration = latest_iteration(root)
-    if iteration is None:
+    directory = latest_checkpoint_dir(root)
+    if directory is None:
         return None
-    directory = checkpoint_dir(root, iteration)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(
-            f"--load: {os.path.join(root, LATEST)} names iteration {iteration}, but "
-            f"{directory} is missing"
-        )
-    common = torch.load(
-        os.path.join(directory, "common.pt"), map_location="cpu", weights_only=False
-    )
-    if (common.get("run_state") or {}).get("weights_only") and load_optimizer:
+    if read_run_state(directory).get("weights_only") and load_optimizer:
         logger.info("%s holds weights only (no optimizer state); starting from them", directory)
         load_optimizer = False
     model_sd = _model_sharded_state_dict(chunks)
