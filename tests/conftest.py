@@ -5,10 +5,9 @@ import torch
 @pytest.fixture(scope="session")
 def megatron_cpu():
     """Single-process megatron-core parallel state on CPU (TP=PP=DP=1)."""
-    from megatron_ext.config import ParallelConfig
-    from megatron_ext.platform.distributed import init_distributed
+    from megatron_ext.platform.distributed import ensure_single_process_cpu
 
-    init_distributed(ParallelConfig(), device="cpu")
+    ensure_single_process_cpu()
     yield
 
 

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state
 
-from megatron_ext.config import ModelConfig, ParallelConfig
+from megatron_ext.config import ModelConfig
 from megatron_ext.layers.specs import PRE_NORM_KEY_MAP
 from megatron_ext.models.gpt import build_model, build_transformer_config
-
-
-def ensure_single_process_megatron() -> None:
-    """Initialize a TP=PP=DP=1 megatron-core state on CPU unless one exists."""
-    if parallel_state.model_parallel_is_initialized():
-        return
-    from megatron_ext.platform.distributed import init_distributed
-
-    init_distributed(ParallelConfig(), device="cpu")
+from megatron_ext.platform.distributed import ensure_single_process_cpu
 
 
 def build_cpu_model(model: ModelConfig, dtype: torch.dtype = torch.float32):
     """An uninitialized model (weights to be loaded) with all layers in this process."""
-    ensure_single_process_megatron()
+    ensure_single_process_cpu()
     config = build_transformer_config(model, use_cpu=True)
     return build_model(model, config, initialize=False).to(dtype)
 
