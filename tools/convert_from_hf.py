@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ext.export.from_hf import ImportError_, import_from_hf  # noqa: E402
+from megatron_ext.export.from_hf import UnsupportedModelError, import_from_hf  # noqa: E402
 from megatron_ext.export.to_hf import DTYPES  # noqa: E402
 
 logger = logging.getLogger("gpas.export")
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
             dtype=DTYPES[args.dtype],
             tokenizer=tokenizer,
         )
-    except (ImportError_, FileNotFoundError, KeyError, ValueError) as err:
+    except (UnsupportedModelError, FileNotFoundError, KeyError, ValueError) as err:
         logger.error("error: %s", err)
         return 2
     logger.info("wrote %s", result.checkpoint)

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from megatron_ext.config import ModelConfig
+from megatron_ext.config import ModelConfig, flag
 from megatron_ext.export import weight_map as wm
 from megatron_ext.export.megatron_model import build_cpu_model, checkpoint_param_names
 from megatron_ext.layers.specs import model_layer_recipes
@@ -25,7 +25,7 @@ from megatron_ext.variants import GPASPlacement
 SUPPORTED = ("llama", "gpas_llama")
 
 
-class ImportError_(ValueError):
+class UnsupportedModelError(ValueError):
     """The Hugging Face model cannot be expressed by our models; the message says why."""
 
 
@@ -33,7 +33,7 @@ def model_config_from_hf(
     config, seq_length: Optional[int] = None, divisible_by: int = 128
 ) -> ModelConfig:
     if config.model_type not in SUPPORTED:
-        raise ImportError_(
+        raise UnsupportedModelError(
             f"model_type {config.model_type!r} is not supported; expected one of {SUPPORTED}"
         )
     rope = getattr(config, "rope_parameters", None) or {}
@@ -47,7 +47,7 @@ def model_config_from_hf(
     if config.head_dim * config.num_attention_heads != config.hidden_size:
         problems.append(f"head_dim {config.head_dim} ≠ hidden_size / num_attention_heads")
     if problems:
-        raise ImportError_("cannot import a model with " + ", ".join(problems))
+        raise UnsupportedModelError("cannot import a model with " + ", ".join(problems))
     extra = {}
     if config.model_type == "gpas_llama":
         extra = dict(norm_type=config.norm_type, post_num=config.post_num, lns_mode=config.lns_mode)
@@ -155,7 +155,7 @@ class ImportResult:
         flags = []
         for name in names:
             if m[name] is not None:
-                flags += ["--" + name.replace("_", "-"), str(m[name])]
+                flags += [flag(name), str(m[name])]
         return flags
 
 

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from megatron_ext.config import ModelConfig
+from megatron_ext.gpas import gpas_scale
 from megatron_ext.layers.specs import model_layer_recipes
 from megatron_ext.variants import LayerStyle
 
@@ -89,7 +90,7 @@ def plan_llama_fold(model: ModelConfig, gates: list[Optional[torch.Tensor]]) -> 
     for layer, gate in enumerate(gates):
         c = 1.0
         if gate is not None:
-            c = float(1.0 - torch.nn.functional.silu(gate.double().reshape(())))
+            c = float(gpas_scale(gate, torch.float64))
             if c == 0.0:
                 raise FoldError(
                     f"--target llama: layer {layer} has c = 1 − SiLU(g) = 0 (g = "

@@ -87,8 +87,8 @@ def _gate_tensors(reader: DistCheckpointReader, model: ModelConfig) -> list[Opti
 class _LayerExporter:
     """Produces the HF tensors of one layer (folded for the Llama target)."""
 
-    def __init__(self, reader, model: ModelConfig, fold: Optional[LlamaFold], cast):
-        self.reader, self.model, self.fold, self.cast = reader, model, fold, cast
+    def __init__(self, reader, model: ModelConfig, fold: Optional[LlamaFold]):
+        self.reader, self.model, self.fold = reader, model, fold
 
     def tensors(self, layer: int, style: LayerStyle, has_gate: bool):
         read = self.reader.layer_tensor
@@ -207,7 +207,7 @@ def export_to_hf(
 
     V = model.vocab_size
     writer.add(wm.EMBEDDING[0], cast(reader.read(wm.EMBEDDING[1])[:V]))
-    layers = _LayerExporter(reader, model, fold, cast)
+    layers = _LayerExporter(reader, model, fold)
     for i, recipe in enumerate(recipes):
         for name, tensor in layers.tensors(i, recipe.style, recipe.gpas is not GPASPlacement.NONE):
             writer.add(wm.hf_layer_prefix(i) + name, cast(tensor))
