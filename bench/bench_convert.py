@@ -22,10 +22,9 @@ import subprocess
 import sys
 import time
 
-import psutil
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench.process_stats import run_measured  # noqa: E402
 
 
 def _make_checkpoint(preset: str, dtype_name: str, root: str) -> None:
@@ -48,21 +47,10 @@ def _make_checkpoint(preset: str, dtype_name: str, root: str) -> None:
     save_checkpoint(root, 1, [model], None, None, {"config": {"model": dataclasses.asdict(cfg)}})
 
 
-def _measure(argv: list[str]) -> tuple[float, float]:
+def _measure(argv: list[str]) -> tuple[float, int]:
     """(wall seconds, peak RSS in bytes) of a child process, RSS sampled every 20 ms."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    watched, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, watched.memory_info().rss)
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.02)
-    wall = time.perf_counter() - t0
-    if proc.wait() != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr.read().decode()[-2000:]}")
-    return wall, peak
+    seconds, peak, _ = run_measured(argv, cwd=ROOT, interval=0.02)
+    return seconds, peak
 
 
 def _dir_bytes(path: str) -> int:

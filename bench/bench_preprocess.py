@@ -22,14 +22,14 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
-import psutil
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench.process_stats import run_measured  # noqa: E402
+
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 
@@ -107,21 +107,7 @@ def ours(files, model, workers: int, out_dir: str) -> tuple[float, float, str]:
         str(workers),
         "--no-progress",
     ]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    parent = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            tree = [parent, *parent.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    seconds = time.perf_counter() - start
-    output = proc.stdout.read()
-    if proc.returncode != 0:
-        raise RuntimeError(output)
+    seconds, peak, output = run_measured(cmd)
     return seconds, peak / 1e6, output.strip().splitlines()[0]
 
 
