@@ -163,6 +163,10 @@ def _run_tool(*argv):
     )
 
 
+def _convert_to_hf(load, output, *flags):
+    return _run_tool("tools/convert_to_hf.py", "--load", str(load), "--output", str(output), *flags)
+
+
 def test_hf_llama_to_ours_to_hf_is_the_identity(tmp_path):
     from safetensors.torch import load_file
 
@@ -176,14 +180,7 @@ def test_hf_llama_to_ours_to_hf_is_the_identity(tmp_path):
     )
     assert imported.returncode == 0, imported.stderr
     assert "--norm-type pre" in imported.stderr and "--num-query-groups 2" in imported.stderr
-    exported = _run_tool(
-        "tools/convert_to_hf.py",
-        "--load",
-        str(tmp_path / "ours"),
-        "--output",
-        str(tmp_path / "back"),
-        "--verify",
-    )
+    exported = _convert_to_hf(tmp_path / "ours", tmp_path / "back", "--verify")
     assert exported.returncode == 0, exported.stderr
     assert "verify passed" in exported.stderr
     original, back = (
@@ -207,18 +204,10 @@ def test_hf_llama_to_ours_to_hf_is_the_identity(tmp_path):
 
 
 def test_cli_reports_errors_with_exit_code(checkpoints, tmp_path):
-    bad = _run_tool(
-        "tools/convert_to_hf.py", "--load", str(tmp_path / "none"), "--output", str(tmp_path / "o")
-    )
+    bad = _convert_to_hf(tmp_path / "none", tmp_path / "o")
     assert bad.returncode == 2 and "no checkpoint directory" in bad.stderr
-    refused = _run_tool(
-        "tools/convert_to_hf.py",
-        "--load",
-        str(checkpoints / "tp2" / "deeppost_gpas"),
-        "--output",
-        str(tmp_path / "o"),
-        "--target",
-        "llama",
+    refused = _convert_to_hf(
+        checkpoints / "tp2" / "deeppost_gpas", tmp_path / "o", "--target", "llama"
     )
     assert refused.returncode == 2 and "--target gpas" in refused.stderr
 
@@ -265,14 +254,7 @@ def test_tokenizer_travels_with_the_export_and_is_verified(mistral_model, tmp_pa
     tokenizer = {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": mistral_model}
     run_state = {"config": {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer}}
     save_checkpoint(str(tmp_path / "ck"), 1, [model], None, None, run_state)
-    done = _run_tool(
-        "tools/convert_to_hf.py",
-        "--load",
-        str(tmp_path / "ck"),
-        "--output",
-        str(tmp_path / "hf"),
-        "--verify",
-    )
+    done = _convert_to_hf(tmp_path / "ck", tmp_path / "hf", "--verify")
     assert done.returncode == 0, done.stderr
     assert "tokenizer: identical ids" in done.stderr
     assert {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"} <= set(
@@ -322,3 +304,29 @@ def test_llama_fold_is_exact_with_per_norm_epsilon(tmp_path):
         exact = (llama(tokens).logits - expected).abs().max().item()
     assert exact <= TOLERANCE, exact
     assert shared > 10 * exact  # the shared ε is what differs, and the report says where
+
+
+@pytest.mark.parametrize("lns_mode", ["gamma", "fixed"])
+def test_hf_config_resolves_layers_like_training(lns_mode):
+    """configuration_gpas.py carries its own copy of the norm-type table (exports must not
+    import this package); it must resolve every layer as megatron_ext.variants does."""
+    from megatron_ext.hf.configuration_gpas import GPASConfig
+    from megatron_ext.variants import GPASPlacement, layer_recipe
+
+    for norm_type in NORM_TYPE_NAMES:
+        config = GPASConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=8,
+            num_attention_heads=4,
+            norm_type=norm_type,
+            lns_mode=lns_mode,
+        )
+        for i in range(8):
+            recipe = layer_recipe(norm_type, i, 8, post_num=2, lns_mode=lns_mode)
+            assert config.layer_style(i) == recipe.style.value, (norm_type, i)
+            assert config.has_gpas == (recipe.gpas is not GPASPlacement.NONE)
+            if recipe.style.value == "post":
+                assert config.residual_scale() == pytest.approx(recipe.residual_scale)
+            assert config.pre_norm_output_scale(i) == pytest.approx(recipe.pre_norm_output_scale)
