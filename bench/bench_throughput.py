@@ -1,12 +1,15 @@
 """Training throughput on one GPU: tokens/s, TFLOP/s and MFU, pre vs pre_gpas side by side.
 
 Synthetic tokens, bf16 with fp32 master weights (Float16Module + megatron-core's optimizer),
-Adam, the local (non-Transformer-Engine) spec unless --transformer-impl says otherwise.
+Adam, the local (non-Transformer-Engine) spec unless --transformer-impl says otherwise;
+--fp8-format runs the GEMMs in FP8 through Transformer Engine.
 
     python bench/bench_throughput.py --model-size 1b --micro-batch-size 32 --num-microbatches 4
     python bench/bench_throughput.py --model-size 7b --num-layers 4 --micro-batch-size 8
+    python bench/bench_throughput.py --transformer-impl transformer_engine --fp8-format hybrid
 
-FLOPs use Megatron-LM's formula (megatron_ext/training/flops.py); MFU uses the dense bf16 peak.
+FLOPs use Megatron-LM's formula (megatron_ext/training/flops.py); MFU uses the dense bf16 peak,
+for FP8 runs too (the convention of Megatron-LM's reports), so FP8 shows as a higher MFU.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from megatron_ext.platform.distributed import init_distributed
 from megatron_ext.training.flops import device_peak_tflops, flops_per_iteration
 from megatron_ext.training.model_setup import wrap_model
 from megatron_ext.training.optimizer import build_optimizer
+from megatron_ext.training.run_config import OptimConfig
 from megatron_ext.training.step import train_step
 
 
@@ -58,6 +62,9 @@ def measure(norm_type, args):
         recompute_granularity="full" if args.recompute else None,
         recompute_method="uniform" if args.recompute else None,
         recompute_num_layers=1 if args.recompute else None,
+        **OptimConfig(
+            bf16=True, fp8_format=args.fp8_format, fp8_recipe=args.fp8_recipe
+        ).fp8_transformer_config(),
     )
     model = wrap_model(build_model_chunks(cfg, tc, transformer_impl=args.transformer_impl), tc)
     opt = build_optimizer(
@@ -134,6 +141,8 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--recompute", action="store_true")
     p.add_argument("--transformer-impl", default="local")
+    p.add_argument("--fp8-format", default=None, help="hybrid or e4m3 (needs transformer_engine)")
+    p.add_argument("--fp8-recipe", default="delayed", help="delayed or tensorwise")
     p.add_argument("--norm-types", default="pre,pre_gpas")
     p.add_argument("--json", default=None, help="append the results as one JSON line here")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)

@@ -312,6 +312,33 @@ def test_config_errors_name_the_flag(args, message):
     assert message in proc.stderr
 
 
+def test_fp8_flags_reach_the_transformer_config():
+    from megatron_ext.config import ConfigError
+    from megatron_ext.training.arguments import parse_run_config
+
+    gpu_te = ["--device", "cuda", "--transformer-impl", "transformer_engine", "--mock-data"]
+    cfg = parse_run_config(
+        [*gpu_te, "--bf16", "--fp8-format", "e4m3", "--fp8-recipe", "tensorwise"]
+    ).validate(1)
+    assert cfg.optim.fp8_transformer_config() == {
+        "fp8": "e4m3",
+        "fp8_recipe": "tensorwise",
+        "fp8_amax_history_len": 1024,
+        "fp8_amax_compute_algo": "max",
+        "fp8_margin": 0,
+    }
+    assert parse_run_config([*gpu_te, "--bf16"]).validate(1).optim.fp8_transformer_config() == {}
+    for bad, flag in [
+        (["--bf16", "--fp8-format", "e5m2"], "--fp8-format"),
+        (["--fp8-format", "hybrid"], "--fp8-format: needs --bf16"),
+        (["--bf16", "--fp8-format", "hybrid", "--fp8-recipe", "mx"], "--fp8-recipe"),
+        (["--bf16", "--fp8-format", "hybrid", "--fp8-amax-history-len", "0"], "--fp8-amax"),
+        (["--bf16", "--fp8-format", "hybrid", "--fp8-amax-compute-algo", "mean"], "--fp8-amax"),
+    ]:
+        with pytest.raises(ConfigError, match=flag):
+            parse_run_config([*gpu_te, *bad]).validate(1)
+
+
 def test_yaml_unknown_key_is_reported(tmp_path):
     from megatron_ext.config import ConfigError
     from megatron_ext.training.arguments import parse_run_config

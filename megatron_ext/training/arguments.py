@@ -55,6 +55,11 @@ HELP = {
     "eval_tokens": "per-document mode: evaluate on this many non-pad tokens (default 10M)",
     "new_wandb_on_resume": "start a new W&B run on resume instead of continuing the old one",
     "nan_skip_limit": "stop (after saving) when this many steps in a row have NaN/Inf",
+    "fp8_format": "FP8 GEMMs through Transformer Engine: hybrid (E4M3 fwd, E5M2 bwd) or e4m3",
+    "fp8_recipe": "delayed (scales from the amax history) or tensorwise (current scaling)",
+    "fp8_amax_history_len": "delayed scaling: amax history length",
+    "fp8_amax_compute_algo": "delayed scaling: max or most_recent of the history",
+    "recompute_granularity": "full (whole layers) or selective (core attention only)",
     "tokenizer_type": "NullTokenizer (with --vocab-size), SentencePieceTokenizer, "
     "HuggingFaceTokenizer",
 }

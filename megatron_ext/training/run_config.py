@@ -9,6 +9,10 @@ from megatron_ext.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_ext.data.datasets import DataConfig
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root", "WSD")
+FP8_FORMATS = ("hybrid", "e4m3")
+# delayed: per-tensor scales from an amax history; tensorwise: current (just-in-time) scaling.
+FP8_RECIPES = ("delayed", "tensorwise")
+FP8_AMAX_ALGOS = ("max", "most_recent")
 DEVICES = ("cuda", "cpu")
 
 
@@ -36,13 +40,29 @@ class OptimConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     bf16: bool = False
-    fp8_format: Optional[str] = None
+    fp8_format: Optional[str] = None  # None: no FP8
+    fp8_recipe: str = "delayed"
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+    fp8_margin: int = 0
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
     seed: int = 42
     freeze_gates: bool = False
     nan_skip_limit: int = 10
+
+    def fp8_transformer_config(self) -> dict:
+        """TransformerConfig fields of the FP8 settings (empty without --fp8-format)."""
+        if self.fp8_format is None:
+            return {}
+        return {
+            "fp8": self.fp8_format,
+            "fp8_recipe": self.fp8_recipe,
+            "fp8_amax_history_len": self.fp8_amax_history_len,
+            "fp8_amax_compute_algo": self.fp8_amax_compute_algo,
+            "fp8_margin": self.fp8_margin,
+        }
 
     @property
     def resolved_min_lr(self) -> float:
@@ -140,13 +160,22 @@ class RunConfig:
         )
         _req(o.clip_grad >= 0, "--clip-grad", "must be ≥ 0 (0 disables)")
         _req(o.clip_gate_grad >= 0, "--clip-gate-grad", "must be ≥ 0 (0 disables)")
-        _req(o.fp8_format in (None, "hybrid", "e4m3"), "--fp8-format", "choose hybrid or e4m3")
+        _req(o.fp8_format in (None, *FP8_FORMATS), "--fp8-format", f"choose one of {FP8_FORMATS}")
+        _req(o.fp8_recipe in FP8_RECIPES, "--fp8-recipe", f"choose one of {FP8_RECIPES}")
+        _req(
+            o.fp8_amax_compute_algo in FP8_AMAX_ALGOS,
+            "--fp8-amax-compute-algo",
+            f"choose one of {FP8_AMAX_ALGOS}",
+        )
+        _req(o.fp8_amax_history_len >= 1, "--fp8-amax-history-len", "must be ≥ 1")
+        _req(o.fp8_margin >= 0, "--fp8-margin", "must be ≥ 0")
         _req(
             o.fp8_format is None or self.transformer_impl == "transformer_engine",
             "--fp8-format",
             "needs --transformer-impl transformer_engine",
         )
         _req(o.fp8_format is None or self.device == "cuda", "--fp8-format", "needs a GPU")
+        _req(o.fp8_format is None or o.bf16, "--fp8-format", "needs --bf16 (FP8 GEMMs, bf16 rest)")
         _req(
             o.recompute_granularity in (None, "full", "selective"),
             "--recompute-granularity",

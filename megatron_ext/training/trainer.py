@@ -95,7 +95,7 @@ class Trainer:
             recompute_granularity=o.recompute_granularity,
             recompute_method=o.recompute_method,
             recompute_num_layers=o.recompute_num_layers,
-            **({"fp8": o.fp8_format} if o.fp8_format else {}),
+            **o.fp8_transformer_config(),
         )
         chunks = build_model_chunks(
             cfg.model, self.tf_config, seed=o.seed, transformer_impl=cfg.transformer_impl

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Install Transformer Engine for PyTorch on a GPU machine without network access.
+#
+#   tools/install_te_offline.sh WHEEL_DIR TARGET
+#
+# WHEEL_DIR holds, downloaded elsewhere with `pip download`:
+#   transformer_engine-V-py3-none-any.whl            (meta package)
+#   transformer_engine_cuNN-V-*.whl                  (core library, NN = torch's CUDA major)
+#   transformer_engine_torch-V.tar.gz                (PyTorch bindings, source only on PyPI)
+#   nvidia_cudnn_frontend-*.whl, pydantic*, ...     (their dependencies, any other *.whl)
+# TARGET is a directory to put on PYTHONPATH. The bindings are compiled here against the local
+# torch (C++ only, no nvcc; a few minutes with MAX_JOBS cores). Needs torch with CUDA, its
+# nvidia-* packages (cuDNN headers) and ninja.
+#
+# STEPS="unpack bindings check" (the default) may name a subset: e.g. start the compilation
+# (bindings) while the large core wheel is still being copied, then unpack and check.
+set -euo pipefail
+STEPS=${STEPS:-unpack bindings check}
+has_step() { [[ " $STEPS " == *" $1 "* ]]; }
+
+WHEELS=${1:?usage: $0 WHEEL_DIR TARGET}
+TARGET=${2:?usage: $0 WHEEL_DIR TARGET}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$TARGET"
+TARGET=$(cd "$TARGET" && pwd)
+
+shopt -s nullglob
+meta=("$WHEELS"/transformer_engine-*-py3-none-any.whl)
+core=("$WHEELS"/transformer_engine_cu*.whl)
+sdist=("$WHEELS"/transformer_engine_torch-*.tar.gz)
+needed=()
+has_step unpack && needed+=(meta core)
+has_step bindings && needed+=(sdist)
+for name in "${needed[@]}"; do
+  declare -n found=$name
+  if [ ${#found[@]} -ne 1 ]; then
+    echo "error: $WHEELS must hold exactly one $name file of Transformer Engine" >&2
+    exit 2
+  fi
+done
+deps=()
+for whl in "$WHEELS"/*.whl; do
+  case $(basename "$whl") in transformer_engine*) ;; *) deps+=("$whl") ;; esac
+done
+
+# The meta and core wheels both ship the transformer_engine package: unpack the core last, as
+# pip would, keeping both dist-infos (TE checks their versions at import).
+if has_step unpack; then
+  echo "unpacking ${meta[0]##*/} and ${core[0]##*/} into $TARGET"
+  unzip -q -o "${meta[0]}" -d "$TARGET"
+  unzip -q -o "${core[0]}" -d "$TARGET"
+fi
+if has_step bindings && [ ${#deps[@]} -gt 0 ]; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$TARGET" "${deps[@]}"
+fi
+export PYTHONPATH="$TARGET${PYTHONPATH:+:$PYTHONPATH}"
+
+build_bindings() {
+  # Headers: the CUDA toolkit's, plus cuDNN / NCCL from torch's nvidia-* wheels, plus the cuDNN
+  # frontend (a header-only wheel installed into TARGET/include).
+  CPATH=$("$PYTHON" - "$TARGET" <<'EOF'
+import glob, os, sys, sysconfig
+dirs = [os.path.join(sys.argv[1], "include")]
+for root in {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}:
+    dirs += sorted(glob.glob(os.path.join(root, "nvidia", "**", "include"), recursive=True))
+print(":".join(d for d in dirs if os.path.isdir(d)))
+EOF
+)
+  export CPATH="$CPATH${CPATH_EXTRA:+:$CPATH_EXTRA}"
+
+  build=$(mktemp -d)
+  tar xzf "${sdist[0]}" -C "$build"
+  src=$(echo "$build"/transformer_engine_torch-*)
+  echo "compiling the PyTorch bindings in $src (MAX_JOBS=${MAX_JOBS:=$(nproc)})"
+  start=$(date +%s)
+  (
+    cd "$src"
+    MAX_JOBS=$MAX_JOBS NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_WITH_NCCL_EP=${NVTE_WITH_NCCL_EP:-0} \
+      "$PYTHON" setup.py -q build_ext --build-lib "$build/lib"
+  )
+  so=$(find "$build/lib" -name 'transformer_engine_torch*.so' | head -1)
+  [ -n "$so" ] || { echo "error: the build produced no transformer_engine_torch*.so" >&2; exit 1; }
+  mkdir -p "$TARGET/transformer_engine/wheel_lib"
+  cp "$so" "$TARGET/transformer_engine/wheel_lib/"
+  echo "compiled in $(( $(date +%s) - start )) s: $TARGET/transformer_engine/wheel_lib/${so##*/}"
+  rm -rf "$build"
+}
+has_step bindings && build_bindings
+
+has_step check && "$PYTHON" - <<'EOF'
+import torch
+import transformer_engine
+import transformer_engine.pytorch as te
+
+x = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
+y = te.Linear(64, 64, params_dtype=torch.bfloat16)(x)
+print(f"Transformer Engine {transformer_engine.__version__} works: te.Linear -> {tuple(y.shape)}")
+EOF
