@@ -115,7 +115,10 @@ def test_te_spec_matches_local_spec(megatron_cuda, norm_type):
     assert _err(te_logits, ref_logits) <= 2 * _err(lb_logits, ref_logits) + 2e-3 * scale
     assert abs(te_loss - ref_loss) <= 2 * abs(lb_loss - ref_loss) + 2e-3 * ref_loss
     for name, g in ref_grads.items():
-        bound = 2 * _err(lb_grads[name], g) + 1e-2 * g.abs().max().item() + 1e-6
+        # A gate's gradient is one sum over every element of its sublayer's output, so bf16
+        # rounding of the summands moves it more (1.6% seen on an H100) than any single weight.
+        rel = 3e-2 if g.numel() == 1 else 1e-2
+        bound = 2 * _err(lb_grads[name], g) + rel * g.abs().max().item() + 1e-6
         assert _err(te_grads[name], g) <= bound, name
 
 

@@ -317,6 +317,7 @@ def test_fp8_flags_reach_the_transformer_config():
     from megatron_ext.training.arguments import parse_run_config
 
     gpu_te = ["--device", "cuda", "--transformer-impl", "transformer_engine", "--mock-data"]
+    gpu_te += ["--model-size", "130m"]  # FFN 2048: FP8-compatible shapes
     cfg = parse_run_config(
         [*gpu_te, "--bf16", "--fp8-format", "e4m3", "--fp8-recipe", "tensorwise"]
     ).validate(1)
@@ -334,6 +335,8 @@ def test_fp8_flags_reach_the_transformer_config():
         (["--bf16", "--fp8-format", "hybrid", "--fp8-recipe", "mx"], "--fp8-recipe"),
         (["--bf16", "--fp8-format", "hybrid", "--fp8-amax-history-len", "0"], "--fp8-amax"),
         (["--bf16", "--fp8-format", "hybrid", "--fp8-amax-compute-algo", "mean"], "--fp8-amax"),
+        # the reference 1b shape (FFN 5461) cannot run FP8 GEMMs: the error says what would
+        (["--bf16", "--fp8-format", "hybrid", "--model-size", "1b"], "--ffn-hidden-size 5472"),
     ]:
         with pytest.raises(ConfigError, match=flag):
             parse_run_config([*gpu_te, *bad]).validate(1)

@@ -47,8 +47,8 @@ done
 # pip would, keeping both dist-infos (TE checks their versions at import).
 if has_step unpack; then
   echo "unpacking ${meta[0]##*/} and ${core[0]##*/} into $TARGET"
-  unzip -q -o "${meta[0]}" -d "$TARGET"
-  unzip -q -o "${core[0]}" -d "$TARGET"
+  "$PYTHON" -m zipfile -e "${meta[0]}" "$TARGET"
+  "$PYTHON" -m zipfile -e "${core[0]}" "$TARGET"
 fi
 if has_step bindings && [ ${#deps[@]} -gt 0 ]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

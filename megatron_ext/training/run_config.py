@@ -162,6 +162,14 @@ class RunConfig:
         _req(o.clip_gate_grad >= 0, "--clip-gate-grad", "must be ≥ 0 (0 disables)")
         _req(o.fp8_format in (None, *FP8_FORMATS), "--fp8-format", f"choose one of {FP8_FORMATS}")
         _req(o.fp8_recipe in FP8_RECIPES, "--fp8-recipe", f"choose one of {FP8_RECIPES}")
+        m = self.model
+        _req(
+            o.fp8_format is None or (m.hidden_size % 16 == 0 and m.ffn_hidden_size % 16 == 0),
+            "--fp8-format",
+            f"FP8 GEMMs need --hidden-size and --ffn-hidden-size divisible by 16 (got "
+            f"{m.hidden_size} and {m.ffn_hidden_size}); e.g. --ffn-hidden-size "
+            f"{-(-m.ffn_hidden_size // 16) * 16}",
+        )
         _req(
             o.fp8_amax_compute_algo in FP8_AMAX_ALGOS,
             "--fp8-amax-compute-algo",
