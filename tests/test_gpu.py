@@ -1,5 +1,5 @@
-"""GPU checks (skipped without CUDA): the fused GPAS kernels against the spec's definition, and
-the model's causality and bf16 agreement with fp32 on the local spec."""
+"""GPU checks (skipped without CUDA): the fused Triton GPAS kernels against the spec's definition
+x − SiLU(g)·sg(x), forward values and both gradients, in fp32 and bf16."""
 
 import pytest
 import torch
