@@ -162,14 +162,8 @@ class RunConfig:
         _req(o.clip_gate_grad >= 0, "--clip-gate-grad", "must be ≥ 0 (0 disables)")
         _req(o.fp8_format in (None, *FP8_FORMATS), "--fp8-format", f"choose one of {FP8_FORMATS}")
         _req(o.fp8_recipe in FP8_RECIPES, "--fp8-recipe", f"choose one of {FP8_RECIPES}")
-        m = self.model
-        _req(
-            o.fp8_format is None or (m.hidden_size % 16 == 0 and m.ffn_hidden_size % 16 == 0),
-            "--fp8-format",
-            f"FP8 GEMMs need --hidden-size and --ffn-hidden-size divisible by 16 (got "
-            f"{m.hidden_size} and {m.ffn_hidden_size}); e.g. --ffn-hidden-size "
-            f"{-(-m.ffn_hidden_size // 16) * 16}",
-        )
+        if o.fp8_format is not None:
+            _req_fp8_shapes(self.model)
         _req(
             o.fp8_amax_compute_algo in FP8_AMAX_ALGOS,
             "--fp8-amax-compute-algo",
@@ -222,6 +216,18 @@ class RunConfig:
             f"required with --tokenizer-type {t.tokenizer_type}",
         )
         return self
+
+
+def _req_fp8_shapes(model: ModelConfig) -> None:
+    """TE's FP8 GEMMs need every weight dimension divisible by 16."""
+    sizes = {"--hidden-size": model.hidden_size, "--ffn-hidden-size": model.ffn_hidden_size}
+    off = {flag: size for flag, size in sizes.items() if size % 16}
+    fixes = ", ".join(f"{flag} {-(-size // 16) * 16}" for flag, size in off.items())
+    _req(
+        not off,
+        "--fp8-format",
+        f"FP8 GEMMs need sizes divisible by 16, got {off}; e.g. {fixes}",
+    )
 
 
 def _req(condition: bool, flag: str, message: str) -> None:
