@@ -31,10 +31,13 @@ sdist=("$WHEELS"/transformer_engine_torch-*.tar.gz)
 needed=()
 has_step unpack && needed+=(meta core)
 has_step bindings && needed+=(sdist)
+declare -A pattern=([meta]="transformer_engine-*-py3-none-any.whl"
+                     [core]="transformer_engine_cu*.whl" [sdist]="transformer_engine_torch-*.tar.gz")
 for name in "${needed[@]}"; do
   declare -n found=$name
   if [ ${#found[@]} -ne 1 ]; then
-    echo "error: $WHEELS must hold exactly one $name file of Transformer Engine" >&2
+    echo "error: $WHEELS must hold exactly one ${pattern[$name]} ($name), found ${#found[@]};" \
+         "fetch it elsewhere with pip download (see the top of $0)" >&2
     exit 2
   fi
 done

@@ -1,0 +1,34 @@
+"""tools/install_te_offline.sh refuses an incomplete wheel directory before touching TARGET."""
+
+import os
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "tools", "install_te_offline.sh")
+
+
+def _run(wheels, target, steps="unpack bindings check"):
+    return subprocess.run(
+        ["bash", SCRIPT, str(wheels), str(target)],
+        env={**os.environ, "STEPS": steps},
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_missing_core_wheel_is_named(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "transformer_engine-2.20.2-py3-none-any.whl").write_bytes(b"")
+    proc = _run(wheels, tmp_path / "site")
+    assert proc.returncode == 2
+    assert "exactly one transformer_engine_cu*.whl (core), found 0" in proc.stderr
+    assert not any((tmp_path / "site").iterdir())  # nothing unpacked
+
+
+def test_compiling_alone_needs_only_the_sdist(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    proc = _run(wheels, tmp_path / "site", steps="bindings")
+    assert proc.returncode == 2
+    assert "transformer_engine_torch-*.tar.gz (sdist), found 0" in proc.stderr
