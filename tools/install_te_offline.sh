@@ -21,8 +21,6 @@ has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 WHEELS=${1:?usage: $0 WHEEL_DIR TARGET}
 TARGET=${2:?usage: $0 WHEEL_DIR TARGET}
 PYTHON=${PYTHON:-python3}
-mkdir -p "$TARGET"
-TARGET=$(cd "$TARGET" && pwd)
 
 shopt -s nullglob
 meta=("$WHEELS"/transformer_engine-*-py3-none-any.whl)
@@ -41,6 +39,8 @@ for name in "${needed[@]}"; do
     exit 2
   fi
 done
+mkdir -p "$TARGET"
+TARGET=$(cd "$TARGET" && pwd)
 deps=()
 for whl in "$WHEELS"/*.whl; do
   case $(basename "$whl") in transformer_engine*) ;; *) deps+=("$whl") ;; esac
