@@ -11,9 +11,12 @@ sites assume a CUDA device (checked against megatron-core 0.16.1):
 5. type checks by string (``grad.type() == 'torch.cuda.FloatTensor'``).
 
 One ``TorchFunctionMode`` covers 1, 2 and 5 for every torch call; plain attribute replacement
-covers 3 and 4. Everything is switched on by :func:`enable_cpu_emulation`, which must run before
-megatron-core builds anything and only when the user asked for CPU. It refuses to run where a
-GPU is visible, so a GPU job can never be silently moved to CPU.
+covers 3 and 4. ``torch.autograd.backward`` is itself dispatched through the mode, which is
+switched off while the mode handles a call; activation recomputation re-runs forward code
+inside backward, so the autograd engine is entered with the mode switched on again.
+Everything is switched on by :func:`enable_cpu_emulation`, which must run before megatron-core
+builds anything and only when the user asked for CPU. It refuses to run where a GPU is visible,
+so a GPU job can never be silently moved to CPU.
 """
 
 from __future__ import annotations
@@ -99,6 +102,22 @@ def _patch_megatron_rng() -> None:
     mcore_random._set_cuda_rng_state = _set_cpu_rng_state
 
 
+def _patch_autograd_engine(mode: TorchFunctionMode) -> None:
+    import torch.autograd
+    import torch.autograd.graph
+
+    run_backward = torch.autograd.graph._engine_run_backward
+
+    def run_backward_emulated(*args, **kwargs):
+        if mode in torch.overrides._get_current_function_mode_stack():
+            return run_backward(*args, **kwargs)
+        with mode:
+            return run_backward(*args, **kwargs)
+
+    torch.autograd.graph._engine_run_backward = run_backward_emulated
+    torch.autograd._engine_run_backward = run_backward_emulated
+
+
 def enable_cpu_emulation() -> None:
     """Redirect megatron-core's CUDA call sites to CPU for the rest of the process.
 
@@ -114,6 +133,7 @@ def enable_cpu_emulation() -> None:
     _patch_torch_cuda()
     _patch_megatron_rng()
     mode = CudaToCpuMode()
+    _patch_autograd_engine(mode)
     mode.__enter__()
     _state["mode"] = mode
     logger.info(
