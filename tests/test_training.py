@@ -312,6 +312,18 @@ def test_config_errors_name_the_flag(args, message):
     assert message in proc.stderr
 
 
+def test_command_line_turns_off_a_yaml_boolean(tmp_path):
+    from megatron_ext.training.arguments import parse_run_config
+
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("sequence-parallel: true\nbf16: true\nmock-data: true\n")
+    cfg = parse_run_config(["--config", str(cfg_file), "--no-sequence-parallel"])
+    assert cfg.parallel.sequence_parallel is False and cfg.optim.bf16 is True
+    tied = parse_run_config(["--no-untie-embeddings-and-output-weights", "--mock-data"])
+    assert tied.model.untie_embeddings_and_output_weights is False
+    assert parse_run_config(["--mock-data"]).model.untie_embeddings_and_output_weights is True
+
+
 def test_fp8_flags_reach_the_transformer_config():
     from megatron_ext.config import ConfigError
     from megatron_ext.training.arguments import parse_run_config

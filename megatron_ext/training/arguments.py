@@ -3,7 +3,7 @@
 Every config field is a flag of the same name (``micro_batch_size`` → ``--micro-batch-size``),
 which keeps Megatron-LM's names where they exist. ``--model-size`` picks a preset whose fields
 any explicit model flag overrides. ``--config run.yaml`` may set any flag (keys with dashes or
-underscores); the command line overrides the file.
+underscores); the command line overrides the file (``--no-FLAG`` turns a boolean off).
 """
 
 from __future__ import annotations
@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs: dict[str, Any] = dict(
                 dest=f"{section}.{f.name}", default=None, help=HELP.get(f.name)
             )
-            if is_bool:
-                group.add_argument(flag, action="store_true", **kwargs)
+            if is_bool:  # --flag / --no-flag, so a command line can undo a YAML recipe's true
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             elif is_list:
                 group.add_argument(flag, nargs="+", **kwargs)
             else:
