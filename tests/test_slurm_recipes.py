@@ -39,3 +39,63 @@ def test_recipe_plans_the_reference_run(name, tmp_path):
     if name.startswith("7b"):
         assert (cfg.optim.clip_grad, cfg.optim.clip_gate_grad, cfg.optim.lr) == (1.0, 0.01, 3e-4)
         assert cfg.optim.recompute_granularity == "full"
+
+
+@pytest.mark.slow
+def test_7b_recipe_flags_run_together_at_tiny_shape(tmp_path):
+    """The 7B recipe (TP 2, distributed optimizer, full recompute, both clips) at a tiny shape
+    on 2 CPU ranks; sequence parallelism and bf16 are switched off (gloo, CPU)."""
+    import sys
+
+    from megatron_ext.platform.distributed import free_port
+
+    recipe = os.path.join(SLURM, "recipes", "7b_pre_gpas.yaml")
+    save = tmp_path / "ckpt"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            os.path.join(ROOT, "pretrain_gpas.py"),
+            "--config",
+            recipe,
+            "--device",
+            "cpu",
+            "--model-size",
+            "tiny4",
+            "--mock-data",
+            "--vocab-size",
+            "512",
+            "--seq-length",
+            "32",
+            "--no-sequence-parallel",
+            "--no-bf16",
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "4",
+            "--train-iters",
+            "4",
+            "--lr-warmup-iters",
+            "1",
+            "--eval-iters",
+            "0",
+            "--save-interval",
+            "4",
+            "--save",
+            str(save),
+            "--log-interval",
+            "1",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "layout: TP=2 PP=1 DP=1" in proc.stderr
+    assert "iter       4/4" in proc.stderr
+    assert (save / "iter_0000004").is_dir()
