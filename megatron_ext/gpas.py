@@ -56,13 +56,12 @@ class _GPASFunction(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x, gate = ctx.saved_tensors
         grad_gate = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and _fused(x):
+            grad_gate = gpas_triton.gate_grad(grad_out, x, gate)
+        elif ctx.needs_input_grad[1]:
             math_dtype = _math_dtype(x.dtype)
             g = gate.to(math_dtype).reshape(())
-            if _fused(x):
-                inner = gpas_triton.dot(grad_out, x).to(math_dtype)
-            else:
-                inner = (grad_out.to(math_dtype) * x.to(math_dtype)).sum()
+            inner = (grad_out.to(math_dtype) * x.to(math_dtype)).sum()
             grad_gate = (-silu_derivative(g) * inner).reshape(gate.shape).to(gate.dtype)
         # Gradient preservation: the activation gradient passes through unchanged.
         return grad_out, grad_gate
