@@ -1,10 +1,18 @@
-"""tools/install_te_offline.sh refuses an incomplete wheel directory before touching TARGET."""
+"""The GPU-side shell scripts: they parse, and tools/install_te_offline.sh refuses an incomplete
+wheel directory before touching TARGET (the rest of both needs a GPU)."""
 
 import os
 import subprocess
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tools", "install_te_offline.sh")
+
+
+@pytest.mark.parametrize("script", ["tools/install_te_offline.sh", "bench/run_gpu_suite.sh"])
+def test_scripts_parse(script):
+    subprocess.run(["bash", "-n", os.path.join(ROOT, script)], check=True)
 
 
 def _run(wheels, target, steps="unpack bindings check"):
