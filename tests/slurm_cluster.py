@@ -15,6 +15,8 @@ import subprocess
 import time
 from typing import Optional
 
+from megatron_ext.platform.distributed import free_port
+
 NODES = ("gpastest1", "gpastest2")
 HOSTS_MARKER = "# gpas-megatron test cluster"
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "srun", "scancel", "sinfo")
@@ -39,12 +41,6 @@ def _names_resolve() -> bool:
         return all(socket.gethostbyname(n) == "127.0.0.1" for n in NODES)
     except OSError:
         return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalSlurmCluster:
@@ -154,13 +150,13 @@ class LocalSlurmCluster:
         p = self.path
         nodes = "\n".join(
             f"NodeName={n} NodeAddr=127.0.0.1 CPUs={self.cpus_per_node} RealMemory=2000 "
-            f"Port={_free_port()} State=UNKNOWN"
+            f"Port={free_port()} State=UNKNOWN"
             for n in NODES
         )
         conf = f"""\
 ClusterName=gpastest
 SlurmctldHost={socket.gethostname().split(".")[0]}(127.0.0.1)
-SlurmctldPort={_free_port()}
+SlurmctldPort={free_port()}
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={p("munge.sock")}

@@ -14,7 +14,9 @@ import sys
 import pytest
 import torch
 
+from megatron_ext.export.megatron_model import checkpoint_param_names
 from megatron_ext.variants import NORM_TYPE_NAMES
+from tests.tool_commands import preprocess_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,8 +58,6 @@ def _build(cfg, impl, bf16):
 
 def _copy_weights(src, dst):
     """Copy parameters by checkpoint name (the local pre-norms live inside TE's fused linears)."""
-    from megatron_ext.export.megatron_model import checkpoint_param_names
-
     src_params = checkpoint_param_names(src)
     dst_params = checkpoint_param_names(dst)
     assert set(src_params) == set(dst_params), set(src_params) ^ set(dst_params)
@@ -72,14 +72,8 @@ def _loss_and_grads(model, tokens, labels):
     logits = model(tokens, positions, None)
     loss = model(tokens, positions, None, labels=labels).float().mean()
     loss.backward()
-    grads = {n: p.grad.float().clone() for n, p in _named_params(model).items()}
+    grads = {n: p.grad.float().clone() for n, p in checkpoint_param_names(model).items()}
     return logits.float().detach(), loss.item(), grads
-
-
-def _named_params(model):
-    from megatron_ext.export.megatron_model import checkpoint_param_names
-
-    return checkpoint_param_names(model)
 
 
 def _err(a, b):
@@ -133,24 +127,9 @@ def _write_real_text_dataset(tmp_path):
         for d in docs:
             f.write(json.dumps({"text": d}) + "\n")
     prefix = tmp_path / "text"
+    command = preprocess_command(jsonl, "HuggingFaceTokenizer", tok_dir, "--append-eod")
     subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "tools", "preprocess_data.py"),
-            "--input",
-            str(jsonl),
-            "--output-prefix",
-            str(prefix),
-            "--tokenizer-type",
-            "HuggingFaceTokenizer",
-            "--tokenizer-model",
-            tok_dir,
-            "--append-eod",
-            "--workers",
-            "2",
-        ],
-        check=True,
-        cwd=ROOT,
+        [*command, "--output-prefix", str(prefix), "--workers", "2"], check=True, cwd=ROOT
     )
     return tok_dir, f"{prefix}_text_document"
 

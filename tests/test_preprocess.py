@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -15,6 +14,7 @@ import sentencepiece as spm
 
 from megatron_ext.data import indexed_writer
 from megatron_ext.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess
+from tests.tool_commands import preprocess_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -200,21 +200,8 @@ def test_killed_run_leaves_nothing_that_passes_as_complete(tmp_path, english_doc
         os.rename(inputs[-1], str(tmp_path / f"in{i}" / f"s{i}.json.gz"))
         inputs[-1] = str(tmp_path / f"in{i}" / f"s{i}.json.gz")
     out = str(tmp_path / "o")
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "tools", "preprocess_data.py"),
-        "--input",
-        *inputs,
-        "--tokenizer-type",
-        "SentencePieceTokenizer",
-        "--tokenizer-model",
-        mistral_model,
-        "--append-eod",
-        "--output-prefix",
-        out,
-        "--workers",
-        "1",
-    ]
+    cmd = preprocess_command(inputs, "SentencePieceTokenizer", mistral_model, "--append-eod")
+    cmd += ["--output-prefix", out, "--workers", "1"]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -329,16 +316,7 @@ def test_dtype_codes_agree_with_megatron_core():
 
 def test_cli_exit_codes_and_summary(tmp_path, english_docs, mistral_model):
     _write_shards(str(tmp_path / "in"), english_docs[:10], n=1)
-    base = [
-        sys.executable,
-        os.path.join(ROOT, "tools", "preprocess_data.py"),
-        "--input",
-        str(tmp_path / "in"),
-        "--tokenizer-type",
-        "SentencePieceTokenizer",
-        "--tokenizer-model",
-        mistral_model,
-    ]
+    base = preprocess_command(tmp_path / "in", "SentencePieceTokenizer", mistral_model)
     ok = subprocess.run(
         base + ["--append-eod", "--output-prefix", str(tmp_path / "o")],
         capture_output=True,

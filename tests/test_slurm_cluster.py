@@ -11,12 +11,14 @@
 import filecmp
 import json
 import os
+import subprocess
 import sys
 import time
 
 import pytest
 
 from tests.slurm_cluster import TERMINAL_STATES, LocalSlurmCluster, why_unavailable
+from tests.tool_commands import preprocess_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "examples", "slurm", "train.sbatch")
@@ -166,8 +168,6 @@ def test_preempted_job_requeues_and_ends_with_the_same_loss(
 def test_preprocessing_array_job_equals_one_process(
     cluster, english_docs, hf_tokenizer_dir, tmp_path
 ):
-    import subprocess
-
     inputs = tmp_path / "input"
     inputs.mkdir()
     for i in range(4):  # four input shards, spread over two array tasks
@@ -198,22 +198,9 @@ def test_preprocessing_array_job_equals_one_process(
     assert state == "COMPLETED", f"merge job {merge_job}: {state}\n{logs[-3000:]}"
 
     single = tmp_path / "single" / "c4"
+    command = preprocess_command(glob, "HuggingFaceTokenizer", hf_tokenizer_dir, "--append-eod")
     subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "tools", "preprocess_data.py"),
-            "--input",
-            glob,
-            "--tokenizer-type",
-            "HuggingFaceTokenizer",
-            "--tokenizer-model",
-            hf_tokenizer_dir,
-            "--append-eod",
-            "--output-prefix",
-            str(single),
-            "--workers",
-            "1",
-        ],
+        [*command, "--output-prefix", str(single), "--workers", "1"],
         cwd=ROOT,
         check=True,
         capture_output=True,

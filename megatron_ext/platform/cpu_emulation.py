@@ -103,9 +103,6 @@ def _patch_megatron_rng() -> None:
 
 
 def _patch_autograd_engine(mode: TorchFunctionMode) -> None:
-    import torch.autograd
-    import torch.autograd.graph
-
     run_backward = torch.autograd.graph._engine_run_backward
 
     def run_backward_emulated(*args, **kwargs):
