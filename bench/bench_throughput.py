@@ -10,6 +10,11 @@ Adam, the local (non-Transformer-Engine) spec unless --transformer-impl says oth
 
 FLOPs use Megatron-LM's formula (megatron_ext/training/flops.py); MFU uses the dense bf16 peak,
 for FP8 runs too (the convention of Megatron-LM's reports), so FP8 shows as a higher MFU.
+
+Fused kernels follow the training CLI's defaults (``--fusion off``: none; ``--fusion all``: also
+cross-entropy fusion).
+``--profile FILE`` appends, after the timed iterations, a torch.profiler breakdown of two more
+(GPU busy share, time per kernel category, top kernels; bench/kernel_profile.py).
 """
 
 from __future__ import annotations
@@ -31,8 +36,13 @@ from megatron_ext.platform.distributed import init_distributed
 from megatron_ext.training.flops import device_peak_tflops, flops_per_iteration
 from megatron_ext.training.model_setup import wrap_model
 from megatron_ext.training.optimizer import build_optimizer
-from megatron_ext.training.run_config import OptimConfig
+from megatron_ext.training.run_config import FusionConfig, OptimConfig
 from megatron_ext.training.step import train_step
+
+try:  # run as a script (python bench/bench_throughput.py) or as a module of the bench package
+    from kernel_profile import device_events, summarize
+except ImportError:
+    from bench.kernel_profile import device_events, summarize
 
 
 def _batches(cfg, mbs, n, seq, device):
@@ -51,11 +61,17 @@ def _batches(cfg, mbs, n, seq, device):
     return out
 
 
-def measure(norm_type, args):
+def _build(norm_type, args):
+    """(model config, wrapped model chunks, optimizer) as a training run builds them."""
     overrides = {"num_layers": args.num_layers} if args.num_layers else {}
     cfg = model_preset(
         args.model_size, norm_type=norm_type, seq_length=args.seq_length, **overrides
     )
+    fusion = {
+        "auto": FusionConfig(),
+        "off": FusionConfig(False, False, False, False),
+        "all": FusionConfig(cross_entropy_loss_fusion=True),
+    }[args.fusion]
     tc = build_transformer_config(
         cfg,
         bf16=True,
@@ -65,8 +81,10 @@ def measure(norm_type, args):
         **OptimConfig(
             bf16=True, fp8_format=args.fp8_format, fp8_recipe=args.fp8_recipe
         ).fp8_transformer_config(),
+        **fusion.transformer_config(args.device, args.transformer_impl),
     )
-    model = wrap_model(build_model_chunks(cfg, tc, transformer_impl=args.transformer_impl), tc)
+    chunks = build_model_chunks(cfg, tc, transformer_impl=args.transformer_impl)
+    model = wrap_model([c.to(args.device) for c in chunks], tc)
     opt = build_optimizer(
         model,
         OptimizerConfig(
@@ -78,13 +96,16 @@ def measure(norm_type, args):
             clip_grad=0.0,
         ),
     )
+    return cfg, model, opt
+
+
+def measure(norm_type, args):
+    cfg, model, opt = _build(norm_type, args)
     data = _batches(cfg, args.micro_batch_size, args.num_microbatches, args.seq_length, "cuda")
-    times = []
-    torch.cuda.reset_peak_memory_stats()
-    for i in range(args.warmup + args.iters):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        result = train_step(
+    on_gpu = args.device == "cuda"
+
+    def iteration():
+        return train_step(
             [iter(data)],
             model,
             opt,
@@ -94,13 +115,21 @@ def measure(norm_type, args):
             clip_grad=1.0,
             clip_gate_grad=0.01,
         )
+
+    times = []
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(args.warmup + args.iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        result = iteration()
         torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     t = statistics.median(times)
     gbs = args.micro_batch_size * args.num_microbatches
     flops = flops_per_iteration(cfg, gbs, args.seq_length, cfg.padded_vocab_size())
-    peak = device_peak_tflops(torch.cuda.get_device_name())
+    peak = device_peak_tflops(_device_name(args.device))
     row = {
         "norm_type": norm_type,
         "params_M": round(count_parameters(cfg).total / 1e6, 1),
@@ -108,12 +137,38 @@ def measure(norm_type, args):
         "tokens_per_s": round(gbs * args.seq_length / t),
         "tflops": round(flops / t / 1e12, 1),
         "mfu": round(flops / t / 1e12 / peak, 4) if peak else None,
-        "max_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "max_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
         "loss": round(result.loss, 4),
     }
-    del model, opt
-    torch.cuda.empty_cache()
+    if args.profile:
+        _profile(iteration, norm_type, args)
     return row
+
+
+def _profile(iteration, norm_type, args, iterations: int = 2):
+    """Append a kernel breakdown of ``iterations`` more iterations to ``args.profile``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with profile(activities=activities) as prof:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iterations):
+            iteration()
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / iterations
+    flags = " ".join(
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in vars(args).items()
+        if v not in (None, False) and k not in ("json", "single", "profile", "norm_types")
+    )
+    with open(args.profile, "a") as f:
+        f.write(f"## {norm_type}: {flags}\n")
+        f.write(summarize(device_events(prof, args.device), iterations, wall_ms) + "\n\n")
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
 def _measure_in_fresh_process(norm_type, args):
@@ -141,19 +196,29 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--recompute", action="store_true")
     p.add_argument("--transformer-impl", default="local")
+    p.add_argument(
+        "--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run (emulation)"
+    )
     p.add_argument("--fp8-format", default=None, help="hybrid or e4m3 (needs transformer_engine)")
     p.add_argument("--fp8-recipe", default="delayed", help="delayed or tensorwise")
+    p.add_argument(
+        "--fusion",
+        default="auto",
+        choices=("auto", "off", "all"),
+        help="fused kernels: the CLI's defaults, none, or those plus cross-entropy fusion",
+    )
+    p.add_argument("--profile", default=None, help="append a kernel breakdown to this file")
     p.add_argument("--norm-types", default="pre,pre_gpas")
     p.add_argument("--json", default=None, help="append the results as one JSON line here")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.single:
-        init_distributed(ParallelConfig(), device="cuda")
+        init_distributed(ParallelConfig(), device=args.device)
         print(json.dumps(measure(args.single, args)))
         return
     header = {
         "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(),
+        "device": _device_name(args.device),
         "torch": torch.__version__,
         **{k: v for k, v in vars(args).items() if k != "json"},
     }

@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of the project in one go, on one GPU: the GPU tests, then the
-# throughput matrix of bench/RESULTS.md (local vs Transformer Engine, bf16 vs FP8, pre vs
-# pre_gpas), then the GPAS overhead benchmark. Each part has its own time limit and its own
-# log, and a failing part does not stop the others.
+# Every GPU check and benchmark of the project, on one GPU, in parts that fit one device call
+# each: the GPU tests, the GPAS overhead benchmark, and the throughput matrix of
+# bench/RESULTS.md (local vs Transformer Engine, fused kernels on/off, micro-batch sizes, bf16
+# vs FP8, pre vs pre_gpas) with kernel breakdowns. Each run has its own time limit and log, and
+# a failing run does not stop the others.
 #
 #   bash bench/run_gpu_suite.sh OUT_DIR [PARTS]
 #
-# PARTS (default "tests te local fp8 overhead") picks parts. Results: OUT_DIR/throughput.jsonl
-# (one JSON line per run, as bench/results/*.jsonl), OUT_DIR/<part>.log, OUT_DIR/summary.txt.
-# Transformer Engine must be importable for the te and fp8 parts (tools/install_te_offline.sh).
+# PARTS (default: all of them, in this order) picks parts:
+#   tests     pytest -m gpu (TE tests skip themselves without Transformer Engine)
+#   overhead  bench/bench_gpas_overhead.py (local spec, fused GPAS kernel)
+#   local     1b preset, local spec (no TE)
+#   profile   1b preset, TE, kernel breakdowns with and without fused kernels
+#   batch     1b preset, TE, micro-batch 64 and cross-entropy fusion
+#   te7b      7b-shaped model (4 layers), TE, bf16
+#   fp8       7b-shaped model, TE, FP8 delayed and tensorwise, micro-batch 8 and 16
+# Results: OUT_DIR/throughput.jsonl (one JSON line per run, as bench/results/*.jsonl),
+# OUT_DIR/profile.txt, OUT_DIR/<run>.log, OUT_DIR/summary.txt. Transformer Engine must be
+# importable for the TE parts (tools/install_te_offline.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: $0 OUT_DIR [PARTS]}
-PARTS=${2:-tests te local fp8 overhead}
+PARTS=${2:-tests overhead local profile batch te7b fp8}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -31,29 +40,41 @@ run() {  # run NAME SECONDS CMD...: log to OUT/NAME.log, record the outcome in t
 throughput() {  # throughput NAME SECONDS [bench_throughput.py flags]
   local name=$1 limit=$2
   shift 2
-  run "$name" "$limit" "$PYTHON" bench/bench_throughput.py --json "$JSON" --iters 6 --warmup 2 "$@"
+  run "$name" "$limit" "$PYTHON" bench/bench_throughput.py --json "$JSON" --iters 5 --warmup 2 "$@"
 }
 
 has() { [[ " $PARTS " == *" $1 "* ]]; }
-SEVEN_B=(--model-size 7b --num-layers 4 --micro-batch-size 8 --num-microbatches 8)
-ONE_B=(--model-size 1b --micro-batch-size 32 --num-microbatches 4)
+SEVEN_B=(--model-size 7b --num-layers 4)
+ONE_B=(--model-size 1b)
 TE=(--transformer-impl transformer_engine)
+PROFILE=(--profile "$OUT/profile.txt")
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUT/device.txt" 2>&1
-has tests && run tests 420 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests
-has te && throughput te_1b 240 "${ONE_B[@]}" "${TE[@]}"
-has te && throughput te_7b 180 "${SEVEN_B[@]}" "${TE[@]}"
-has local && throughput local_1b 240 "${ONE_B[@]}"
-has local && throughput local_7b 180 "${SEVEN_B[@]}"
-if has fp8; then  # the 1b preset's FFN (5461) cannot run FP8 GEMMs: 7b-shaped only
-  throughput fp8_delayed_7b 180 "${SEVEN_B[@]}" "${TE[@]}" --fp8-format hybrid
-  throughput fp8_tensorwise_7b 180 "${SEVEN_B[@]}" "${TE[@]}" --fp8-format hybrid \
-    --fp8-recipe tensorwise
-  throughput bf16_7b_mbs16 180 --model-size 7b --num-layers 4 --micro-batch-size 16 \
-    --num-microbatches 4 "${TE[@]}"
-  throughput fp8_7b_mbs16 180 --model-size 7b --num-layers 4 --micro-batch-size 16 \
-    --num-microbatches 4 "${TE[@]}" --fp8-format hybrid
-fi
-has overhead && run overhead 240 "$PYTHON" bench/bench_gpas_overhead.py --device cuda --bf16 \
+has tests && run tests 300 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests
+has overhead && run overhead 150 "$PYTHON" bench/bench_gpas_overhead.py --device cuda --bf16 \
   --repeats 30
+has local && throughput local_1b 200 "${ONE_B[@]}" --micro-batch-size 32 --num-microbatches 4
+if has profile; then
+  throughput te_1b 240 "${ONE_B[@]}" --micro-batch-size 32 --num-microbatches 4 "${TE[@]}" \
+    "${PROFILE[@]}"
+  throughput te_1b_unfused 120 "${ONE_B[@]}" --micro-batch-size 32 --num-microbatches 4 \
+    "${TE[@]}" --fusion off --norm-types pre "${PROFILE[@]}"
+fi
+if has batch; then
+  throughput te_1b_mbs64 200 "${ONE_B[@]}" --micro-batch-size 64 --num-microbatches 2 "${TE[@]}"
+  throughput te_1b_ce_fusion 120 "${ONE_B[@]}" --micro-batch-size 32 --num-microbatches 4 \
+    "${TE[@]}" --fusion all --norm-types pre
+fi
+has te7b && throughput te_7b 180 "${SEVEN_B[@]}" --micro-batch-size 8 --num-microbatches 8 \
+  "${TE[@]}" "${PROFILE[@]}"
+if has fp8; then  # the 1b preset's FFN (5461) cannot run FP8 GEMMs: 7b-shaped only
+  throughput fp8_delayed_7b 150 "${SEVEN_B[@]}" --micro-batch-size 8 --num-microbatches 8 \
+    "${TE[@]}" --fp8-format hybrid "${PROFILE[@]}"
+  throughput fp8_tensorwise_7b 150 "${SEVEN_B[@]}" --micro-batch-size 8 --num-microbatches 8 \
+    "${TE[@]}" --fp8-format hybrid --fp8-recipe tensorwise --norm-types pre
+  throughput bf16_7b_mbs16 150 "${SEVEN_B[@]}" --micro-batch-size 16 --num-microbatches 4 \
+    "${TE[@]}" --norm-types pre
+  throughput fp8_7b_mbs16 150 "${SEVEN_B[@]}" --micro-batch-size 16 --num-microbatches 4 \
+    "${TE[@]}" --fp8-format hybrid --norm-types pre
+fi
 echo "done: $SUMMARY, $JSON"

@@ -40,3 +40,16 @@ def test_compiling_alone_needs_only_the_sdist(tmp_path):
     proc = _run(wheels, tmp_path / "site", steps="bindings")
     assert proc.returncode == 2
     assert "transformer_engine_torch-*.tar.gz (sdist), found 0" in proc.stderr
+
+
+def test_reused_bindings_must_exist(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    proc = subprocess.run(
+        ["bash", SCRIPT, str(wheels), str(tmp_path / "site")],
+        env={**os.environ, "STEPS": "bindings", "BINDINGS_SO": str(tmp_path / "missing.so")},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert f"BINDINGS_SO={tmp_path / 'missing.so'} is not a file" in proc.stderr

@@ -354,6 +354,33 @@ def test_fp8_flags_reach_the_transformer_config():
             parse_run_config([*gpu_te, *bad]).validate(1)
 
 
+def test_fusion_defaults_follow_the_device_and_flags_override_them():
+    from megatron_ext.config import ConfigError
+    from megatron_ext.training.arguments import parse_run_config
+
+    def fields(*argv):
+        cfg = parse_run_config(["--mock-data", *argv]).validate(1)
+        return cfg.fusion.transformer_config(cfg.device, cfg.transformer_impl)
+
+    names = ["bias_activation_fusion", "bias_dropout_fusion", "apply_rope_fusion"]
+    off = dict.fromkeys([*names, "cross_entropy_loss_fusion"], False)
+    assert fields("--device", "cpu") == off
+    on_gpu = {**off, "bias_activation_fusion": True, "bias_dropout_fusion": True}
+    assert fields("--device", "cuda") == on_gpu
+    te = fields("--device", "cuda", "--transformer-impl", "transformer_engine")
+    assert te == {**on_gpu, "apply_rope_fusion": True}
+    assert fields("--device", "cuda", "--no-bias-swiglu-fusion")["bias_activation_fusion"] is False
+    assert fields("--device", "cpu", "--bias-dropout-fusion")["bias_dropout_fusion"] is True
+    ce = fields("--device", "cpu", "--bf16", "--cross-entropy-loss-fusion")
+    assert ce["cross_entropy_loss_fusion"] is True
+    for bad, message in [
+        (["--device", "cuda", "--rope-fusion"], "--rope-fusion: is a Transformer Engine kernel"),
+        (["--cross-entropy-loss-fusion"], "--cross-entropy-loss-fusion: rounds the logits"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_run_config(["--mock-data", *bad]).validate(1)
+
+
 def test_yaml_unknown_key_is_reported(tmp_path):
     from megatron_ext.config import ConfigError
     from megatron_ext.training.arguments import parse_run_config

@@ -14,6 +14,8 @@
 #
 # STEPS="unpack bindings check" (the default) may name a subset: e.g. start the compilation
 # (bindings) while the large core wheel is still being copied, then unpack and check.
+# BINDINGS_SO=path/transformer_engine_torch*.so reuses bindings compiled earlier against the
+# same torch and TE versions instead of compiling them again.
 set -euo pipefail
 STEPS=${STEPS:-unpack bindings check}
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -28,7 +30,7 @@ core=("$WHEELS"/transformer_engine_cu*.whl)
 sdist=("$WHEELS"/transformer_engine_torch-*.tar.gz)
 needed=()
 has_step unpack && needed+=(meta core)
-has_step bindings && needed+=(sdist)
+has_step bindings && [ -z "${BINDINGS_SO:-}" ] && needed+=(sdist)
 declare -A pattern=([meta]="transformer_engine-*-py3-none-any.whl"
                      [core]="transformer_engine_cu*.whl" [sdist]="transformer_engine_torch-*.tar.gz")
 for name in "${needed[@]}"; do
@@ -53,7 +55,7 @@ if has_step unpack; then
   "$PYTHON" -m zipfile -e "${meta[0]}" "$TARGET"
   "$PYTHON" -m zipfile -e "${core[0]}" "$TARGET"
 fi
-if has_step bindings && [ ${#deps[@]} -gt 0 ]; then
+if { has_step unpack || has_step bindings; } && [ ${#deps[@]} -gt 0 ]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$TARGET" "${deps[@]}"
 fi
@@ -89,7 +91,15 @@ EOF
   echo "compiled in $(( $(date +%s) - start )) s: $TARGET/transformer_engine/wheel_lib/${so##*/}"
   rm -rf "$build"
 }
-has_step bindings && build_bindings
+copy_bindings() {
+  [ -f "$BINDINGS_SO" ] || { echo "error: BINDINGS_SO=$BINDINGS_SO is not a file" >&2; exit 2; }
+  mkdir -p "$TARGET/transformer_engine/wheel_lib"
+  cp "$BINDINGS_SO" "$TARGET/transformer_engine/wheel_lib/"
+  echo "reused the compiled bindings $BINDINGS_SO"
+}
+if has_step bindings; then
+  if [ -n "${BINDINGS_SO:-}" ]; then copy_bindings; else build_bindings; fi
+fi
 
 has_step check && "$PYTHON" - <<'EOF'
 import torch

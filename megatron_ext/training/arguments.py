@@ -22,6 +22,7 @@ from megatron_ext.training.run_config import (
     DEVICES,
     CheckpointConfig,
     EvalConfig,
+    FusionConfig,
     LoggingConfig,
     OptimConfig,
     RunConfig,
@@ -38,6 +39,7 @@ SECTIONS = {
     "eval": EvalConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
+    "fusion": FusionConfig,
 }
 TOP_LEVEL = {"device": str, "transformer_impl": str, "num_workers": int}
 
@@ -60,6 +62,10 @@ HELP = {
     "fp8_amax_history_len": "delayed scaling: amax history length",
     "fp8_amax_compute_algo": "delayed scaling: max or most_recent of the history",
     "recompute_granularity": "full (whole layers) or selective (core attention only)",
+    "bias_swiglu_fusion": "fused SwiGLU (torch.compile); default: on with --device cuda",
+    "bias_dropout_fusion": "fused residual add (torch.compile); default: on with --device cuda",
+    "rope_fusion": "Transformer Engine's fused RoPE; default: on with transformer_engine",
+    "cross_entropy_loss_fusion": "fused cross-entropy (torch.compile; bf16 only); default: off",
     "tokenizer_type": "NullTokenizer (with --vocab-size), SentencePieceTokenizer, "
     "HuggingFaceTokenizer",
 }

@@ -93,6 +93,37 @@ class CheckpointConfig:
 
 
 @dataclass
+class FusionConfig:
+    """Fused kernels, under Megatron-LM's flag names and defaults. None means "where it runs":
+    SwiGLU and bias-dropout-add fusion (megatron-core's torch.compile'd functions) on CUDA,
+    RoPE fusion (a Transformer Engine kernel) with ``--transformer-impl transformer_engine``.
+    The CPU path keeps them off by default: compiling costs more than it saves on tiny models.
+    Cross-entropy fusion is opt-in as in Megatron-LM, and bf16-only: megatron-core's fused
+    kernel rounds the logits' gradient to bf16 whatever the model's precision."""
+
+    bias_swiglu_fusion: Optional[bool] = None
+    bias_dropout_fusion: Optional[bool] = None
+    rope_fusion: Optional[bool] = None
+    cross_entropy_loss_fusion: bool = False
+
+    def transformer_config(self, device: str, transformer_impl: str) -> dict:
+        """TransformerConfig fields, with the defaults resolved for this device and backend."""
+        on_gpu = device == "cuda"
+
+        def pick(value: Optional[bool], default: bool) -> bool:
+            return default if value is None else value
+
+        return {
+            "bias_activation_fusion": pick(self.bias_swiglu_fusion, on_gpu),
+            "bias_dropout_fusion": pick(self.bias_dropout_fusion, on_gpu),
+            "apply_rope_fusion": pick(
+                self.rope_fusion, on_gpu and transformer_impl == "transformer_engine"
+            ),
+            "cross_entropy_loss_fusion": self.cross_entropy_loss_fusion,
+        }
+
+
+@dataclass
 class LoggingConfig:
     log_interval: int = 10
     metrics_file: Optional[str] = None
@@ -113,6 +144,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     device: str = "cuda"
     transformer_impl: str = "local"
     num_workers: int = 2
@@ -203,6 +235,18 @@ class RunConfig:
             not (self.device == "cpu" and self.transformer_impl == "transformer_engine"),
             "--transformer-impl",
             "Transformer Engine needs --device cuda",
+        )
+        _req(
+            not self.fusion.rope_fusion
+            or (self.device == "cuda" and self.transformer_impl == "transformer_engine"),
+            "--rope-fusion",
+            "is a Transformer Engine kernel: needs --device cuda and "
+            "--transformer-impl transformer_engine (or pass --no-rope-fusion)",
+        )
+        _req(
+            not self.fusion.cross_entropy_loss_fusion or o.bf16,
+            "--cross-entropy-loss-fusion",
+            "rounds the logits' gradient to bf16: use it with --bf16 only",
         )
         _req(
             not (self.device == "cpu" and self.parallel.sequence_parallel),

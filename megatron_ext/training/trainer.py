@@ -96,6 +96,7 @@ class Trainer:
             recompute_method=o.recompute_method,
             recompute_num_layers=o.recompute_num_layers,
             **o.fp8_transformer_config(),
+            **cfg.fusion.transformer_config(cfg.device, cfg.transformer_impl),
         )
         chunks = build_model_chunks(
             cfg.model, self.tf_config, seed=o.seed, transformer_impl=cfg.transformer_impl
