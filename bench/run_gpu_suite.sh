@@ -9,6 +9,7 @@
 #
 # PARTS (default: all of them, in this order) picks parts:
 #   tests     pytest -m gpu (TE tests skip themselves without Transformer Engine)
+#   tetests   the Transformer Engine tests alone (tests/test_gpu_te.py)
 #   overhead  bench/bench_gpas_overhead.py (local spec, fused GPAS kernel)
 #   local     1b preset, local spec (no TE)
 #   profile   1b preset, TE, kernel breakdowns with and without fused kernels
@@ -21,7 +22,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: $0 OUT_DIR [PARTS]}
-PARTS=${2:-tests overhead local profile batch te7b fp8}
+PARTS=${2:-tests overhead local profile batch te7b fp8}  # tests include tetests
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -51,6 +52,7 @@ PROFILE=(--profile "$OUT/profile.txt")
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUT/device.txt" 2>&1
 has tests && run tests 300 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests
+has tetests && run tetests 240 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu_te.py
 has overhead && run overhead 150 "$PYTHON" bench/bench_gpas_overhead.py --device cuda --bf16 \
   --repeats 30
 has local && throughput local_1b 200 "${ONE_B[@]}" --micro-batch-size 32 --num-microbatches 4
