@@ -4,17 +4,12 @@ and bias-dropout-add (torch.compile'd, as on GPU) gives the unfused loss and gra
 import pytest
 import torch
 
-from megatron_ext.config import ParallelConfig
 from megatron_ext.models.gpt import build_model, build_transformer_config
 from megatron_ext.models.presets import model_preset
-from megatron_ext.platform.distributed import init_distributed
 
 SEQ, BATCH = 32, 2
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_rank():
-    init_distributed(ParallelConfig(), device="cpu")
+pytestmark = pytest.mark.usefixtures("megatron_cpu")
 
 
 def _loss_and_grads(norm_type, **fusions):

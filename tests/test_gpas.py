@@ -1,11 +1,12 @@
 """The GPAS op against the spec's definition: forward c·x, identity input-gradient, exact gate
-gradient, one saved activation, dtype preserved."""
+gradient, one saved activation, dtype preserved; and GPAS folded into the residual add, against
+the unfused composition written out with the reference's expression."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.gpas import gpas
+from megatron_ext.gpas import gpas, residual_add_gpas
 
 
 def reference_gpas(x, g):
@@ -83,3 +84,78 @@ def test_identity_at_init_but_gate_gets_gradient():
     y.pow(2).sum().backward()
     # SiLU'(0) = 0.5, so dL/dg = -0.5 · Σ 2x·x
     torch.testing.assert_close(g.grad, torch.tensor([-0.5 * (2 * x * x).sum().item()]))
+
+
+def reference_residual_update(o, r, g, alpha, after_add):
+    """Spec §2 placements, unfused: G(α·r + o) after the add, α·G(r) + o on the shortcut."""
+    if after_add:
+        return reference_gpas(alpha * r + o, g)
+    return alpha * reference_gpas(r, g) + o
+
+
+@pytest.mark.parametrize("after_add", [True, False], ids=["after_add", "shortcut"])
+@pytest.mark.parametrize("alpha", [1.0, 2.3784])
+@pytest.mark.parametrize("g0", [0.0, 0.7, -1.2785])
+def test_residual_add_gpas_matches_the_unfused_composition(after_add, alpha, g0):
+    gen = torch.Generator().manual_seed(7)
+    o = torch.randn(16, 2, 24, dtype=torch.float64, generator=gen, requires_grad=True)
+    r = torch.randn(16, 2, 24, dtype=torch.float64, generator=gen, requires_grad=True)
+    g = torch.tensor([g0], dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(16, 2, 24, dtype=torch.float64, generator=gen)
+    inputs = (o, r, g)
+    y = residual_add_gpas(o, r, g, alpha=alpha, after_add=after_add)
+    grads = torch.autograd.grad(y, inputs, dy)
+    y_ref = reference_residual_update(o, r, g, alpha, after_add)
+    grads_ref = torch.autograd.grad(y_ref, inputs, dy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for name, got, want in zip("org", grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+    # gradient preservation: the shortcut gets α·dy, the branch dy, neither scaled by c
+    assert torch.equal(grads[0], dy)
+    torch.testing.assert_close(grads[1], alpha * dy, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("after_add", [True, False], ids=["after_add", "shortcut"])
+def test_residual_add_gpas_is_bit_identical_to_the_unfused_fp32_layer_math(after_add):
+    """In fp32 the folded op rounds exactly as the unfused add-then-scale (or scale-then-add)."""
+    gen = torch.Generator().manual_seed(3)
+    o, r, dy = (torch.randn(64, 3, 40, generator=gen) for _ in range(3))
+    g = torch.tensor([0.41], requires_grad=True)
+    alpha = 1.0 if after_add else 1.7
+    unfused = [o.clone().requires_grad_(), r.clone().requires_grad_()]
+    if after_add:
+        y_ref = gpas(unfused[1] + unfused[0], g)
+    else:
+        y_ref = gpas(unfused[1], g) * alpha + unfused[0]
+    ref_grads = torch.autograd.grad(y_ref, [*unfused, g], dy)
+    fused = [o.clone().requires_grad_(), r.clone().requires_grad_()]
+    y = residual_add_gpas(*fused, g, alpha=alpha, after_add=after_add)
+    grads = torch.autograd.grad(y, [*fused, g], dy)
+    assert torch.equal(y, y_ref)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("after_add", [True, False], ids=["after_add", "shortcut"])
+def test_residual_add_gpas_keeps_only_what_the_gate_gradient_needs(after_add):
+    o = torch.randn(8, 2, 32, requires_grad=True)
+    r = torch.randn(8, 2, 32, requires_grad=True)
+    g = torch.zeros(1, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        residual_add_gpas(o * 1.0, r * 1.0, g, after_add=after_add)
+    activation_sized = [t for t in saved if t.numel() == r.numel()]
+    # after the add: the branch output and the shortcut (which the layer's norm keeps anyway);
+    # on the shortcut: the shortcut alone
+    assert len(activation_sized) == (2 if after_add else 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_residual_add_gpas_rounds_once_to_the_stream_dtype(dtype):
+    gen = torch.Generator().manual_seed(5)
+    o, r = (torch.randn(4, 4, 64, generator=gen).to(dtype) for _ in range(2))
+    g = torch.tensor([0.3], dtype=dtype)
+    c = 1.0 - F.silu(g.float())
+    y = residual_add_gpas(o, r, g)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, ((r.float() + o.float()) * c).to(dtype), rtol=0, atol=0)

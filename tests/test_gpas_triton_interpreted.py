@@ -1,6 +1,7 @@
 """The fused Triton GPAS kernels, run by Triton's interpreter on CPU (TRITON_INTERPRET=1, in a
 child process), against the spec's definition x − SiLU(g)·sg(x) differentiated by autograd in
-float64. On a GPU machine the compiled kernels are tested by tests/test_gpu.py.
+float64, alone and folded into the residual add (G(α·r + o), α·G(r) + o). On a GPU machine the
+compiled kernels are tested by tests/test_gpu.py.
 """
 
 import importlib.util
@@ -13,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.gpas_kernels_interpreted import case_inputs
+from tests.gpas_kernels_interpreted import branch_output, case_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +30,11 @@ CASES = [
         for dtype in ("float32", "bfloat16")
         for g0 in (-1.3, 0.0, 0.7)
     )
-] + [{"n": 8 * 11 + 3, "dtype": "float32", "g0": 0.4, "seed": 99, "block": 8, "parts_block": 4}]
+] + [
+    {"n": 8 * 11 + 3, "dtype": "float32", "g0": 0.4, "seed": 99, "block": 8, "parts_block": 4},
+    {"n": 3 * 4096 + 5, "dtype": "float32", "g0": -0.3, "seed": 100, "alpha": 2.3784},
+    {"n": 3 * 4096 + 5, "dtype": "bfloat16", "g0": 0.9, "seed": 101, "alpha": 2.3784},
+]
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +72,24 @@ def test_kernels_match_the_spec(kernel_outputs, index):
     torch.testing.assert_close(y.double(), y_ref, rtol=2**-7 if bf16 else 1e-6, atol=1e-6)
     torch.testing.assert_close(grad.double(), dg_ref, rtol=1e-2 if bf16 else 1e-5, atol=1e-5)
     assert torch.equal(dx_ref, dy.double())  # the spec's activation gradient is dy itself
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=lambda i: json.dumps(CASES[i]))
+def test_residual_kernels_match_the_spec(kernel_outputs, index):
+    case = CASES[index]
+    r, dy, gate = case_inputs(case["n"], case["dtype"], case["g0"], case["seed"])
+    o = branch_output(r, case["seed"])
+    alpha = case.get("alpha", 1.0)
+    r64, o64, dy64 = r.double(), o.double(), dy.double()
+    after_add, _, dg_ref = _reference(alpha * r64 + o64, gate, dy64)
+    shortcut, _, _ = _reference(r64, gate, dy64)
+    shortcut = alpha * shortcut + o64
+    out = kernel_outputs[index]
+    bf16 = r.dtype == torch.bfloat16
+    rtol = 2**-7 if bf16 else 1e-6
+    for name, want in (("y_after_add", after_add), ("y_shortcut", shortcut)):
+        assert out[name].dtype == r.dtype, name
+        torch.testing.assert_close(out[name].double(), want, rtol=rtol, atol=1e-5, msg=name)
+    grad = out["grad_gate_of_sum"]
+    assert grad.dtype == gate.dtype and grad.shape == gate.shape
+    torch.testing.assert_close(grad.double(), dg_ref, rtol=1e-2 if bf16 else 1e-5, atol=1e-4)

@@ -40,3 +40,33 @@ def test_fused_gpas_matches_reference(dtype, g0):
     torch.testing.assert_close(
         g.grad.double(), g64.grad, rtol=1e-4 if dtype == torch.float32 else 2e-2, atol=1e-3
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("after_add,alpha", [(True, 1.0), (False, 1.0), (False, 2.3784)])
+def test_fused_residual_gpas_matches_reference(dtype, after_add, alpha):
+    from megatron_ext.gpas import residual_add_gpas
+
+    shape = (256, 4, 1024)
+    o = torch.randn(shape, device="cuda").to(dtype).requires_grad_()
+    r = torch.randn(shape, device="cuda").to(dtype).requires_grad_()
+    g = torch.tensor([0.6], device="cuda", dtype=dtype, requires_grad=True)
+    dy = torch.randn(shape, device="cuda").to(dtype)
+    y = residual_add_gpas(o, r, g, alpha=alpha, after_add=after_add)
+    c = 1 - F.silu(g.float())
+    rf, of = r.float(), o.float()
+    want = (alpha * rf + of) * c if after_add else alpha * (rf * c) + of
+    # computed in fp32 and rounded once; fp32 within an ulp of c's rounding
+    exact = dtype == torch.bfloat16
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, want.to(dtype), **tol)
+    y.backward(dy)
+    assert torch.equal(o.grad, dy)
+    torch.testing.assert_close(r.grad, (dy * alpha).to(dtype), rtol=0, atol=0)
+    o64, r64 = o.detach().double(), r.detach().double()
+    g64 = g.detach().double().requires_grad_()
+    ref = _ref(alpha * r64 + o64, g64) if after_add else alpha * _ref(r64, g64) + o64
+    ref.backward(dy.double())
+    torch.testing.assert_close(
+        g.grad.double(), g64.grad, rtol=1e-4 if dtype == torch.float32 else 2e-2, atol=1e-3
+    )

@@ -28,7 +28,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 from megatron.core.utils import make_viewless_tensor
 
-from megatron_ext.gpas import gpas
+from megatron_ext.gpas import residual_add_gpas
 from megatron_ext.layers.rms_norm import param_device
 from megatron_ext.variants import GPASPlacement, LayerRecipe
 
@@ -120,18 +120,27 @@ class GPASTransformerLayer(TransformerLayer):
 
     def _residual_update(self, residual, output_with_bias, bda, post_add_norm):
         recipe = self.recipe
-        if recipe.gpas is GPASPlacement.SHORTCUT:
-            residual = gpas(residual, self.gpas_gate)
-        if recipe.residual_scale != 1.0:
-            residual = residual * recipe.residual_scale
-        with self.bias_dropout_add_exec_handler():
-            hidden = bda(self.training, self.config.bias_dropout_fusion)(
-                output_with_bias, residual, self.hidden_dropout
+        if recipe.gpas is GPASPlacement.NONE:
+            if recipe.residual_scale != 1.0:
+                residual = residual * recipe.residual_scale
+            with self.bias_dropout_add_exec_handler():
+                hidden = bda(self.training, self.config.bias_dropout_fusion)(
+                    output_with_bias, residual, self.hidden_dropout
+                )
+            return post_add_norm(hidden)
+        # GPAS is folded into the residual add: one pass instead of an add and a scale.
+        out, bias = output_with_bias
+        if bias is not None or (self.training and self.hidden_dropout > 0):
+            raise NotImplementedError(
+                "GPAS layers are built without linear biases and without hidden dropout (the "
+                "Llama recipe, spec §1)"
             )
-        hidden = post_add_norm(hidden)
-        if recipe.gpas is GPASPlacement.AFTER_ADD:
-            hidden = gpas(hidden, self.gpas_gate)
-        return hidden
+        after_add = recipe.gpas is GPASPlacement.AFTER_ADD
+        hidden = residual_add_gpas(
+            out, residual, self.gpas_gate, alpha=recipe.residual_scale, after_add=after_add
+        )
+        # After-the-add placements only occur in pre-norm and Sandwich layers (no post-add norm).
+        return hidden if after_add else post_add_norm(hidden)
 
     def _mlp(self, hidden):
         if self.recompute_mlp:
