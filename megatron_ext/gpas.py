@@ -9,6 +9,9 @@ same values while saving a single activation (x) for backward, doing the gate ma
 returning the input dtype (pipeline send/recv buffers are preallocated in that dtype). On CUDA
 with Triton the forward is one fused pass and the gate gradient one fused multiply-reduce
 (``megatron_ext.kernels.gpas_triton``); elsewhere it falls back to plain torch ops.
+
+Decoder layers use :func:`residual_add_gpas`, GPAS folded into the residual add, so that on
+CUDA the op adds no pass over the residual stream in forward.
 """
 
 from __future__ import annotations
@@ -39,18 +42,22 @@ def _fused(*tensors: torch.Tensor) -> bool:
     return tensors[0].is_cuda and gpas_triton.supports(*tensors)
 
 
+def _scale(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """c·x in torch ops: multiplied in at least fp32, rounded once to the stream's dtype."""
+    math_dtype = _math_dtype(x.dtype)
+    c = gpas_scale(gate, math_dtype)
+    if x.dtype == math_dtype:
+        return x * c
+    return (x.to(math_dtype) * c).to(x.dtype)
+
+
 class _GPASFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, gate)
         if _fused(x):
             return gpas_triton.scale(x, gate)
-        math_dtype = _math_dtype(x.dtype)
-        c = gpas_scale(gate, math_dtype)
-        if x.dtype == math_dtype:
-            return x * c
-        # One rounding: multiply in fp32, round once to the stream's dtype.
-        return (x.to(math_dtype) * c).to(x.dtype)
+        return _scale(x, gate)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -65,13 +72,9 @@ def _gate_grad(grad_out: torch.Tensor, x: torch.Tensor, gate: torch.Tensor) -> t
     if _fused(x):
         return gpas_triton.gate_grad(grad_out, x, gate)
     m = _math_dtype(x.dtype)
-    return _apply_silu_derivative(grad_out.to(m) * x.to(m), gate)
-
-
-def _apply_silu_derivative(products: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """−SiLU′(g)·Σ products, in the products' (math) dtype, shaped and typed like the gate."""
-    g = gate.to(products.dtype).reshape(())
-    return (-silu_derivative(g) * products.sum()).reshape(gate.shape).to(gate.dtype)
+    g = gate.to(m).reshape(())
+    inner = (grad_out.to(m) * x.to(m)).sum()
+    return (-silu_derivative(g) * inner).reshape(gate.shape).to(gate.dtype)
 
 
 def gpas(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -85,39 +88,38 @@ class _ResidualGPASFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, residual, gate, alpha: float, after_add: bool):
         ctx.alpha, ctx.after_add = alpha, after_add
-        # After the add the gate gradient needs α·r + o; on the shortcut only r (which the
-        # layer keeps anyway), so the branch output is not held for backward.
-        ctx.save_for_backward(out if after_add else None, residual, gate)
-        if _fused(residual, out):
+        ctx.fused = _fused(residual, out)
+        if ctx.fused:
+            # One pass, computed in fp32 and rounded once. After the add, backward recomputes
+            # α·r + o from both inputs (r is kept by the layer's next norm anyway); on the
+            # shortcut it needs r alone, so the branch output is not held.
+            ctx.save_for_backward(out if after_add else None, residual, gate)
             return gpas_triton.residual_add(out, residual, gate, alpha, after_add)
-        m = _math_dtype(residual.dtype)
-        c = gpas_scale(gate, m)
-        r, o = residual.to(m), out.to(m)
-        # The unfused layer's order of operations, so that fp32 results are bit-identical.
-        y = (r * alpha + o) * c if after_add else (r * c) * alpha + o
-        return y.to(residual.dtype)
+        # Elsewhere: the unfused layer's own ops, in its order and dtypes (bit-identical to it),
+        # keeping the one activation GPAS scales.
+        if after_add:
+            h = residual + out if alpha == 1.0 else residual * alpha + out
+            ctx.save_for_backward(h, None, gate)
+            return _scale(h, gate)
+        ctx.save_for_backward(None, residual, gate)
+        scaled = _scale(residual, gate)
+        return (scaled if alpha == 1.0 else scaled * alpha) + out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        out, residual, gate = ctx.saved_tensors
+        kept, residual, gate = ctx.saved_tensors
         alpha = ctx.alpha
         # Gradient preservation: GPAS passes the gradient through unscaled; only α scales it.
         grad_residual = grad_out if alpha == 1.0 else grad_out * alpha
         grad_gate = None
         if ctx.needs_input_grad[2]:
-            grad_gate = _residual_gate_grad(grad_out, grad_residual, out, residual, gate, ctx)
+            if not ctx.after_add:  # ∂L/∂G(r) = α·∂L/∂y, the residual's gradient
+                grad_gate = _gate_grad(grad_residual, residual, gate)
+            elif ctx.fused:  # kept = o: Σ ∂L/∂y ⊙ (α·r + o) without forming α·r + o
+                grad_gate = gpas_triton.gate_grad_of_sum(grad_out, residual, kept, gate, alpha)
+            else:  # kept = h = α·r + o
+                grad_gate = _gate_grad(grad_out, kept, gate)
         return grad_out, grad_residual, grad_gate, None, None
-
-
-def _residual_gate_grad(grad_out, grad_residual, out, residual, gate, ctx):
-    """−SiLU′(g)·Σ ∂L/∂y ⊙ (α·r + o) after the add; −SiLU′(g)·Σ ∂L/∂G(r) ⊙ r on the shortcut,
-    where ∂L/∂G(r) = α·∂L/∂y is the residual's gradient."""
-    if not ctx.after_add:
-        return _gate_grad(grad_residual, residual, gate)
-    if _fused(residual, out):
-        return gpas_triton.gate_grad_of_sum(grad_out, residual, out, gate, ctx.alpha)
-    m = _math_dtype(residual.dtype)
-    return _apply_silu_derivative(grad_out.to(m) * (residual.to(m) * ctx.alpha + out.to(m)), gate)
 
 
 def residual_add_gpas(
@@ -128,7 +130,7 @@ def residual_add_gpas(
     alpha: float = 1.0,
     after_add: bool = True,
 ) -> torch.Tensor:
-    """A decoder layer's residual update with GPAS, in one pass (spec §2, both placements).
+    """A decoder layer's residual update with GPAS (spec §2, both placements); one pass on CUDA.
 
     after_add (pre-norm and Sandwich layers):  y = G(α·r + o)
     on the shortcut (post-norm layers):        y = α·G(r) + o
