@@ -152,6 +152,9 @@ class ParallelConfig:
     num_layers_per_virtual_pipeline_stage: Optional[int] = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    # Data-parallel gradient reduction bucket by bucket during backward (Megatron-LM's flags).
+    overlap_grad_reduce: bool = False
+    ddp_bucket_size: Optional[int] = None  # elements per bucket; None: megatron-core's default
 
     def virtual_pipeline_model_parallel_size(self, num_layers: int) -> Optional[int]:
         """Model chunks per pipeline stage (interleaved 1F1B), or None without interleaving."""
@@ -208,6 +211,16 @@ class ParallelConfig:
                 "num_layers_per_virtual_pipeline_stage",
                 f"{per_stage} layers per pipeline stage are not divisible into chunks of {chunk}",
             )
+        _require(
+            self.ddp_bucket_size is None or self.ddp_bucket_size > 0,
+            "ddp_bucket_size",
+            f"must be a positive number of elements, got {self.ddp_bucket_size}",
+        )
+        _require(
+            self.ddp_bucket_size is None or self.overlap_grad_reduce,
+            "ddp_bucket_size",
+            "only applies with --overlap-grad-reduce (without it gradients are reduced at once)",
+        )
         if world_size is not None:
             _require(
                 world_size % (tp * pp) == 0,

@@ -152,7 +152,13 @@ def train_layout(
         chunks = build_model_chunks(cfg, tc, seed=99)
         if initial_gates is not None:
             set_gates(chunks, initial_gates)
-        model = wrap_model(chunks, tc, use_distributed_optimizer=parallel.use_distributed_optimizer)
+        model = wrap_model(
+            chunks,
+            tc,
+            use_distributed_optimizer=parallel.use_distributed_optimizer,
+            overlap_grad_reduce=parallel.overlap_grad_reduce,
+            bucket_size=parallel.ddp_bucket_size,
+        )
         optimizer = build_optimizer(
             model,
             OptimizerConfig(

@@ -73,3 +73,12 @@ def test_errors_raise_before_building(monkeypatch):
     monkeypatch.setattr(gpt, "TransformerConfig", boom)
     with pytest.raises(ConfigError, match="--norm-type"):
         gpt.build_transformer_config(ModelConfig(norm_type="nope"))
+
+
+def test_bucket_size_needs_overlap_and_must_be_positive():
+    model = model_preset("71m")
+    with pytest.raises(ConfigError, match=r"--ddp-bucket-size: only applies with --overlap-grad"):
+        ParallelConfig(ddp_bucket_size=1000).validate(model)
+    with pytest.raises(ConfigError, match=r"--ddp-bucket-size: must be a positive number"):
+        ParallelConfig(overlap_grad_reduce=True, ddp_bucket_size=0).validate(model)
+    ParallelConfig(overlap_grad_reduce=True, ddp_bucket_size=1000).validate(model)

@@ -62,6 +62,9 @@ HELP = {
     "fp8_amax_history_len": "delayed scaling: amax history length",
     "fp8_amax_compute_algo": "delayed scaling: max or most_recent of the history",
     "recompute_granularity": "full (whole layers) or selective (core attention only)",
+    "overlap_grad_reduce": "reduce data-parallel gradients bucket by bucket during backward",
+    "ddp_bucket_size": "elements per gradient bucket with --overlap-grad-reduce "
+    "(default: megatron-core's, max(40M, 1M × data-parallel size))",
     "bias_swiglu_fusion": "fused SwiGLU (torch.compile); default: on with --device cuda",
     "bias_dropout_fusion": "fused residual add (torch.compile); default: on with --device cuda",
     "rope_fusion": "Transformer Engine's fused RoPE; default: on with transformer_engine",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
+from megatron.core import parallel_state
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -17,12 +20,16 @@ def wrap_model(
     *,
     use_distributed_optimizer: bool = False,
     overlap_grad_reduce: bool = False,
+    bucket_size: Optional[int] = None,
     grad_reduce_in_fp32: bool = True,
 ) -> list[DistributedDataParallel]:
-    """Float16Module (when ``config.bf16``) then DDP around each chunk; wires grad finalization."""
+    """Float16Module (when ``config.bf16``) then DDP around each chunk; wires grad finalization
+    and, with ``overlap_grad_reduce``, the schedule's hooks that hold the bucket reductions back
+    until the last micro-batch's backward (Megatron-LM's wiring)."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=grad_reduce_in_fp32,
         overlap_grad_reduce=overlap_grad_reduce,
+        bucket_size=bucket_size,
         use_distributed_optimizer=use_distributed_optimizer,
         check_for_nan_in_grad=False,
     )
@@ -39,6 +46,13 @@ def wrap_model(
             )
         )
     config.finalize_model_grads_func = finalize_model_grads
+    if overlap_grad_reduce:
+        sync = [chunk.no_sync for chunk in wrapped]
+        config.no_sync_func = sync if len(sync) > 1 else sync[0]
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            # Pipelining: each chunk starts its reduction when its own last backward is done.
+            starts = [chunk.start_grad_sync for chunk in wrapped]
+            config.grad_sync_func = starts if len(starts) > 1 else starts[0]
     return wrapped
 
 

@@ -107,7 +107,11 @@ class Trainer:
         if cfg.device == "cuda":
             chunks = [c.cuda() for c in chunks]
         self.model = wrap_model(
-            chunks, self.tf_config, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer
+            chunks,
+            self.tf_config,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+            bucket_size=cfg.parallel.ddp_bucket_size,
         )
         self.optimizer = build_optimizer(
             self.model,
