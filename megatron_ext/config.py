@@ -154,6 +154,8 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False
     # Data-parallel gradient reduction bucket by bucket during backward (Megatron-LM's flags).
     overlap_grad_reduce: bool = False
+    # Distributed optimizer: parameter all-gathers bucket by bucket during the next forward.
+    overlap_param_gather: bool = False
     ddp_bucket_size: Optional[int] = None  # elements per bucket; None: megatron-core's default
 
     def virtual_pipeline_model_parallel_size(self, num_layers: int) -> Optional[int]:
@@ -211,6 +213,12 @@ class ParallelConfig:
                 "num_layers_per_virtual_pipeline_stage",
                 f"{per_stage} layers per pipeline stage are not divisible into chunks of {chunk}",
             )
+        _require(
+            not self.overlap_param_gather
+            or (self.use_distributed_optimizer and self.overlap_grad_reduce),
+            "overlap_param_gather",
+            "needs --use-distributed-optimizer and --overlap-grad-reduce",
+        )
         _require(
             self.ddp_bucket_size is None or self.ddp_bucket_size > 0,
             "ddp_bucket_size",

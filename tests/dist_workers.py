@@ -137,7 +137,7 @@ def train_layout(
     from megatron_ext.models.presets import model_preset
     from megatron_ext.platform.distributed import init_distributed
     from megatron_ext.training.checkpointing import save_checkpoint, save_model
-    from megatron_ext.training.model_setup import wrap_model
+    from megatron_ext.training.model_setup import sync_params, wrap_model
     from megatron_ext.training.optimizer import build_optimizer
     from megatron_ext.training.step import evaluate_loss, train_step
 
@@ -157,6 +157,7 @@ def train_layout(
             tc,
             use_distributed_optimizer=parallel.use_distributed_optimizer,
             overlap_grad_reduce=parallel.overlap_grad_reduce,
+            overlap_param_gather=parallel.overlap_param_gather,
             bucket_size=parallel.ddp_bucket_size,
         )
         optimizer = build_optimizer(
@@ -203,6 +204,7 @@ def train_layout(
             seq_length=cfg.seq_length,
             micro_batch_size=MICRO_BATCH,
         )
+        sync_params(model)  # the last step's parameters, on every rank
         if ckpt_root is not None:
             save_model(model, os.path.join(ckpt_root, norm_type))
         if export_root is not None:

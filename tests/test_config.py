@@ -82,3 +82,13 @@ def test_bucket_size_needs_overlap_and_must_be_positive():
     with pytest.raises(ConfigError, match=r"--ddp-bucket-size: must be a positive number"):
         ParallelConfig(overlap_grad_reduce=True, ddp_bucket_size=0).validate(model)
     ParallelConfig(overlap_grad_reduce=True, ddp_bucket_size=1000).validate(model)
+
+
+def test_param_gather_overlap_needs_the_distributed_optimizer_and_grad_overlap():
+    model = model_preset("71m")
+    for layout in (
+        dict(overlap_param_gather=True, overlap_grad_reduce=True),
+        dict(overlap_param_gather=True, use_distributed_optimizer=True),
+    ):
+        with pytest.raises(ConfigError, match=r"--overlap-param-gather: needs --use-distributed"):
+            ParallelConfig(**layout).validate(model)

@@ -1,6 +1,6 @@
 """Parallel layouts reproduce the single-process run (2 gloo ranks on CPU), for every norm type:
-TP=2, PP=2, DP=2 with the distributed optimizer, also with the gradient reduction overlapped
-with backward — the same per-step losses over
+TP=2, PP=2, DP=2 with the distributed optimizer, also with the gradient reductions and parameter
+all-gathers overlapped with compute — the same per-step losses over
 3 optimizer steps with global and gate clipping on. Checkpoints saved under TP=2 and PP=2 load at
 TP=1/PP=1 with the same logits."""
 
@@ -19,9 +19,13 @@ LAYOUTS = {
     "tp2": dict(tensor_model_parallel_size=2),
     "pp2": dict(pipeline_model_parallel_size=2),
     "dp2_distopt": dict(use_distributed_optimizer=True),
-    # gradient buckets (≈ 20k elements, several per model) reduced during backward
+    # gradient buckets (≈ 20k elements, several per model) reduced during backward, and the
+    # parameters all-gathered bucket by bucket during the next forward
     "dp2_distopt_overlap": dict(
-        use_distributed_optimizer=True, overlap_grad_reduce=True, ddp_bucket_size=20000
+        use_distributed_optimizer=True,
+        overlap_grad_reduce=True,
+        overlap_param_gather=True,
+        ddp_bucket_size=20000,
     ),
 }
 

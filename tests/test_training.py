@@ -85,7 +85,17 @@ def _run(tmp_path, argv, world=1):
         ({}, 1),
         ({"pipeline_model_parallel_size": 2}, 2),
         ({"use_distributed_optimizer": True}, 2),
+        (
+            {
+                "use_distributed_optimizer": True,
+                "overlap_grad_reduce": True,
+                "overlap_param_gather": True,
+                "ddp_bucket_size": 20000,
+            },
+            2,
+        ),
     ],
+    ids=["single", "pp2", "dp2_distopt", "dp2_distopt_overlap"],
 )
 def test_resume_is_exact(tmp_path, layout, world):
     straight = str(tmp_path / "straight")

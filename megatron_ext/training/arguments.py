@@ -63,6 +63,8 @@ HELP = {
     "fp8_amax_compute_algo": "delayed scaling: max or most_recent of the history",
     "recompute_granularity": "full (whole layers) or selective (core attention only)",
     "overlap_grad_reduce": "reduce data-parallel gradients bucket by bucket during backward",
+    "overlap_param_gather": "distributed optimizer: all-gather parameters bucket by bucket "
+    "during the next forward",
     "ddp_bucket_size": "elements per gradient bucket with --overlap-grad-reduce "
     "(default: megatron-core's, max(40M, 1M × data-parallel size))",
     "bias_swiglu_fusion": "fused SwiGLU (torch.compile); default: on with --device cuda",

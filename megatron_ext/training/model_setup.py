@@ -20,6 +20,7 @@ def wrap_model(
     *,
     use_distributed_optimizer: bool = False,
     overlap_grad_reduce: bool = False,
+    overlap_param_gather: bool = False,
     bucket_size: Optional[int] = None,
     grad_reduce_in_fp32: bool = True,
 ) -> list[DistributedDataParallel]:
@@ -29,6 +30,7 @@ def wrap_model(
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=grad_reduce_in_fp32,
         overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather,
         bucket_size=bucket_size,
         use_distributed_optimizer=use_distributed_optimizer,
         check_for_nan_in_grad=False,
@@ -54,6 +56,19 @@ def wrap_model(
             starts = [chunk.start_grad_sync for chunk in wrapped]
             config.grad_sync_func = starts if len(starts) > 1 else starts[0]
     return wrapped
+
+
+def sync_params(model) -> None:
+    """Make every rank's model parameters current after an optimizer step.
+
+    With ``overlap_param_gather`` the distributed optimizer leaves the parameters other ranks
+    own stale until the next forward gathers them; whatever reads parameters between a step and
+    that forward (checkpoints, logged gate values) calls this first. A no-op otherwise; the next
+    forward then finds the gathers done and issues none.
+    """
+    for chunk in model:
+        if getattr(chunk, "use_forward_hook", False):
+            chunk.start_param_sync(force_sync=True)
 
 
 def unwrap_model(module):

@@ -37,7 +37,51 @@ def build_optimizer(model_chunks, config: OptimizerConfig):
     could not be told apart on checkpoint load. Gate clipping finds the gates' main parameters
     through the optimizer's model→main parameter mapping instead (:func:`gate_main_params`).
     """
-    return get_megatron_optimizer(config, model_chunks)
+    optimizer = get_megatron_optimizer(config, model_chunks)
+    for sub in _sub_optimizers(optimizer):
+        if hasattr(sub, "get_parameter_state_dp_zero"):
+            _keep_bucket_padding_in_dp_zero_state(sub)
+    return optimizer
+
+
+def _keep_bucket_padding_in_dp_zero_state(dist_optimizer) -> None:
+    """Work around a megatron-core 0.16.1 bug in the distributed optimizer's checkpoints.
+
+    ``get_parameter_state_dp_zero`` lays the buckets' states end to end without the padding
+    at the end of each bucket, but ``sharded_param_state_fully_reshardable`` (the format our
+    checkpoints use) cuts parameters out of that tensor at their offsets in the *padded*
+    buffer. With one bucket (no --overlap-grad-reduce) the two agree; with several, every
+    parameter after the first bucket is saved shifted, i.e. corrupted. Putting the padding back
+    makes the offsets agree (loading reads per-parameter tensors and is unaffected).
+    """
+    unpatched = dist_optimizer.get_parameter_state_dp_zero
+
+    def with_bucket_padding(*args, **kwargs):
+        state = unpatched(*args, **kwargs)
+        if state is None:
+            return None
+        for gbuf_idx, per_dtype in state.items():
+            if not isinstance(gbuf_idx, int):  # e.g. "buckets_coalesced"
+                continue
+            buffer = dist_optimizer.buffers[gbuf_idx]
+            for world_tensors in per_dtype.values():
+                for key, tensor in world_tensors.items():
+                    if torch.is_tensor(tensor) and tensor.numel() == buffer.numel_unpadded:
+                        world_tensors[key] = _padded_like_buffer(tensor, buffer)
+        return state
+
+    dist_optimizer.get_parameter_state_dp_zero = with_bucket_padding
+
+
+def _padded_like_buffer(unpadded: torch.Tensor, buffer) -> torch.Tensor:
+    """Each bucket's slice of ``unpadded`` placed at the bucket's offset in the padded buffer."""
+    out = unpadded.new_zeros(buffer.numel)
+    start = 0
+    for bucket in buffer.buckets:
+        n = bucket.numel_unpadded
+        out[bucket.offset : bucket.offset + n] = unpadded[start : start + n]
+        start += n
+    return out
 
 
 def _sub_optimizers(optimizer) -> list:

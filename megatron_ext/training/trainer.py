@@ -25,7 +25,7 @@ from megatron_ext.training import checkpointing, telemetry
 from megatron_ext.training.evaluation import evaluate
 from megatron_ext.training.flops import device_peak_tflops, flops_per_iteration
 from megatron_ext.training.metrics import MetricsWriter, format_step_line
-from megatron_ext.training.model_setup import unwrap_model, wrap_model
+from megatron_ext.training.model_setup import sync_params, unwrap_model, wrap_model
 from megatron_ext.training.optimizer import build_optimizer
 from megatron_ext.training.run_config import RunConfig
 from megatron_ext.training.signals import ExitSignalHandler
@@ -111,6 +111,7 @@ class Trainer:
             self.tf_config,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
             overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+            overlap_param_gather=cfg.parallel.overlap_param_gather,
             bucket_size=cfg.parallel.ddp_bucket_size,
         )
         self.optimizer = build_optimizer(
@@ -274,6 +275,7 @@ class Trainer:
                 step_time = time.perf_counter() - t0
                 if recorder is not None:
                     telemetry.detach(self.model)
+                    sync_params(self.model)
                     rows = telemetry.collect(self.model, recorder)
                     self.metrics.write({"iteration": self.iteration + 1, "telemetry": rows})
                 self.iteration += 1
@@ -282,6 +284,7 @@ class Trainer:
                 window["time"] += step_time
                 window["iters"] += 1
                 if self.iteration % cfg.logging.log_interval == 0:
+                    sync_params(self.model)  # the log line reads the gates
                     self._log(result, lr, window, flops, peak)
                     window = {"time": 0.0, "iters": 0}
                 if self.iteration % cfg.eval.eval_interval == 0:
@@ -426,6 +429,7 @@ class Trainer:
         if not c.save:
             return
         t0 = time.perf_counter()
+        sync_params(self.model)
         state = {
             "iteration": self.iteration,
             "consumed_samples": self.consumed_samples,
