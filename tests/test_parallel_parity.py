@@ -27,6 +27,10 @@ LAYOUTS = {
         overlap_param_gather=True,
         ddp_bucket_size=20000,
     ),
+    # with pipelining each stage starts its reductions from the schedule (grad_sync_func)
+    "pp2_overlap": dict(
+        pipeline_model_parallel_size=2, overlap_grad_reduce=True, ddp_bucket_size=20000
+    ),
 }
 
 
