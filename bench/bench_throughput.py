@@ -6,6 +6,7 @@ Adam, the local (non-Transformer-Engine) spec unless --transformer-impl says oth
 
     python bench/bench_throughput.py --model-size 1b --micro-batch-size 32 --num-microbatches 4
     python bench/bench_throughput.py --model-size 7b --num-layers 4 --micro-batch-size 8
+    python bench/bench_throughput.py --model-size 1b --ffn-hidden-size 5504   # aligned FFN
     python bench/bench_throughput.py --transformer-impl transformer_engine --fp8-format hybrid
 
 FLOPs use Megatron-LM's formula (megatron_ext/training/flops.py); MFU uses the dense bf16 peak,
@@ -64,6 +65,8 @@ def _batches(cfg, mbs, n, seq, device):
 def _build(norm_type, args):
     """(model config, wrapped model chunks, optimizer) as a training run builds them."""
     overrides = {"num_layers": args.num_layers} if args.num_layers else {}
+    if args.ffn_hidden_size:
+        overrides["ffn_hidden_size"] = args.ffn_hidden_size
     cfg = model_preset(
         args.model_size, norm_type=norm_type, seq_length=args.seq_length, **overrides
     )
@@ -133,6 +136,7 @@ def measure(norm_type, args):
     row = {
         "norm_type": norm_type,
         "params_M": round(count_parameters(cfg).total / 1e6, 1),
+        "ffn_hidden_size": cfg.ffn_hidden_size,
         "iter_ms": round(t * 1e3, 2),
         "tokens_per_s": round(gbs * args.seq_length / t),
         "tflops": round(flops / t / 1e12, 1),
@@ -189,6 +193,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-size", default="1b")
     p.add_argument("--num-layers", type=int, default=None)
+    p.add_argument(
+        "--ffn-hidden-size",
+        type=int,
+        default=None,
+        help="override the preset's FFN width (e.g. 5504 for the 1b preset's 5461)",
+    )
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--micro-batch-size", type=int, default=32)
     p.add_argument("--num-microbatches", type=int, default=4)

@@ -11,18 +11,21 @@
 #   tests     pytest -m gpu (TE tests skip themselves without Transformer Engine)
 #   tetests   the Transformer Engine tests alone (tests/test_gpu_te.py)
 #   overhead  bench/bench_gpas_overhead.py (local spec, fused GPAS kernel)
+#   gemm      bench/bench_gemm_shapes.py: the 1b preset's GEMMs at FFN 5461 vs 5472 vs 5504
 #   local     1b preset, local spec (no TE)
-#   profile   1b preset, TE, kernel breakdowns with and without fused kernels
+#   profile   1b preset, TE, kernel breakdowns with and without fused kernels, and with the
+#             FFN widened to 5504 (a multiple of 64)
 #   batch     1b preset, TE, micro-batch 64 and cross-entropy fusion
 #   te7b      7b-shaped model (4 layers), TE, bf16
-#   fp8       7b-shaped model, TE, FP8 delayed and tensorwise, micro-batch 8 and 16
+#   fp8       7b-shaped model, TE, FP8 delayed and tensorwise, micro-batch 8 and 16; the 1b
+#             preset with FFN 5504 (FP8 GEMMs need multiples of 16), bf16 vs FP8
 # Results: OUT_DIR/throughput.jsonl (one JSON line per run, as bench/results/*.jsonl),
-# OUT_DIR/profile.txt, OUT_DIR/<run>.log, OUT_DIR/summary.txt. Transformer Engine must be
-# importable for the TE parts (tools/install_te_offline.sh).
+# OUT_DIR/gemm.jsonl, OUT_DIR/profile.txt, OUT_DIR/<run>.log, OUT_DIR/summary.txt.
+# Transformer Engine must be importable for the TE parts (tools/install_te_offline.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: $0 OUT_DIR [PARTS]}
-PARTS=${2:-tests overhead local profile batch te7b fp8}  # tests include tetests
+PARTS=${2:-tests overhead gemm local profile batch te7b fp8}  # tests include tetests
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -55,12 +58,16 @@ has tests && run tests 300 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tes
 has tetests && run tetests 240 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu_te.py
 has overhead && run overhead 150 "$PYTHON" bench/bench_gpas_overhead.py --device cuda --bf16 \
   --repeats 30
+has gemm && run gemm 120 "$PYTHON" bench/bench_gemm_shapes.py --model-size 1b \
+  --ffn-hidden-sizes 5461,5472,5504 --json "$OUT/gemm.jsonl"
 has local && throughput local_1b 200 "${ONE_B[@]}" --micro-batch-size 32 --num-microbatches 4
 if has profile; then
   throughput te_1b 240 "${ONE_B[@]}" --micro-batch-size 32 --num-microbatches 4 "${TE[@]}" \
     "${PROFILE[@]}"
   throughput te_1b_unfused 120 "${ONE_B[@]}" --micro-batch-size 32 --num-microbatches 4 \
     "${TE[@]}" --fusion off --norm-types pre "${PROFILE[@]}"
+  throughput te_1b_ffn5504 200 "${ONE_B[@]}" --ffn-hidden-size 5504 --micro-batch-size 32 \
+    --num-microbatches 4 "${TE[@]}" "${PROFILE[@]}"
 fi
 if has batch; then
   throughput te_1b_mbs64 200 "${ONE_B[@]}" --micro-batch-size 64 --num-microbatches 2 "${TE[@]}"
@@ -69,7 +76,11 @@ if has batch; then
 fi
 has te7b && throughput te_7b 180 "${SEVEN_B[@]}" --micro-batch-size 8 --num-microbatches 8 \
   "${TE[@]}" "${PROFILE[@]}"
-if has fp8; then  # the 1b preset's FFN (5461) cannot run FP8 GEMMs: 7b-shaped only
+if has fp8; then  # the 1b preset's FFN (5461) cannot run FP8 GEMMs: widened to 5504
+  throughput bf16_1b_ffn5504 120 "${ONE_B[@]}" --ffn-hidden-size 5504 --micro-batch-size 32 \
+    --num-microbatches 4 "${TE[@]}" --norm-types pre
+  throughput fp8_1b_ffn5504 150 "${ONE_B[@]}" --ffn-hidden-size 5504 --micro-batch-size 32 \
+    --num-microbatches 4 "${TE[@]}" --fp8-format hybrid --norm-types pre,pre_gpas
   throughput fp8_delayed_7b 150 "${SEVEN_B[@]}" --micro-batch-size 8 --num-microbatches 8 \
     "${TE[@]}" --fp8-format hybrid "${PROFILE[@]}"
   throughput fp8_tensorwise_7b 150 "${SEVEN_B[@]}" --micro-batch-size 8 --num-microbatches 8 \

@@ -11,7 +11,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
+from bench_gemm_shapes import model_linears, products  # noqa: E402
 from kernel_profile import KernelEvent, busy_us, category, summarize  # noqa: E402
+
+from megatron_ext.models.presets import model_preset  # noqa: E402
+from megatron_ext.training.flops import flops_per_iteration  # noqa: E402
 
 
 def test_busy_time_counts_overlaps_once():
@@ -81,3 +85,39 @@ def test_throughput_bench_runs_on_cpu_and_writes_the_profile(tmp_path):
     report = profile.read_text()
     assert report.count("## pre") == 2 and "top 25 kernels" in report
     assert "gemm" in report  # the CPU's matrix products are found and named
+
+
+@pytest.mark.parametrize("groups", [None, 8])
+def test_gemm_shapes_are_the_models_linear_layers(groups):
+    """The products the GEMM benchmark times add up to the linear-layer part of Megatron-LM's
+    FLOP formula (everything but the attention scores), for MHA and GQA."""
+    cfg = model_preset("1b", num_query_groups=groups)
+    tokens = 8192
+    timed = 0.0
+    for linear in model_linears(cfg):
+        for _, (m, k, n) in products(linear, tokens):
+            assert sorted((m, k, n)) == sorted((tokens, linear.in_features, linear.out_features))
+            timed += linear.per_layer * 2 * m * k * n
+    s, h, L = cfg.seq_length, cfg.hidden_size, cfg.num_layers
+    scores = 6 * L * h * s  # the causal-halved QKᵀ and AV per token (q = h here)
+    expected = flops_per_iteration(cfg, tokens // s, s, cfg.padded_vocab_size()) / tokens - scores
+    assert timed * L / tokens == pytest.approx(expected, rel=1e-12)
+
+
+def test_gemm_bench_runs_on_cpu(tmp_path):
+    results = tmp_path / "gemm.jsonl"
+    args = ["--device", "cpu", "--model-size", "tiny", "--dtype", "fp32", "--tokens", "64"]
+    args += ["--ffn-hidden-sizes", "176,171", "--repeats", "2", "--json", str(results)]
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "bench_gemm_shapes.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(results.read_text())
+    assert [r["ffn_hidden_size"] for r in record["results"]] == [176, 171]
+    fc2 = [g for g in record["results"][1]["gemms"] if g["gemm"] == "fc2.wgrad"]
+    assert fc2[0]["mkn"] == [64, 64, 171]  # dW [hidden, ffn] = dyᵀ [hidden, tokens] · x
+    assert "time per FLOP vs ffn 176: 1.000" in proc.stdout
