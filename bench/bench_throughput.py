@@ -15,7 +15,8 @@ for FP8 runs too (the convention of Megatron-LM's reports), so FP8 shows as a hi
 Fused kernels follow the training CLI's defaults (``--fusion off``: none; ``--fusion all``: also
 cross-entropy fusion).
 ``--profile FILE`` appends, after the timed iterations, a torch.profiler breakdown of two more
-(GPU busy share, time per kernel category, top kernels; bench/kernel_profile.py).
+(GPU busy share, time per kernel category, top kernels;
+megatron_ext/training/kernel_profile.py).
 """
 
 from __future__ import annotations
@@ -35,15 +36,11 @@ from megatron_ext.models.params import count_parameters
 from megatron_ext.models.presets import model_preset
 from megatron_ext.platform.distributed import init_distributed
 from megatron_ext.training.flops import device_peak_tflops, flops_per_iteration
+from megatron_ext.training.kernel_profile import device_events, summarize
 from megatron_ext.training.model_setup import wrap_model
 from megatron_ext.training.optimizer import build_optimizer
 from megatron_ext.training.run_config import FusionConfig, OptimConfig
 from megatron_ext.training.step import train_step
-
-try:  # run as a script (python bench/bench_throughput.py) or as a module of the bench package
-    from kernel_profile import device_events, summarize
-except ImportError:
-    from bench.kernel_profile import device_events, summarize
 
 
 def _batches(cfg, mbs, n, seq, device):

@@ -12,10 +12,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from bench_gemm_shapes import model_linears, products  # noqa: E402
-from kernel_profile import KernelEvent, busy_us, category, summarize  # noqa: E402
 
 from megatron_ext.models.presets import model_preset  # noqa: E402
 from megatron_ext.training.flops import flops_per_iteration  # noqa: E402
+from megatron_ext.training.kernel_profile import (  # noqa: E402
+    KernelEvent,
+    busy_us,
+    category,
+    summarize,
+)
 
 
 def test_busy_time_counts_overlaps_once():

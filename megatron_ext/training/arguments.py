@@ -25,6 +25,7 @@ from megatron_ext.training.run_config import (
     FusionConfig,
     LoggingConfig,
     OptimConfig,
+    ProfileConfig,
     RunConfig,
     TokenizerConfig,
 )
@@ -40,6 +41,7 @@ SECTIONS = {
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
     "fusion": FusionConfig,
+    "profiling": ProfileConfig,
 }
 TOP_LEVEL = {"device": str, "transformer_impl": str, "num_workers": int}
 
@@ -71,6 +73,12 @@ HELP = {
     "bias_dropout_fusion": "fused residual add (torch.compile); default: on with --device cuda",
     "rope_fusion": "Transformer Engine's fused RoPE; default: on with transformer_engine",
     "cross_entropy_loss_fusion": "fused cross-entropy (torch.compile; bf16 only); default: off",
+    "profile": "profile iterations --profile-step-start+1 … --profile-step-end on "
+    "--profile-ranks: with --use-pytorch-profiler a Chrome trace and a kernel summary, "
+    "else cudaProfilerStart/Stop for nsys --capture-range=cudaProfilerApi",
+    "use_pytorch_profiler": "--profile with torch.profiler (works on CPU too)",
+    "profile_ranks": "global ranks to profile (default: 0)",
+    "profile_dir": "where traces go (default: <save or run dir>/profile)",
     "tokenizer_type": "NullTokenizer (with --vocab-size), SentencePieceTokenizer, "
     "HuggingFaceTokenizer",
 }
@@ -80,7 +88,7 @@ def _kind(annotation: str):
     """(python type, is list, is bool) of a dataclass field annotation string."""
     text = str(annotation)
     if "Sequence" in text or "list" in text:
-        return str, True, False
+        return (int if "int" in text else str), True, False
     if "bool" in text:
         return bool, False, True
     if "float" in text:
@@ -114,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
             if is_bool:  # --flag / --no-flag, so a command line can undo a YAML recipe's true
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             elif is_list:
-                group.add_argument(flag, nargs="+", **kwargs)
+                group.add_argument(flag, nargs="+", type=typ, **kwargs)
             else:
                 group.add_argument(flag, type=typ, **kwargs)
     group = p.add_argument_group("runtime")

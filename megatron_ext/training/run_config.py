@@ -135,6 +135,47 @@ class LoggingConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """A window of profiled iterations, under Megatron-LM's flags and counting: iterations
+    ``profile_step_start + 1`` … ``profile_step_end`` (1-based) on ``profile_ranks``."""
+
+    profile: bool = False
+    use_pytorch_profiler: bool = False  # else: cudaProfilerStart/Stop around the window (nsys)
+    profile_step_start: int = 10
+    profile_step_end: int = 12
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
+    profile_dir: Optional[str] = None  # None: <save or run dir>/profile
+
+    def validate(self, device: str, train_iters: int, world_size: int) -> None:
+        if not self.profile:
+            _req(not self.use_pytorch_profiler, "--use-pytorch-profiler", "needs --profile")
+            return
+        _req(self.profile_step_start >= 0, "--profile-step-start", "must be ≥ 0")
+        _req(
+            self.profile_step_end > self.profile_step_start,
+            "--profile-step-end",
+            f"must be after --profile-step-start {self.profile_step_start}",
+        )
+        _req(
+            self.profile_step_end <= train_iters,
+            "--profile-step-end",
+            f"{self.profile_step_end} is after the last iteration (--train-iters {train_iters})",
+        )
+        outside = sorted(r for r in self.profile_ranks if not 0 <= r < world_size)
+        _req(
+            not outside,
+            "--profile-ranks",
+            f"rank(s) {outside} do not exist in a world of {world_size} process(es)",
+        )
+        _req(
+            self.use_pytorch_profiler or device == "cuda",
+            "--profile",
+            "without --use-pytorch-profiler it brackets the window with cudaProfilerStart/Stop "
+            "for nsys, which needs --device cuda; add --use-pytorch-profiler",
+        )
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -145,6 +186,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    profiling: ProfileConfig = field(default_factory=ProfileConfig)
     device: str = "cuda"
     transformer_impl: str = "local"
     num_workers: int = 2
@@ -253,6 +295,7 @@ class RunConfig:
             "--sequence-parallel",
             "needs reduce-scatter, which the CPU (gloo) backend lacks",
         )
+        self.profiling.validate(self.device, o.train_iters, world_size)
         t = self.tokenizer
         _req(
             t.tokenizer_type == "NullTokenizer" or t.tokenizer_model is not None,

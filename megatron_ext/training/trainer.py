@@ -27,6 +27,7 @@ from megatron_ext.training.flops import device_peak_tflops, flops_per_iteration
 from megatron_ext.training.metrics import MetricsWriter, format_step_line
 from megatron_ext.training.model_setup import sync_params, unwrap_model, wrap_model
 from megatron_ext.training.optimizer import build_optimizer
+from megatron_ext.training.profiling import IterationProfiler
 from megatron_ext.training.run_config import RunConfig
 from megatron_ext.training.signals import ExitSignalHandler
 from megatron_ext.training.step import train_step
@@ -235,6 +236,7 @@ class Trainer:
             wandb_run_id=run_id,
             config=_config_dict(cfg),
         )
+        self.run_dir = os.path.dirname(os.path.abspath(path))
         if _is_logging_rank():
             logger.info("metrics: %s", os.path.abspath(path))
 
@@ -251,6 +253,7 @@ class Trainer:
         peak = device_peak_tflops(torch.cuda.get_device_name()) if cfg.device == "cuda" else None
         window = {"time": 0.0, "iters": 0}
         exit_reason = None
+        profiler = self._profiler()
         with ExitSignalHandler() as signals:
             while self.iteration < o.train_iters:
                 record_telemetry = (
@@ -261,6 +264,7 @@ class Trainer:
                 if recorder is not None:
                     telemetry.attach(self.model, recorder)
                 lr = self.optimizer.param_groups[0]["lr"]
+                profiler.before_iteration(self.iteration)
                 t0 = time.perf_counter()
                 result = train_step(
                     self.train_iterators,
@@ -279,6 +283,7 @@ class Trainer:
                     rows = telemetry.collect(self.model, recorder)
                     self.metrics.write({"iteration": self.iteration + 1, "telemetry": rows})
                 self.iteration += 1
+                _say(profiler.after_iteration(self.iteration))
                 self.consumed_samples += self.gbs
                 self._account(result)
                 window["time"] += step_time
@@ -300,6 +305,7 @@ class Trainer:
                     and self.iteration % cfg.checkpoint.save_interval == 0
                 ):
                     self._save()
+        _say(profiler.close())
         if exit_reason is None and self.iteration % cfg.eval.eval_interval != 0:
             self._evaluate()
         if cfg.checkpoint.save and (
@@ -319,6 +325,23 @@ class Trainer:
         if exit_reason:
             logger.info("exiting at iteration %d: %s", self.iteration, exit_reason)
         return self.iteration
+
+    def _profiler(self) -> IterationProfiler:
+        p = self.cfg.profiling
+        profiler = IterationProfiler(
+            p,
+            torch.distributed.get_rank(),
+            self.cfg.device,
+            os.path.join(self.run_dir, "profile"),
+        )
+        if profiler.enabled and self.iteration > p.profile_step_start:
+            _say(
+                f"rank {profiler.rank}: --profile window {p.profile_step_start + 1}-"
+                f"{p.profile_step_end} starts before the resumed iteration {self.iteration + 1}; "
+                "not profiling"
+            )
+            profiler.enabled = False
+        return profiler
 
     def _account(self, result) -> None:
         finite = result.update_successful and result.loss_is_finite
@@ -447,6 +470,12 @@ class Trainer:
             c.keep_last_checkpoints,
         )
         logger.info("saved checkpoint %s in %.1f s", path, time.perf_counter() - t0)
+
+
+def _say(message: Optional[str]) -> None:
+    """A line from whichever rank has it (the logger speaks on the logging rank only)."""
+    if message:
+        print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
 
 
 def _config_dict(cfg: RunConfig) -> dict:

@@ -2,7 +2,8 @@
 
 Reads torch.profiler's device events (name, start, end in µs) and answers the two questions a
 throughput number leaves open: is the GPU busy (or waiting on the host), and which kernels
-fill it. Used by ``bench/bench_throughput.py --profile FILE``.
+fill it. Used by ``pretrain_gpas.py --profile --use-pytorch-profiler`` (a summary next to the
+trace) and ``bench/bench_throughput.py --profile FILE``.
 """
 
 from __future__ import annotations
