@@ -70,3 +70,29 @@ def test_fused_residual_gpas_matches_reference(dtype, after_add, alpha):
     torch.testing.assert_close(
         g.grad.double(), g64.grad, rtol=1e-4 if dtype == torch.float32 else 2e-2, atol=1e-3
     )
+
+
+def test_profiler_window_sees_the_gpu_kernels(tmp_path):
+    """--use-pytorch-profiler on CUDA: the summary counts device kernels (a cuBLAS GEMM), not
+    host-side operators, and only for the window's iterations."""
+    from megatron_ext.training.profiling import IterationProfiler
+    from megatron_ext.training.run_config import ProfileConfig
+
+    cfg = ProfileConfig(
+        profile=True,
+        use_pytorch_profiler=True,
+        profile_step_start=1,
+        profile_step_end=3,
+        profile_dir=str(tmp_path),
+    )
+    profiler = IterationProfiler(cfg, 0, "cuda", "unused")
+    a = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
+    for it in range(1, 5):
+        profiler.before_iteration(it - 1)
+        a @ a
+        torch.cuda.synchronize()
+        profiler.after_iteration(it)
+    text = (tmp_path / "kernels_rank0_iters2-3.txt").read_text()
+    gemm = [line.split() for line in text.splitlines() if line.startswith("gemm ")]
+    assert gemm and gemm[0][3] == "1"  # one GEMM kernel per iteration
+    assert "aten::" not in text
