@@ -68,19 +68,25 @@ def test_summary_reports_per_iteration_numbers():
     assert any(line.split()[:3] == ["gemm", "3.00", "75.0%"] for line in text.splitlines())
 
 
+def _run_bench(script, args, cwd):
+    """Run bench/SCRIPT as a user does (a script, the project on PYTHONPATH); must succeed."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", script), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_throughput_bench_runs_on_cpu_and_writes_the_profile(tmp_path):
     profile, results = tmp_path / "profile.txt", tmp_path / "results.jsonl"
     args = ["--device", "cpu", "--model-size", "tiny4", "--seq-length", "32"]
     args += ["--micro-batch-size", "2", "--num-microbatches", "2", "--iters", "2", "--warmup", "1"]
     args += ["--profile", str(profile), "--json", str(results)]
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "bench_throughput.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": ROOT},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_bench("bench_throughput.py", args, tmp_path)
     record = json.loads(results.read_text())
     assert [r["norm_type"] for r in record["rows"]] == ["pre", "pre_gpas"]
     for row in record["rows"]:
@@ -113,14 +119,7 @@ def test_gemm_bench_runs_on_cpu(tmp_path):
     results = tmp_path / "gemm.jsonl"
     args = ["--device", "cpu", "--model-size", "tiny", "--dtype", "fp32", "--tokens", "64"]
     args += ["--ffn-hidden-sizes", "176,171", "--repeats", "2", "--json", str(results)]
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "bench_gemm_shapes.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": ROOT},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_bench("bench_gemm_shapes.py", args, tmp_path)
     record = json.loads(results.read_text())
     assert [r["ffn_hidden_size"] for r in record["results"]] == [176, 171]
     fc2 = [g for g in record["results"][1]["gemms"] if g["gemm"] == "fc2.wgrad"]
