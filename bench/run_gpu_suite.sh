@@ -28,7 +28,7 @@ OUT=${1:?usage: $0 OUT_DIR [PARTS]}
 PARTS=${2:-tests overhead gemm local profile batch te7b fp8}  # tests include tetests
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 JSON="$OUT/throughput.jsonl"
 SUMMARY="$OUT/summary.txt"
 

@@ -53,3 +53,23 @@ def test_reused_bindings_must_exist(tmp_path):
     )
     assert proc.returncode == 2
     assert f"BINDINGS_SO={tmp_path / 'missing.so'} is not a file" in proc.stderr
+
+
+def test_suite_runs_a_part_and_records_its_outcome(tmp_path):
+    """The suite's plumbing on a machine without a GPU: the gemm part runs the benchmark with
+    the project importable (it reaches its own 'no CUDA device' check rather than an
+    ImportError), logs it, and the summary records the exit status; other parts do not run."""
+    out = tmp_path / "suite"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "bench", "run_gpu_suite.sh"), str(out), "gemm"],
+        env={**env, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert len(summary) == 1 and summary[0].split()[:2] == ["gemm", "rc=2"]
+    assert "--device cuda: no CUDA device here" in (out / "gemm.log").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["device.txt", "gemm.log", "summary.txt"]
