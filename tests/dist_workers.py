@@ -152,14 +152,7 @@ def train_layout(
         chunks = build_model_chunks(cfg, tc, seed=99)
         if initial_gates is not None:
             set_gates(chunks, initial_gates)
-        model = wrap_model(
-            chunks,
-            tc,
-            use_distributed_optimizer=parallel.use_distributed_optimizer,
-            overlap_grad_reduce=parallel.overlap_grad_reduce,
-            overlap_param_gather=parallel.overlap_param_gather,
-            bucket_size=parallel.ddp_bucket_size,
-        )
+        model = wrap_model(chunks, tc, parallel)
         optimizer = build_optimizer(
             model,
             OptimizerConfig(

@@ -91,6 +91,19 @@ def test_default_directory_and_a_run_resumed_at_the_window(tmp_path):
     assert len(_recorded_steps(trace)) == 2
 
 
+def test_a_run_resumed_past_the_window_start_does_not_profile(tmp_path):
+    cfg = _cfg(tmp_path, profile_step_start=2, profile_step_end=6)
+    at_start = IterationProfiler(cfg, 0, "cpu", "unused")
+    assert at_start.resume_at(2) is None and at_start.enabled  # the window can still start
+    profiler = IterationProfiler(cfg, 0, "cpu", "unused")
+    message = profiler.resume_at(3)
+    assert message == (
+        "rank 0: --profile window 3-6 starts before the resumed iteration 4; not profiling"
+    )
+    assert _drive(profiler, 4, 8) == [] and profiler.close() is None
+    assert not (tmp_path / "prof").exists()
+
+
 def test_a_run_ending_inside_the_window_keeps_what_it_recorded(tmp_path):
     profiler = IterationProfiler(
         _cfg(tmp_path, profile_step_start=2, profile_step_end=6), 0, "cpu", "unused"

@@ -13,26 +13,28 @@ from megatron.core.distributed import (
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_ext.config import ParallelConfig
+
 
 def wrap_model(
     chunks,
     config: TransformerConfig,
+    parallel: Optional[ParallelConfig] = None,
     *,
-    use_distributed_optimizer: bool = False,
-    overlap_grad_reduce: bool = False,
-    overlap_param_gather: bool = False,
-    bucket_size: Optional[int] = None,
     grad_reduce_in_fp32: bool = True,
 ) -> list[DistributedDataParallel]:
-    """Float16Module (when ``config.bf16``) then DDP around each chunk; wires grad finalization
-    and, with ``overlap_grad_reduce``, the schedule's hooks that hold the bucket reductions back
-    until the last micro-batch's backward (Megatron-LM's wiring)."""
+    """Float16Module (when ``config.bf16``) then DDP around each chunk, with the data-parallel
+    settings of ``parallel`` (default: none of them); wires grad finalization and, with
+    ``--overlap-grad-reduce``, the schedule's hooks that hold the bucket reductions back until
+    the last micro-batch's backward (Megatron-LM's wiring)."""
+    parallel = parallel or ParallelConfig()
+    overlap_grad_reduce = parallel.overlap_grad_reduce
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=grad_reduce_in_fp32,
         overlap_grad_reduce=overlap_grad_reduce,
-        overlap_param_gather=overlap_param_gather,
-        bucket_size=bucket_size,
-        use_distributed_optimizer=use_distributed_optimizer,
+        overlap_param_gather=parallel.overlap_param_gather,
+        bucket_size=parallel.ddp_bucket_size,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
         check_for_nan_in_grad=False,
     )
     wrapped = []

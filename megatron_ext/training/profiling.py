@@ -37,6 +37,17 @@ class IterationProfiler:
         self._recorded = 0  # iterations of the window run so far
         self.written: list[str] = []
 
+    def resume_at(self, completed: int) -> Optional[str]:
+        """Called once, before the first iteration a (resumed) run makes: a window that began
+        before it is not profiled, and the message says so."""
+        if self.enabled and completed > self.start:
+            self.enabled = False
+            return (
+                f"rank {self.rank}: --profile window {self.start + 1}-{self.end} starts before "
+                f"the resumed iteration {completed + 1}; not profiling"
+            )
+        return None
+
     @property
     def stem(self) -> str:
         return f"rank{self.rank}_iters{self.start + 1}-{self.end}"

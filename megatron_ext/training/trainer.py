@@ -107,14 +107,7 @@ class Trainer:
             logger.info("froze %d GPAS gates", frozen)
         if cfg.device == "cuda":
             chunks = [c.cuda() for c in chunks]
-        self.model = wrap_model(
-            chunks,
-            self.tf_config,
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
-            overlap_param_gather=cfg.parallel.overlap_param_gather,
-            bucket_size=cfg.parallel.ddp_bucket_size,
-        )
+        self.model = wrap_model(chunks, self.tf_config, cfg.parallel)
         self.optimizer = build_optimizer(
             self.model,
             OptimizerConfig(
@@ -327,20 +320,13 @@ class Trainer:
         return self.iteration
 
     def _profiler(self) -> IterationProfiler:
-        p = self.cfg.profiling
         profiler = IterationProfiler(
-            p,
+            self.cfg.profiling,
             torch.distributed.get_rank(),
             self.cfg.device,
             os.path.join(self.run_dir, "profile"),
         )
-        if profiler.enabled and self.iteration > p.profile_step_start:
-            _say(
-                f"rank {profiler.rank}: --profile window {p.profile_step_start + 1}-"
-                f"{p.profile_step_end} starts before the resumed iteration {self.iteration + 1}; "
-                "not profiling"
-            )
-            profiler.enabled = False
+        _say(profiler.resume_at(self.iteration))
         return profiler
 
     def _account(self, result) -> None:
