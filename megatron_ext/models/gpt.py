@@ -77,9 +77,26 @@ def build_transformer_config(
         recompute_method=recompute_method,
         recompute_num_layers=recompute_num_layers,
         cuda_graph_impl="none",
+        **_p2p_settings(parallel, model.num_layers),
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def _p2p_settings(parallel: ParallelConfig, num_layers: int) -> dict:
+    """Pipeline send/receive mode: separate (overlapped) operations under interleaving.
+
+    megatron-core's batched mode posts one list [send prev, recv prev, send next, recv next].
+    With two pipeline stages the previous and the next stage are the same process, and point-to-
+    point messages between two processes are matched in the order they are posted, so in the
+    interleaved schedule's steady state (a forward and a backward exchanged in one call, i.e.
+    more micro-batches than stages) an activation is received as a gradient and vice versa:
+    wrong losses and gradients with no error. The separate mode sends the two directions on two
+    communicators when there are two stages (and is Megatron-LM's default under interleaving).
+    """
+    if parallel.virtual_pipeline_model_parallel_size(num_layers) is None:
+        return {}
+    return {"overlap_p2p_comm": True, "batch_p2p_comm": False}
 
 
 def build_model(
