@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from megatron_ext.platform.distributed import free_port
 
 
-def _entry(rank, world_size, port, fn, args, result_dir):
+def _entry(rank, world_size, port, fn, args, kwargs, result_dir):
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -20,7 +20,7 @@ def _entry(rank, world_size, port, fn, args, result_dir):
         MASTER_PORT=str(port),
     )
     try:
-        result = fn(*args)
+        result = fn(*args, **kwargs)
         torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
     except BaseException:
         with open(os.path.join(result_dir, f"rank{rank}.err"), "w") as f:
@@ -28,14 +28,15 @@ def _entry(rank, world_size, port, fn, args, result_dir):
         raise
 
 
-def run_ranks(fn, world_size: int, args, tmp_path) -> list:
-    """Run ``fn(*args)`` on ``world_size`` spawned gloo ranks; return each rank's result."""
+def run_ranks(fn, world_size: int, args, tmp_path, kwargs=None) -> list:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` spawned gloo ranks; return each rank's
+    result."""
     result_dir = str(tmp_path / f"ranks_{fn.__name__}_{free_port()}")
     os.makedirs(result_dir)
     try:
         mp.start_processes(
             _entry,
-            args=(world_size, free_port(), fn, args, result_dir),
+            args=(world_size, free_port(), fn, args, kwargs or {}, result_dir),
             nprocs=world_size,
             join=True,
             start_method="spawn",
@@ -95,9 +96,23 @@ def micro_batches(global_batch: dict, dp_rank: int, dp_size: int, micro_batch_si
 
 # --- layouts ---------------------------------------------------------------------------------
 
-PARITY_STEPS = 3
+PARITY_STEPS = 5
 GLOBAL_BATCH = 4
 MICRO_BATCH = 1
+# Adam moves every gate by ≈ lr per step: 0.015 over PARITY_STEPS. Higher rates make the tiny
+# Sandwich-LN models chaotic: at 5e-3 the gradient norms of TP 2 + SP and of one process are
+# 1.4e-4 apart by step 5 from fp32 rounding alone (measured), which no bound could tell from a bug.
+PARITY_LR = 3e-3
+# Layer l's gate starts at PARITY_GATES[l % 4]: away from 0, so that every gate path (c ≠ 1,
+# both signs of SiLU(g)) is exercised from the first step.
+PARITY_GATES = (0.3, -0.5, 0.8, -0.2)
+# Adam's first steps move a weight by ≈ lr·g/(|g| + eps): for gradient entries near zero, the
+# fp32 rounding noise of a different summation order (~1e-7 of the tensor's largest entry) is
+# amplified by lr/eps. At eps 1e-8 that alone moves a few weights of a layout by 1e-3 relative
+# and the runs drift apart within a few steps (measured: Sandwich-LN, TP 2, lr 1e-2); at 1e-6
+# the amplification stays below the parity tolerance, and every entry of |g| > 1e-5 (gates,
+# norms, nearly all weights) still gets a sign-like Adam update.
+PARITY_ADAM_EPS = 1e-6
 
 
 def set_gates(chunks, values) -> None:
@@ -118,13 +133,28 @@ def train_layout(
     steps: int = PARITY_STEPS,
     initial_gates=None,
     export_root=None,
+    *,
+    global_batch: int = GLOBAL_BATCH,
+    micro_batch: int = MICRO_BATCH,
+    lr: float = PARITY_LR,
+    adam_eps: float = PARITY_ADAM_EPS,
+    bf16: bool = False,
+    snapshot: bool = False,
+    snapshot_step: int = 1,
+    fp64_reference: bool = False,
+    config_overrides=None,
 ):
     """Train each norm type ``steps`` iterations under ``layout`` from the same seeded init.
 
-    Returns {norm_type: {"losses": [...], "eval_loss": float}} (losses from the last pipeline
-    stage). With ``ckpt_root`` the trained weights are saved to ``ckpt_root/<norm_type>``; with
-    ``export_root`` as a weights-only checkpoint with its run configuration (what the Hugging
-    Face export reads) to ``export_root/<norm_type>``. ``initial_gates`` moves the gates away
+    Returns {norm_type: {...}} with per-step ``losses`` (from the last pipeline stage),
+    ``grad_norms`` and ``gate_grad_norms`` (every rank), ``eval_loss`` and ``buckets`` (gradient
+    buckets of the first model chunk). ``snapshot`` adds this rank's shards of every gradient at
+    step ``snapshot_step`` and of every parameter at the end (see :func:`merge_snapshots`);
+    ``fp64_reference`` (one process only) adds, per step, the relative fp32 error of every
+    gradient and of the gates' joint gradient norm, measured against a float64 evaluation at
+    that step's parameters. With ``ckpt_root`` the trained weights are saved to
+    ``ckpt_root/<norm_type>``; with ``export_root`` as a weights-only checkpoint with its run
+    configuration (what the Hugging Face export reads). ``initial_gates`` moves the gates away
     from 0 before training.
     """
     import dataclasses
@@ -144,11 +174,13 @@ def train_layout(
     parallel = ParallelConfig(**layout)
     init_distributed(parallel, device="cpu", num_layers=4, seed=1234)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    num_micro = GLOBAL_BATCH // (dp_size * MICRO_BATCH)
+    num_micro = global_batch // (dp_size * micro_batch)
     results = {}
     for norm_type in norm_types:
         cfg = model_preset("tiny4", norm_type=norm_type)
-        tc = build_transformer_config(cfg, parallel, use_cpu=True)
+        tc = build_transformer_config(
+            cfg, parallel, use_cpu=True, bf16=bf16, **(config_overrides or {})
+        )
         chunks = build_model_chunks(cfg, tc, seed=99)
         if initial_gates is not None:
             set_gates(chunks, initial_gates)
@@ -157,13 +189,15 @@ def train_layout(
             model,
             OptimizerConfig(
                 optimizer="adam",
-                lr=3e-3,
+                lr=lr,
                 min_lr=0.0,
                 weight_decay=0.0,
                 adam_beta1=0.9,
                 adam_beta2=0.999,
-                adam_eps=1e-8,
+                adam_eps=adam_eps,
                 clip_grad=0.0,
+                bf16=bf16,
+                params_dtype=tc.params_dtype,
                 use_distributed_optimizer=parallel.use_distributed_optimizer,
             ),
         )
@@ -171,31 +205,52 @@ def train_layout(
         train_batch, eval_batch = synthetic_batches(
             seed=5,
             num_batches=2,
-            global_batch=GLOBAL_BATCH,
+            global_batch=global_batch,
             seq_length=cfg.seq_length,
             vocab=cfg.vocab_size,
         )
-        losses = []
-        for _ in range(steps):
-            mbs = micro_batches(train_batch, dp_rank, dp_size, MICRO_BATCH)
+        losses, grad_norms, gate_grad_norms = [], [], []
+        out = {}
+        for step in range(1, steps + 1):
+            mbs = micro_batches(train_batch, dp_rank, dp_size, micro_batch)
+            if fp64_reference:
+                out.setdefault("fp32_grad_error", []).append(
+                    fp32_gradient_error(
+                        cfg, tc, model, micro_batches(train_batch, 0, 1, micro_batch)
+                    )
+                )
             result = train_step(
                 [iter(mbs) for _ in model],
                 model,
                 optimizer,
                 num_microbatches=num_micro,
                 seq_length=cfg.seq_length,
-                micro_batch_size=MICRO_BATCH,
+                micro_batch_size=micro_batch,
                 clip_grad=1.0,
                 clip_gate_grad=0.01,
             )
             losses.append(result.loss)
-        mbs = micro_batches(eval_batch, dp_rank, dp_size, MICRO_BATCH)
-        eval_loss = evaluate_loss(
+            grad_norms.append(result.grad_norm)
+            gate_grad_norms.append(result.gate_grad_norm)
+            if snapshot and step == snapshot_step:
+                materialize_full_grads(model, parallel)
+                out["snapshot"] = local_snapshot(model, "grad")
+        out.update(
+            losses=losses,
+            grad_norms=grad_norms,
+            gate_grad_norms=gate_grad_norms,
+            buckets=len(model[0].bucket_groups),
+        )
+        if snapshot:
+            sync_params(model)
+            out["final"] = local_snapshot(model, "param")
+        mbs = micro_batches(eval_batch, dp_rank, dp_size, micro_batch)
+        out["eval_loss"] = evaluate_loss(
             [iter(mbs) for _ in model],
             model,
             num_microbatches=num_micro,
             seq_length=cfg.seq_length,
-            micro_batch_size=MICRO_BATCH,
+            micro_batch_size=micro_batch,
         )
         sync_params(model)  # the last step's parameters, on every rank
         if ckpt_root is not None:
@@ -205,8 +260,155 @@ def train_layout(
             save_checkpoint(
                 os.path.join(export_root, norm_type), steps, model, None, None, run_state
             )
-        results[norm_type] = {"losses": losses, "eval_loss": eval_loss}
+        results[norm_type] = out
     return results
+
+
+# --- full gradients and parameters of a layout -----------------------------------------------
+
+
+def materialize_full_grads(model, parallel) -> None:
+    """Make every DP rank hold the whole reduced gradient in its buffer.
+
+    The distributed optimizer reduce-scatters: after a step each rank's gradient buffer holds
+    the reduced (and clipped) values only in its own shard of each bucket. Gather the shards.
+    """
+    import torch
+    from megatron.core.distributed.param_and_grad_buffer import shard_buffer
+
+    if not parallel.use_distributed_optimizer:
+        return
+    for chunk in model:
+        for group in chunk.bucket_groups:
+            comm = group.intra_distributed_optimizer_instance_group
+            size, rank = comm.size(), comm.rank()
+            for bucket in group.buckets:
+                mine = shard_buffer(bucket.grad_data, size)[rank].clone()
+                torch.distributed.all_gather_into_tensor(bucket.grad_data, mine, group=comm)
+
+
+def _global_name(gpt, name: str) -> str:
+    """``decoder.layers.<local i>.…`` → ``decoder.layers.<global layer index>.…``."""
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        parts[2] = str(gpt.decoder.layers[int(parts[2])].layer_number - 1)
+    return ".".join(parts)
+
+
+def local_snapshot(model, what: str) -> dict:
+    """This rank's parameters (``what="param"``) or gradients (``"grad"``) by global name, with
+    how TP split each one."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_ext.training.model_setup import unwrap_model
+
+    tensors = {}
+    for chunk in model:
+        gpt = unwrap_model(chunk)
+        for name, p in gpt.named_parameters():
+            value = p if what == "param" else p.main_grad
+            tensors[_global_name(gpt, name)] = {
+                "value": value.detach().float().clone(),
+                "partition_dim": (
+                    p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+                ),
+                "swiglu": name.endswith("linear_fc1.weight"),
+            }
+    return {
+        "tensors": tensors,
+        "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "dp_rank": ps.get_data_parallel_rank(),
+    }
+
+
+def merge_snapshots(snapshots) -> dict:
+    """Full (single-process-shaped) tensors from every rank's snapshot.
+
+    Tensor-parallel shards are concatenated along their partition dimension (SwiGLU's fc1 holds
+    [gate; up] per rank, so halves are joined separately); replicated tensors must be identical
+    on every TP rank (a missing all-reduce of a sequence-parallel gradient shows up here); every
+    data-parallel rank must hold the same reduced gradient.
+    """
+    import torch
+
+    by_name: dict = {}
+    for snap in snapshots:
+        for name, t in snap["tensors"].items():
+            by_name.setdefault(name, []).append((snap["dp_rank"], snap["tp_rank"], t))
+    full = {}
+    for name, entries in by_name.items():
+        per_dp: dict = {}
+        for dp_rank, tp_rank, t in entries:
+            per_dp.setdefault(dp_rank, {})[tp_rank] = t
+        fulls = [_join_tp(name, shards) for _, shards in sorted(per_dp.items())]
+        for other in fulls[1:]:
+            assert torch.equal(other, fulls[0]), f"{name} differs across DP ranks"
+        full[name] = fulls[0]
+    return full
+
+
+def _join_tp(name: str, shards: dict):
+    import torch
+
+    parts = [shards[r]["value"] for r in sorted(shards)]
+    dim = shards[min(shards)]["partition_dim"]
+    if dim is None:
+        for other in parts[1:]:
+            assert torch.equal(other, parts[0]), f"{name} differs across TP ranks"
+        return parts[0]
+    if shards[min(shards)]["swiglu"]:
+        halves = [p.chunk(2, dim=dim) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(parts, dim=dim)
+
+
+def fp32_gradient_error(cfg, tc, model, mbs) -> dict:
+    """‖g_fp32 − g_fp64‖ / ‖g_fp64‖ for every parameter at the model's current weights, and
+    the same for the gates' joint gradient norm (key ``gate_grad_norm``).
+
+    The loss is the schedule's (mean over micro-batches of per-micro-batch token means),
+    evaluated with plain autograd once in float32 and once in float64 from the same weights;
+    the cross-entropy is computed here in the model's own precision (megatron-core's casts
+    logits to float32). One process only.
+    """
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+
+    from megatron_ext.models.gpt import build_model
+    from megatron_ext.training.model_setup import unwrap_model
+
+    trained = dict(unwrap_model(model[0]).named_parameters())
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        config = dataclasses.replace(
+            tc, params_dtype=dtype, pipeline_dtype=dtype, attention_softmax_in_fp32=False
+        )
+        gpt = build_model(cfg, config, initialize=False)
+        with torch.no_grad():
+            for name, p in gpt.named_parameters():
+                p.copy_(trained[name].detach().to(dtype))
+        total = 0.0
+        for mb in mbs:
+            logits = gpt(mb["tokens"], mb["position_ids"], None)
+            per_token = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), mb["labels"].reshape(-1), reduction="none"
+            )
+            mask = mb["loss_mask"].reshape(-1).to(dtype)
+            total = total + (per_token * mask).sum() / mask.sum() / len(mbs)
+        total.backward()
+        grads[dtype] = {n: p.grad.detach().double() for n, p in gpt.named_parameters()}
+    exact, fp32 = grads[torch.float64], grads[torch.float32]
+    errors = {
+        n: ((fp32[n] - g).norm() / g.norm().clamp(min=1e-300)).item() for n, g in exact.items()
+    }
+    gates = [n for n in exact if n.endswith("gpas_gate")]
+    if gates:
+        norm64 = torch.stack([exact[n] for n in gates]).norm()
+        norm32 = torch.stack([fp32[n] for n in gates]).norm()
+        errors["gate_grad_norm"] = ((norm32 - norm64).abs() / norm64).item()
+    return errors
 
 
 def run_cli(argv: list) -> int:

@@ -1,67 +1,268 @@
-"""Parallel layouts reproduce the single-process run (2 gloo ranks on CPU), for every norm type:
-TP=2, PP=2, DP=2 with the distributed optimizer, also with the gradient reductions and parameter
-all-gathers overlapped with compute — the same per-step losses over
-3 optimizer steps with global and gate clipping on. Checkpoints saved under TP=2 and PP=2 load at
-TP=1/PP=1 with the same logits."""
+"""Parallel layouts reproduce the single-process run, for every norm type, on gloo CPU ranks.
+
+Per layout and norm type, over PARITY_STEPS optimizer steps with the global and the gate clip
+on: the loss, the global gradient norm and the gates' joint gradient norm of every step; the
+full gradient of every parameter at the first step (TP shards joined, pipeline stages merged,
+distributed-optimizer shards gathered); every parameter, gates included, at the end.
+
+Tolerances. Losses and gradient norms: rel 1e-5. A gradient, and the gates' gradient norm, is
+held to 8 × the single process's own fp32 error, measured against a float64 evaluation of the
+same gradient at the same weights (``fp32_gradient_error``), and never to less than 1e-5: a
+layout sums in another order, so its rounding is of the same order as one process's. A gate
+gradient is one sum over a whole activation with cancellation, so its fp32 error (up to 1e-4
+measured) is far above a weight's (1e-7). bf16 runs are held to twice the largest deviation of
+the single-process bf16 run from the fp32 run.
+
+What a wrong reduction looks like here: a replicated parameter whose gradient differs across
+TP ranks (a sequence-parallel partial sum not all-reduced) fails ``merge_snapshots``; a
+gradient summed instead of averaged over DP is 2× off.
+"""
+
+from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Optional
 
 import pytest
 import torch
 
 from megatron_ext.variants import NORM_TYPE_NAMES
 from tests.conftest import assert_rel_close
-from tests.dist_workers import PARITY_STEPS, run_ranks, synthetic_batches, train_layout
+from tests.dist_workers import (
+    GLOBAL_BATCH,
+    MICRO_BATCH,
+    PARITY_GATES,
+    PARITY_STEPS,
+    merge_snapshots,
+    run_ranks,
+    synthetic_batches,
+    train_layout,
+)
 
 pytestmark = pytest.mark.slow
 
+REL = 1e-5
+FP32_ERROR_FACTOR = 8.0
+SOME_TYPES = ("pre_gpas", "sandwich_gpas", "post_pre_gpas", "deeppost")
+BF16_TYPES = ("pre", "pre_gpas", "sandwich_gpas")
+
+SP = dict(tensor_model_parallel_size=2, sequence_parallel=True)
+OVERLAP = dict(overlap_grad_reduce=True, ddp_bucket_size=20000)
+DISTOPT_OVERLAP = dict(use_distributed_optimizer=True, overlap_param_gather=True, **OVERLAP)
+VPP = dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1)
+
+
+@dataclass(frozen=True)
+class Layout:
+    parallel: dict
+    world: int = 2
+    global_batch: int = GLOBAL_BATCH
+    micro_batch: int = MICRO_BATCH
+    norm_types: tuple = NORM_TYPE_NAMES
+    bf16: bool = False
+    config_overrides: Optional[dict] = field(default=None, hash=False)
+    min_buckets: int = 1  # overlap layouts must really split the gradients into buckets
+    save: bool = False  # keep the trained weights (checkpoint-loading test)
+
+    @property
+    def reference(self) -> tuple:
+        return (self.global_batch, self.micro_batch, self.bf16)
+
+
 LAYOUTS = {
-    "tp2": dict(tensor_model_parallel_size=2),
-    "pp2": dict(pipeline_model_parallel_size=2),
-    "dp2_distopt": dict(use_distributed_optimizer=True),
-    # gradient buckets (≈ 20k elements, several per model) reduced during backward, and the
-    # parameters all-gathered bucket by bucket during the next forward
-    "dp2_distopt_overlap": dict(
-        use_distributed_optimizer=True,
-        overlap_grad_reduce=True,
-        overlap_param_gather=True,
-        ddp_bucket_size=20000,
+    "tp2": Layout(dict(tensor_model_parallel_size=2), save=True),
+    "tp2_sp": Layout(SP, save=True),
+    "tp2_sp_recompute_full": Layout(
+        SP,
+        norm_types=SOME_TYPES,
+        config_overrides=dict(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+        ),
     ),
-    # with pipelining each stage starts its reductions from the schedule (grad_sync_func)
-    "pp2_overlap": dict(
-        pipeline_model_parallel_size=2, overlap_grad_reduce=True, ddp_bucket_size=20000
+    "tp2_sp_recompute_selective": Layout(
+        SP, norm_types=SOME_TYPES, config_overrides=dict(recompute_granularity="selective")
+    ),
+    # TP 2 leaves DP 1 on two ranks: the distributed optimizer's TP2 × DP2 case is in the
+    # four-rank layouts below; this one runs the SP reductions through overlapped buckets.
+    "tp2_sp_distopt_overlap": Layout({**SP, **DISTOPT_OVERLAP}, min_buckets=2),
+    "pp2": Layout(dict(pipeline_model_parallel_size=2), save=True),
+    "pp2_overlap": Layout(dict(pipeline_model_parallel_size=2, **OVERLAP), min_buckets=2),
+    # interleaved 1F1B: fewer, as many and more micro-batches than pipeline stages × chunks
+    "vpp2_2mb": Layout(VPP, micro_batch=2),
+    "vpp2_4mb": Layout(VPP),
+    "vpp2_8mb": Layout(VPP, global_batch=8),
+    "dp2": Layout({}),
+    "dp2_distopt": Layout(dict(use_distributed_optimizer=True)),
+    "dp2_distopt_overlap": Layout(DISTOPT_OVERLAP, min_buckets=2),
+    "bf16_tp2_sp": Layout(SP, norm_types=BF16_TYPES, bf16=True),
+    "bf16_pp2": Layout(dict(pipeline_model_parallel_size=2), norm_types=BF16_TYPES, bf16=True),
+    "bf16_dp2_distopt": Layout(
+        dict(use_distributed_optimizer=True), norm_types=BF16_TYPES, bf16=True
     ),
 }
+FOUR_RANK_LAYOUTS = {
+    "tp2_pp2_sp": Layout(dict(pipeline_model_parallel_size=2, **SP), world=4),
+    "tp2_dp2_sp_distopt": Layout(dict(use_distributed_optimizer=True, **SP), world=4),
+}
+
+
+class Runs:
+    """Runs each layout (and each single-process reference) once, on first use."""
+
+    def __init__(self, root):
+        self.root = root
+        self.cache: dict = {}
+
+    def _run(self, key, world, layout: dict, norm_types, **kwargs):
+        if key not in self.cache:
+            args = (layout, tuple(norm_types), kwargs.pop("ckpt_root", None))
+            per_rank = run_ranks(
+                train_layout,
+                world,
+                args,
+                self.root,
+                dict(initial_gates=PARITY_GATES, snapshot=True, **kwargs),
+            )
+            self.cache[key] = {nt: [r[nt] for r in per_rank] for nt in norm_types}
+        return self.cache[key]
+
+    def reference(self, global_batch, micro_batch, bf16):
+        """One process with the same batches; fp32 runs also measure their float64 error."""
+        return self._run(
+            ("single", global_batch, micro_batch, bf16),
+            1,
+            {},
+            NORM_TYPE_NAMES,
+            global_batch=global_batch,
+            micro_batch=micro_batch,
+            bf16=bf16,
+            fp64_reference=not bf16,
+            ckpt_root=(
+                str(self.root / "single")
+                if (global_batch, micro_batch, bf16) == (GLOBAL_BATCH, MICRO_BATCH, False)
+                else None
+            ),
+        )
+
+    def layout(self, name):
+        spec = {**LAYOUTS, **FOUR_RANK_LAYOUTS}[name]
+        return self._run(
+            name,
+            spec.world,
+            spec.parallel,
+            spec.norm_types,
+            global_batch=spec.global_batch,
+            micro_batch=spec.micro_batch,
+            bf16=spec.bf16,
+            config_overrides=spec.config_overrides,
+            ckpt_root=str(self.root / name) if spec.save else None,
+        )
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Single-process and 2-rank runs of all norm types, each saving its trained weights."""
-    root = tmp_path_factory.mktemp("parity")
-    out = {}
-    for name, layout in {"single": {}, **LAYOUTS}.items():
-        world = 1 if name == "single" else 2
-        per_rank = run_ranks(train_layout, world, (layout, NORM_TYPE_NAMES, str(root / name)), root)
-        merged = {}
-        for nt in NORM_TYPE_NAMES:
-            losses = [r[nt]["losses"] for r in per_rank if r[nt]["losses"][0] is not None]
-            evals = [r[nt]["eval_loss"] for r in per_rank if r[nt]["eval_loss"] is not None]
-            merged[nt] = {"losses": losses[0], "eval_loss": evals[0]}
-        out[name] = merged
-    out["root"] = root
-    return out
+    return Runs(tmp_path_factory.mktemp("parity"))
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("norm_type", NORM_TYPE_NAMES)
-def test_layout_reproduces_single_process_losses(runs, layout, norm_type):
-    single = runs["single"][norm_type]["losses"]
-    parallel = runs[layout][norm_type]["losses"]
-    assert len(single) == len(parallel) == PARITY_STEPS
-    assert single[0] == pytest.approx(math.log(512), abs=0.05)  # near-uniform at init
-    assert single[-1] < single[0]  # it trains
-    for step, (a, b) in enumerate(zip(single, parallel, strict=True)):
-        assert b == pytest.approx(a, rel=1e-5), f"step {step}: single {a} vs {layout} {b}"
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b) if b else abs(a)
+
+
+def _last_stage(per_rank, key):
+    return [r[key] for r in per_rank if r["losses"][0] is not None][0]
+
+
+def _cases(layouts):
+    return [
+        pytest.param(name, nt, id=f"{name}-{nt}")
+        for name, spec in layouts.items()
+        for nt in spec.norm_types
+    ]
+
+
+def _check_per_step(single, per_rank, norm_type, bounds):
+    """Loss, global gradient norm and gate gradient norm of every step, on every rank."""
+    loss_bound, gn_bound, ggn_bounds = bounds
+    ref = single[0]
+    assert ref["losses"][0] == pytest.approx(math.log(512), abs=0.05)  # near-uniform at init
+    assert ref["losses"][-1] < ref["losses"][0]  # it trains
+    losses = _last_stage(per_rank, "losses")
+    assert len(losses) == PARITY_STEPS
+    for step in range(PARITY_STEPS):
+        a, b = ref["losses"][step], losses[step]
+        assert _rel(b, a) <= loss_bound, f"step {step + 1} loss: single {a} vs {b}"
+        for rank, r in enumerate(per_rank):
+            a, b = ref["grad_norms"][step], r["grad_norms"][step]
+            assert _rel(b, a) <= gn_bound, f"step {step + 1} grad norm, rank {rank}: {a} vs {b}"
+            if norm_type.endswith("_gpas"):
+                a, b = ref["gate_grad_norms"][step], r["gate_grad_norms"][step]
+                assert a > 0
+                assert _rel(b, a) <= ggn_bounds[step], (
+                    f"step {step + 1} gate grad norm, rank {rank}: {a} vs {b} "
+                    f"(bound {ggn_bounds[step]:.2e})"
+                )
+
+
+def _fp32_bounds(single):
+    errors = single[0]["fp32_grad_error"]
+    ggn = [max(REL, FP32_ERROR_FACTOR * e.get("gate_grad_norm", 0.0)) for e in errors]
+    return REL, REL, ggn
+
+
+FP32_LAYOUTS = {k: v for k, v in {**LAYOUTS, **FOUR_RANK_LAYOUTS}.items() if not v.bf16}
+
+
+@pytest.mark.parametrize("name,norm_type", _cases(FP32_LAYOUTS))
+def test_layout_reproduces_single_process_steps(runs, name, norm_type):
+    spec = FP32_LAYOUTS[name]
+    single = runs.reference(*spec.reference)[norm_type]
+    per_rank = runs.layout(name)[norm_type]
+    _check_per_step(single, per_rank, norm_type, _fp32_bounds(single))
+    assert all(r["buckets"] >= spec.min_buckets for r in per_rank), [r["buckets"] for r in per_rank]
+
+
+@pytest.mark.parametrize("name,norm_type", _cases(FP32_LAYOUTS))
+def test_layout_reproduces_every_gradient_and_final_parameter(runs, name, norm_type):
+    spec = FP32_LAYOUTS[name]
+    single = runs.reference(*spec.reference)[norm_type]
+    per_rank = runs.layout(name)[norm_type]
+    want = merge_snapshots([single[0]["snapshot"]])
+    got = merge_snapshots([r["snapshot"] for r in per_rank])
+    assert sorted(got) == sorted(want)
+    fp32_error = single[0]["fp32_grad_error"][0]
+    for pname, g in want.items():
+        bound = max(REL, FP32_ERROR_FACTOR * fp32_error[pname])
+        err = ((got[pname] - g).norm() / g.norm()).item()
+        assert err <= bound, f"{pname}: gradient rel error {err:.2e} > bound {bound:.2e}"
+    final_want = merge_snapshots([single[0]["final"]])
+    final_got = merge_snapshots([r["final"] for r in per_rank])
+    gates = [n for n in final_want if n.endswith("gpas_gate")]
+    assert bool(gates) == norm_type.endswith("_gpas")
+    for n in gates:  # the gates moved, and moved the same way
+        assert abs(final_want[n].item() - PARITY_GATES[int(n.split(".")[2]) % 4]) > 5e-3
+        assert _rel(final_got[n].item(), final_want[n].item()) <= REL, n
+    for n, p in final_want.items():
+        assert_rel_close(final_got[n], p, 1e-4, f"final {n}")
+
+
+@pytest.mark.parametrize("name,norm_type", _cases({k: v for k, v in LAYOUTS.items() if v.bf16}))
+def test_bf16_layout_within_bf16_rounding(runs, name, norm_type):
+    """bf16 (fp32 main weights, the gate clip on the fp16 groups) under a layout differs from
+    one bf16 process by no more than twice what bf16 itself changes against fp32."""
+    spec = LAYOUTS[name]
+    fp32 = runs.reference(spec.global_batch, spec.micro_batch, False)[norm_type][0]
+    bf16 = runs.reference(*spec.reference)[norm_type]
+
+    def worst(key):
+        return max(_rel(b, a) for a, b in zip(fp32[key], bf16[0][key], strict=True))
+
+    loss_bound, gn_bound = 2 * worst("losses"), 2 * worst("grad_norms")
+    ggn_bound = [2 * worst("gate_grad_norms")] * PARITY_STEPS if norm_type.endswith("_gpas") else []
+    assert 0 < loss_bound < 0.05 and 0 < gn_bound < 0.5  # bf16 does round, and not wildly
+    _check_per_step(
+        bf16, runs.layout(name)[norm_type], norm_type, (loss_bound, gn_bound, ggn_bound)
+    )
 
 
 def _load_tp1(norm_type, directory):
@@ -76,11 +277,13 @@ def _load_tp1(norm_type, directory):
 
 
 @pytest.mark.parametrize("norm_type", NORM_TYPE_NAMES)
-def test_checkpoints_from_tp2_and_pp2_load_at_tp1(megatron_cpu, runs, norm_type):
-    root = runs["root"]
-    logits = {}
-    for layout in ("single", "tp2", "pp2"):
-        cfg, model = _load_tp1(norm_type, str(root / layout / norm_type))
+def test_checkpoints_from_tp2_sp_and_pp2_load_at_tp1(megatron_cpu, runs, norm_type):
+    single = runs.reference(GLOBAL_BATCH, MICRO_BATCH, False)
+    logits, evals = {}, {"single": single[norm_type]}
+    for layout in ("tp2", "tp2_sp", "pp2"):
+        evals[layout] = runs.layout(layout)[norm_type]
+    for layout, per_rank in evals.items():
+        cfg, model = _load_tp1(norm_type, str(runs.root / layout / norm_type))
         batch = synthetic_batches(
             seed=5, num_batches=2, global_batch=4, seq_length=cfg.seq_length, vocab=cfg.vocab_size
         )[-1]
@@ -92,10 +295,6 @@ def test_checkpoints_from_tp2_and_pp2_load_at_tp1(megatron_cpu, runs, norm_type)
         # The loss of the loaded model equals the loss the saving layout evaluated in place.
         mask = batch["loss_mask"]
         loaded_loss = ((per_token * mask).sum(1) / mask.sum(1)).mean().item()
-        assert loaded_loss == pytest.approx(runs[layout][norm_type]["eval_loss"], rel=1e-5)
-        if norm_type.endswith("_gpas"):
-            gates = [p.item() for n, p in model.named_parameters() if n.endswith("gpas_gate")]
-            assert all(g != 0.0 for g in gates)  # trained gates travelled through the checkpoint
-    # Across layouts the weights differ only by the fp32 rounding of three training steps.
-    for layout in ("tp2", "pp2"):
+        assert loaded_loss == pytest.approx(_last_stage(per_rank, "eval_loss"), rel=1e-5)
+    for layout in ("tp2", "tp2_sp", "pp2"):
         assert_rel_close(logits[layout], logits["single"], 1e-4, f"{layout} logits")

@@ -290,11 +290,6 @@ class RunConfig:
             "--cross-entropy-loss-fusion",
             "rounds the logits' gradient to bf16: use it with --bf16 only",
         )
-        _req(
-            not (self.device == "cpu" and self.parallel.sequence_parallel),
-            "--sequence-parallel",
-            "needs reduce-scatter, which the CPU (gloo) backend lacks",
-        )
         self.profiling.validate(self.device, o.train_iters, world_size)
         t = self.tokenizer
         _req(
