@@ -362,53 +362,84 @@ def _join_tp(name: str, shards: dict):
     return torch.cat(parts, dim=dim)
 
 
-def fp32_gradient_error(cfg, tc, model, mbs) -> dict:
-    """‖g_fp32 − g_fp64‖ / ‖g_fp64‖ for every parameter at the model's current weights, and
-    the same for the gates' joint gradient norm (key ``gate_grad_norm``).
+#: fp32's unit roundoff: the relative size of one rounding.
+FP32_ROUNDOFF = 2.0**-24
 
-    The loss is the schedule's (mean over micro-batches of per-micro-batch token means),
-    evaluated with plain autograd once in float32 and once in float64 from the same weights;
-    the cross-entropy is computed here in the model's own precision (megatron-core's casts
-    logits to float32). One process only.
+
+def fp32_gradient_error(cfg, tc, model, mbs, perturbations: int = 3) -> dict:
+    """The fp32 rounding noise of every gradient at the model's current weights, relative to
+    the gradient (and the same for the gates' joint gradient norm, key ``gate_grad_norm``).
+
+    Two float64 measurements, the larger counts: (1) ‖g_fp32 − g_fp64‖ from the same weights;
+    (2) how far the float64 gradient moves when every weight is perturbed by the rounding of
+    one fp32 dot product (relative √n·2⁻²⁴, n the model's largest fan-in: n additions carry
+    about √n roundings; random signs), the largest of ``perturbations`` draws. (1) alone is one
+    sample of a random walk and can be small by luck; (2) measures the gradient's sensitivity
+    to rounding-sized changes of the activations, which is what a different summation order in
+    a parallel layout perturbs (a gate gradient, one sum over a whole activation with
+    cancellation, is 100× more sensitive than a weight gradient).
+
+    The loss is the schedule's (mean over micro-batches of per-micro-batch token means) with
+    plain autograd; the cross-entropy is computed here in the model's own precision
+    (megatron-core's casts logits to float32). One process only.
     """
+    import torch
+
+    from megatron_ext.training.model_setup import unwrap_model
+
+    trained = {n: p.detach() for n, p in unwrap_model(model[0]).named_parameters()}
+    exact = _plain_gradients(cfg, tc, trained, mbs, torch.float64)
+    samples = [_plain_gradients(cfg, tc, trained, mbs, torch.float32)]
+    gen = torch.Generator().manual_seed(0)
+    scale = FP32_ROUNDOFF * max(cfg.hidden_size, cfg.ffn_hidden_size) ** 0.5
+    for _ in range(perturbations):
+        perturbed = {
+            n: w.double() * (1 + scale * torch.randn(w.shape, generator=gen).sign())
+            for n, w in trained.items()
+        }
+        samples.append(_plain_gradients(cfg, tc, perturbed, mbs, torch.float64))
+
+    def noise(values) -> float:
+        ref = values(exact)
+        return max(
+            ((values(s) - ref).norm() / ref.norm().clamp(min=1e-300)).item() for s in samples
+        )
+
+    errors = {n: noise(lambda g, n=n: g[n]) for n in exact}
+    gates = [n for n in exact if n.endswith("gpas_gate")]
+    if gates:
+        errors["gate_grad_norm"] = noise(
+            lambda g: torch.stack([g[n] for n in gates]).norm().reshape(1)
+        )
+    return errors
+
+
+def _plain_gradients(cfg, tc, weights: dict, mbs, dtype) -> dict:
+    """Gradients of the schedule's loss by plain autograd, in ``dtype``, at ``weights``."""
     import dataclasses
 
     import torch
     import torch.nn.functional as F
 
     from megatron_ext.models.gpt import build_model
-    from megatron_ext.training.model_setup import unwrap_model
 
-    trained = dict(unwrap_model(model[0]).named_parameters())
-    grads = {}
-    for dtype in (torch.float32, torch.float64):
-        config = dataclasses.replace(
-            tc, params_dtype=dtype, pipeline_dtype=dtype, attention_softmax_in_fp32=False
+    config = dataclasses.replace(
+        tc, params_dtype=dtype, pipeline_dtype=dtype, attention_softmax_in_fp32=False
+    )
+    gpt = build_model(cfg, config, initialize=False)
+    with torch.no_grad():
+        for name, p in gpt.named_parameters():
+            p.copy_(weights[name].to(dtype))
+    total = 0.0
+    for mb in mbs:
+        logits = gpt(mb["tokens"], mb["position_ids"], None)
+        per_token = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), mb["labels"].reshape(-1), reduction="none"
         )
-        gpt = build_model(cfg, config, initialize=False)
-        with torch.no_grad():
-            for name, p in gpt.named_parameters():
-                p.copy_(trained[name].detach().to(dtype))
-        total = 0.0
-        for mb in mbs:
-            logits = gpt(mb["tokens"], mb["position_ids"], None)
-            per_token = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), mb["labels"].reshape(-1), reduction="none"
-            )
-            mask = mb["loss_mask"].reshape(-1).to(dtype)
-            total = total + (per_token * mask).sum() / mask.sum() / len(mbs)
-        total.backward()
-        grads[dtype] = {n: p.grad.detach().double() for n, p in gpt.named_parameters()}
-    exact, fp32 = grads[torch.float64], grads[torch.float32]
-    errors = {
-        n: ((fp32[n] - g).norm() / g.norm().clamp(min=1e-300)).item() for n, g in exact.items()
-    }
-    gates = [n for n in exact if n.endswith("gpas_gate")]
-    if gates:
-        norm64 = torch.stack([exact[n] for n in gates]).norm()
-        norm32 = torch.stack([fp32[n] for n in gates]).norm()
-        errors["gate_grad_norm"] = ((norm32 - norm64).abs() / norm64).item()
-    return errors
+        mask = mb["loss_mask"].reshape(-1).to(dtype)
+        total = total + (per_token * mask).sum() / mask.sum() / len(mbs)
+    total.backward()
+    return {n: p.grad.detach().double() for n, p in gpt.named_parameters()}
 
 
 def run_cli(argv: list) -> int:

@@ -6,12 +6,13 @@ full gradient of every parameter at the first step (TP shards joined, pipeline s
 distributed-optimizer shards gathered); every parameter, gates included, at the end.
 
 Tolerances. Losses and gradient norms: rel 1e-5. A gradient, and the gates' gradient norm, is
-held to 8 × the single process's own fp32 error, measured against a float64 evaluation of the
-same gradient at the same weights (``fp32_gradient_error``), and never to less than 1e-5: a
-layout sums in another order, so its rounding is of the same order as one process's. A gate
-gradient is one sum over a whole activation with cancellation, so its fp32 error (up to 1e-4
-measured) is far above a weight's (1e-7). bf16 runs are held to twice the largest deviation of
-the single-process bf16 run from the fp32 run.
+held to 8 × its fp32 rounding noise measured in float64 at the same weights
+(``fp32_gradient_error``: the fp32-vs-float64 difference, or the float64 gradient's move under
+weight perturbations of one fp32 rounding, whichever is larger), and never to less than 1e-5:
+a layout sums in another order, so its rounding is of the same order. A gate gradient is one
+sum over a whole activation with cancellation, so its noise (up to 1e-4 measured) is far above
+a weight's (1e-7). Final parameters: the gates rel 1e-5, every tensor rel 1e-4 (norm). bf16 runs
+are held to twice the largest deviation of the single-process bf16 run from the fp32 run.
 
 What a wrong reduction looks like here: a replicated parameter whose gradient differs across
 TP ranks (a sequence-parallel partial sum not all-reduced) fails ``merge_snapshots``; a
@@ -243,7 +244,8 @@ def test_layout_reproduces_every_gradient_and_final_parameter(runs, name, norm_t
         assert abs(final_want[n].item() - PARITY_GATES[int(n.split(".")[2]) % 4]) > 5e-3
         assert _rel(final_got[n].item(), final_want[n].item()) <= REL, n
     for n, p in final_want.items():
-        assert_rel_close(final_got[n], p, 1e-4, f"final {n}")
+        err = ((final_got[n] - p).norm() / p.norm()).item()
+        assert err <= 1e-4, f"final {n}: rel {err:.2e}"
 
 
 @pytest.mark.parametrize("name,norm_type", _cases({k: v for k, v in LAYOUTS.items() if v.bf16}))

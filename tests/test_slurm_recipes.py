@@ -41,17 +41,12 @@ def test_recipe_plans_the_reference_run(name, tmp_path):
         assert cfg.optim.recompute_granularity == "full"
 
 
-@pytest.mark.slow
-def test_7b_recipe_flags_run_together_at_tiny_shape(tmp_path):
-    """The 7B recipe (TP 2, distributed optimizer, full recompute, both clips) at a tiny shape
-    on 2 CPU ranks; sequence parallelism and bf16 are switched off (gloo, CPU)."""
+def _torchrun_recipe(recipe, save, *extra):
     import sys
 
     from megatron_ext.platform.distributed import free_port
 
-    recipe = os.path.join(SLURM, "recipes", "7b_pre_gpas.yaml")
-    save = tmp_path / "ckpt"
-    proc = subprocess.run(
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -72,8 +67,6 @@ def test_7b_recipe_flags_run_together_at_tiny_shape(tmp_path):
             "512",
             "--seq-length",
             "32",
-            "--no-sequence-parallel",
-            "--no-bf16",
             "--micro-batch-size",
             "2",
             "--global-batch-size",
@@ -88,14 +81,66 @@ def test_7b_recipe_flags_run_together_at_tiny_shape(tmp_path):
             "4",
             "--save",
             str(save),
+            "--load",
+            str(save),
             "--log-interval",
             "1",
+            "--num-workers",
+            "0",
+            *extra,
         ],  # fmt: skip
         capture_output=True,
         text=True,
         cwd=ROOT,
     )
+
+
+def _step_lines(save):
+    import json
+
+    return [
+        {k: r[k] for k in ("iteration", "lm_loss", "grad_norm", "gate_grad_norm")}
+        for r in map(json.loads, open(save / "metrics.jsonl"))
+        if "lm_loss" in r
+    ]
+
+
+@pytest.mark.slow
+def test_7b_recipe_flags_train_checkpoint_resume_and_export_at_tiny_shape(tmp_path):
+    """The 7B recipe's flags exactly (bf16, TP 2 + sequence parallelism, distributed optimizer
+    with overlapped reductions, full recompute, both clips) at a tiny shape on 2 CPU ranks:
+    an interrupted run resumes to the same per-step metrics, and its checkpoint exports to
+    Hugging Face and passes the export's verification."""
+    import sys
+
+    recipe = os.path.join(SLURM, "recipes", "7b_pre_gpas.yaml")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    proc = _torchrun_recipe(recipe, straight)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "layout: TP=2 PP=1 DP=1" in proc.stderr
     assert "iter       4/4" in proc.stderr
-    assert (save / "iter_0000004").is_dir()
+    assert (straight / "iter_0000004").is_dir()
+    first = _torchrun_recipe(recipe, split, "--exit-interval", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (split / "iter_0000002").is_dir()
+    resumed = _torchrun_recipe(recipe, split)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from iteration 2" in resumed.stderr
+    assert _step_lines(split) == _step_lines(straight)
+    assert [r["iteration"] for r in _step_lines(split)] == [1, 2, 3, 4]
+    exported = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "convert_to_hf.py"),
+            "--load",
+            str(split),
+            "--output",
+            str(tmp_path / "hf"),
+            "--verify",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "verify passed" in exported.stderr

@@ -65,11 +65,20 @@ def base_args(save, iters=6, **extra):
 
 
 def losses(metrics_path):
-    out = {}
+    return step_metrics(metrics_path)["lm_loss"]
+
+
+STEP_KEYS = ("lm_loss", "grad_norm", "gate_grad_norm")
+
+
+def step_metrics(metrics_path) -> dict:
+    """{key: {iteration: value}} of the per-step loss, gradient norm and gate gradient norm."""
+    out = {k: {} for k in STEP_KEYS}
     for line in open(metrics_path):
         r = json.loads(line)
         if "lm_loss" in r:
-            out[r["iteration"]] = r["lm_loss"]
+            for k in STEP_KEYS:
+                out[k][r["iteration"]] = r[k]
     return out
 
 
@@ -79,11 +88,17 @@ def _run(tmp_path, argv, world=1):
     return codes
 
 
+SP2 = {"tensor_model_parallel_size": 2, "sequence_parallel": True}
+VPP2 = {"pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 1}
+
+
 @pytest.mark.parametrize(
     "layout,world",
     [
         ({}, 1),
         ({"pipeline_model_parallel_size": 2}, 2),
+        (VPP2, 2),
+        (SP2, 2),
         ({"use_distributed_optimizer": True}, 2),
         (
             {
@@ -95,7 +110,7 @@ def _run(tmp_path, argv, world=1):
             2,
         ),
     ],
-    ids=["single", "pp2", "dp2_distopt", "dp2_distopt_overlap"],
+    ids=["single", "pp2", "vpp2", "tp2_sp", "dp2_distopt", "dp2_distopt_overlap"],
 )
 def test_resume_is_exact(tmp_path, layout, world):
     straight = str(tmp_path / "straight")
@@ -104,27 +119,50 @@ def test_resume_is_exact(tmp_path, layout, world):
     _run(tmp_path, base_args(split, exit_interval=3, **layout), world)
     assert open(os.path.join(split, "latest_checkpointed_iteration.txt")).read() == "3"
     _run(tmp_path, base_args(split, **layout), world)
-    a, b = (
-        losses(os.path.join(straight, "metrics.jsonl")),
-        losses(os.path.join(split, "metrics.jsonl")),
-    )
-    assert sorted(a) == sorted(b) == list(range(1, 7))
-    assert a == b  # bit-identical per-step losses, fp32
-    assert a[6] < a[1]
+    a = step_metrics(os.path.join(straight, "metrics.jsonl"))
+    b = step_metrics(os.path.join(split, "metrics.jsonl"))
+    assert sorted(a["lm_loss"]) == sorted(b["lm_loss"]) == list(range(1, 7))
+    assert a == b  # bit-identical per-step losses and gradient norms, fp32
+    assert a["lm_loss"][6] < a["lm_loss"][1]
+    assert all(v > 0 for v in a["gate_grad_norm"].values())
 
 
-def test_resume_under_a_different_tensor_parallel_size(tmp_path):
+# Resumed under another layout: 3 iterations, then 5 more. Adam ε 1e-6 keeps fp32 rounding of
+# near-zero gradient entries from being amplified by lr/ε (see tests/dist_workers.py).
+MOVES = {
+    "tp1_to_tp2_sp": (({}, 1), (SP2, 2)),
+    "tp2_sp_to_tp1": ((SP2, 2), ({}, 1)),
+    "tp2_sp_to_tp2": ((SP2, 2), ({"tensor_model_parallel_size": 2}, 2)),
+    "tp2_to_tp2_sp": (({"tensor_model_parallel_size": 2}, 2), (SP2, 2)),
+    "pp2_to_pp1": (({"pipeline_model_parallel_size": 2}, 2), ({}, 1)),
+    "pp1_to_vpp2": (({}, 1), (VPP2, 2)),
+    # the distributed optimizer's state resharded from 2 data-parallel ranks to 1 and back
+    "dp2_distopt_to_dp1": (
+        ({"use_distributed_optimizer": True}, 2),
+        ({"use_distributed_optimizer": True}, 1),
+    ),
+    "dp1_distopt_to_dp2": (
+        ({"use_distributed_optimizer": True}, 1),
+        ({"use_distributed_optimizer": True}, 2),
+    ),
+}
+
+
+@pytest.mark.parametrize("move", list(MOVES))
+def test_resume_under_another_layout(tmp_path, move):
+    (before, world_before), (after, world_after) = MOVES[move]
+    iters, extra = 8, {"adam_eps": 1e-6}
     straight = str(tmp_path / "straight")
-    _run(tmp_path, base_args(straight))
+    _run(tmp_path, base_args(straight, iters=iters, **extra))
     moved = str(tmp_path / "moved")
-    _run(tmp_path, base_args(moved, exit_interval=3))
-    _run(tmp_path, base_args(moved, tensor_model_parallel_size=2), world=2)
-    a, b = (
-        losses(os.path.join(straight, "metrics.jsonl")),
-        losses(os.path.join(moved, "metrics.jsonl")),
-    )
-    for it in range(1, 7):
-        assert b[it] == pytest.approx(a[it], rel=1e-5), it
+    _run(tmp_path, base_args(moved, iters=iters, exit_interval=3, **before, **extra), world_before)
+    _run(tmp_path, base_args(moved, iters=iters, **after, **extra), world_after)
+    a = step_metrics(os.path.join(straight, "metrics.jsonl"))
+    b = step_metrics(os.path.join(moved, "metrics.jsonl"))
+    for key in STEP_KEYS:
+        assert sorted(b[key]) == list(range(1, iters + 1)), key
+        for it in range(1, iters + 1):
+            assert b[key][it] == pytest.approx(a[key][it], rel=1e-5), (key, it)
 
 
 def _spawn(args, **kw):
