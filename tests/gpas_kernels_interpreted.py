@@ -25,8 +25,42 @@ def branch_output(x: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.randn(x.shape, generator=gen).to(x.dtype)
 
 
+def _through_autograd(x, o, dy, gate, alpha):
+    """The library's autograd Functions (gpas, residual_add_gpas) with the Triton path taken:
+    outputs and every input gradient, plus how many kernel calls ran."""
+    from megatron_ext.gpas import gpas, residual_add_gpas
+
+    out = {}
+    x_ = x.clone().requires_grad_()
+    g_ = gate.clone().requires_grad_()
+    y = gpas(x_, g_)
+    y.backward(dy)
+    out["gpas"] = (y.detach(), x_.grad, g_.grad)
+    for after_add in (True, False):
+        r_, o_ = x.clone().requires_grad_(), o.clone().requires_grad_()
+        g_ = gate.clone().requires_grad_()
+        y = residual_add_gpas(o_, r_, g_, alpha=alpha, after_add=after_add)
+        y.backward(dy)
+        out[f"residual_after_add={after_add}"] = (y.detach(), o_.grad, r_.grad, g_.grad)
+    return out
+
+
 def main(cases_json: str, out_path: str) -> None:
+    from megatron_ext import gpas as gpas_module
     from megatron_ext.kernels import gpas_triton
+
+    # The interpreter runs the kernels on CPU tensors: take the fused path here, as on CUDA,
+    # and count the kernel entry points it reaches.
+    calls = {"n": 0}
+    for name in ("scale", "gate_grad", "residual_add", "gate_grad_of_sum"):
+        kernel = getattr(gpas_triton, name)
+
+        def counted(*args, _kernel=kernel, **kwargs):
+            calls["n"] += 1
+            return _kernel(*args, **kwargs)
+
+        setattr(gpas_triton, name, counted)
+    gpas_module._fused = lambda *tensors: all(t.is_contiguous() for t in tensors)
 
     results = []
     for case in json.loads(cases_json):
@@ -46,6 +80,10 @@ def main(cases_json: str, out_path: str) -> None:
                 "grad_gate_of_sum": gpas_triton.gate_grad_of_sum(dy, x, o, gate, alpha),
             }
         )
+        before = calls["n"]
+        results[-1]["autograd"] = _through_autograd(x, o, dy, gate, alpha)
+        # gpas: scale + gate_grad; each residual placement: residual_add + one gate kernel
+        results[-1]["autograd_kernel_calls"] = calls["n"] - before
     torch.save(results, out_path)
 
 

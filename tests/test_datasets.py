@@ -116,6 +116,7 @@ def test_per_document_protocol(tmp_path):
     first = [train[i]["tokens"][0].item() for i in range(4)]
     second = [train[i]["tokens"][0].item() for i in range(4, 8)]
     assert sorted(first) == sorted(second) == [5, 9, 11, 100]
+    assert first != second
 
 
 def test_order_depends_only_on_seed_and_index(tmp_path, corpus):

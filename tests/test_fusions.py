@@ -1,5 +1,6 @@
 """Fused kernels change speed, not results: the same model with megatron-core's fused SwiGLU
-and bias-dropout-add (torch.compile'd, as on GPU) gives the unfused loss and gradients."""
+and bias-dropout-add (torch.compile'd, as on GPU) gives the unfused loss and gradients, and the
+fused functions really ran."""
 
 import pytest
 import torch
@@ -23,14 +24,37 @@ def _loss_and_grads(norm_type, **fusions):
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-# pre_gpas: GPAS after the fused add; deeppost_gpas: GPAS and α on the shortcut, then the
-# fused add, then the post-add norm.
-@pytest.mark.parametrize("norm_type", ["pre_gpas", "deeppost_gpas"])
-def test_fused_swiglu_and_residual_add_match_unfused(norm_type):
+def _count_calls(monkeypatch, module, name, calls):
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls[name] = calls.get(name, 0) + 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+
+
+# pre, deeppost: the residual add goes through megatron-core's bias-dropout-add (deeppost with
+# α on the shortcut, then the post-add norm). GPAS types fold their add into the GPAS op, so
+# for them only the SwiGLU fusion applies.
+@pytest.mark.parametrize(
+    "norm_type,fused_adds",
+    [("pre", 8), ("deeppost", 8), ("pre_gpas", 0), ("deeppost_gpas", 0)],
+)
+def test_fused_swiglu_and_residual_add_match_unfused(monkeypatch, norm_type, fused_adds):
+    from megatron.core.fusions import fused_bias_dropout
+    from megatron.core.transformer import mlp
+
     loss, grads = _loss_and_grads(norm_type)
+    calls: dict = {}
+    _count_calls(monkeypatch, fused_bias_dropout, "bias_dropout_add_fused_train", calls)
+    _count_calls(monkeypatch, mlp, "bias_swiglu_impl", calls)
     fused_loss, fused_grads = _loss_and_grads(
         norm_type, bias_activation_fusion=True, bias_dropout_fusion=True
     )
+    # 4 layers: one fused SwiGLU each, two residual adds each where they are not GPAS's
+    assert calls.get("bias_swiglu_impl") == 4
+    assert calls.get("bias_dropout_add_fused_train", 0) == fused_adds
     assert fused_loss == pytest.approx(loss, rel=1e-6)
     assert grads.keys() == fused_grads.keys()
     for name, grad in grads.items():

@@ -71,7 +71,41 @@ def test_kernels_match_the_spec(kernel_outputs, index):
     # sigmoid differs from torch's in the last fp32 bit.)
     torch.testing.assert_close(y.double(), y_ref, rtol=2**-7 if bf16 else 1e-6, atol=1e-6)
     torch.testing.assert_close(grad.double(), dg_ref, rtol=1e-2 if bf16 else 1e-5, atol=1e-5)
-    assert torch.equal(dx_ref, dy.double())  # the spec's activation gradient is dy itself
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=lambda i: json.dumps(CASES[i]))
+def test_autograd_functions_on_the_kernels_match_the_spec(kernel_outputs, index):
+    """gpas() and residual_add_gpas() with their Triton path: the dispatch and the autograd
+    wiring (which gradient goes where, the activation gradient passed through unscaled)."""
+    case = CASES[index]
+    x, dy, gate = case_inputs(case["n"], case["dtype"], case["g0"], case["seed"])
+    o = branch_output(x, case["seed"])
+    alpha = case.get("alpha", 1.0)
+    out = kernel_outputs[index]
+    assert out["autograd_kernel_calls"] == 6  # every op below ran on the kernels
+    bf16 = x.dtype == torch.bfloat16
+    rtol, grad_rtol = (2**-7, 1e-2) if bf16 else (1e-6, 1e-5)
+    y_ref, dx_ref, dg_ref = _reference(x, gate, dy)
+    y, dx, dg = out["autograd"]["gpas"]
+    torch.testing.assert_close(y.double(), y_ref, rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(dx.double(), dx_ref, rtol=0, atol=0)  # ∂L/∂x = ∂L/∂y exactly
+    torch.testing.assert_close(dg.double(), dg_ref, rtol=grad_rtol, atol=1e-5)
+    r64, o64, dy64 = x.double(), o.double(), dy.double()
+    for after_add in (True, False):
+        r_ = r64.clone().requires_grad_()
+        o_ = o64.clone().requires_grad_()
+        g_ = gate.double().clone().requires_grad_()
+        if after_add:  # the spec's composition G(α·r + o), written out
+            h = alpha * r_ + o_
+            want = h - F.silu(g_) * h.detach()
+        else:  # α·G(r) + o
+            want = alpha * (r_ - F.silu(g_) * r_.detach()) + o_
+        want.backward(dy64)
+        y, d_o, d_r, d_g = out["autograd"][f"residual_after_add={after_add}"]
+        torch.testing.assert_close(y.double(), want.detach(), rtol=rtol, atol=1e-5)
+        torch.testing.assert_close(d_o.double(), o_.grad, rtol=0, atol=0)
+        torch.testing.assert_close(d_r.double(), r_.grad, rtol=2**-8 if bf16 else 2**-23, atol=0)
+        torch.testing.assert_close(d_g.double(), g_.grad, rtol=grad_rtol, atol=1e-4)
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=lambda i: json.dumps(CASES[i]))

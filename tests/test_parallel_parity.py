@@ -21,7 +21,9 @@ gradient summed instead of averaged over DP is 2× off.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -114,6 +116,11 @@ class Runs:
     def __init__(self, root):
         self.root = root
         self.cache: dict = {}
+        self.worst: dict = {}  # layout → measure → worst relative difference seen
+
+    def record(self, layout: str, measure: str, value: float) -> None:
+        per_layout = self.worst.setdefault(layout, {})
+        per_layout[measure] = max(per_layout.get(measure, 0.0), value)
 
     def _run(self, key, world, layout: dict, norm_types, **kwargs):
         if key not in self.cache:
@@ -163,7 +170,14 @@ class Runs:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return Runs(tmp_path_factory.mktemp("parity"))
+    """The runs; with PARITY_REPORT=FILE the worst differences measured per layout are written
+    there as JSON at the end (the README's table)."""
+    runs = Runs(tmp_path_factory.mktemp("parity"))
+    yield runs
+    report = os.environ.get("PARITY_REPORT")
+    if report:
+        with open(report, "w") as f:
+            json.dump(runs.worst, f, indent=1, sort_keys=True)
 
 
 def _rel(a: float, b: float) -> float:
@@ -182,7 +196,7 @@ def _cases(layouts):
     ]
 
 
-def _check_per_step(single, per_rank, norm_type, bounds):
+def _check_per_step(single, per_rank, norm_type, bounds, record):
     """Loss, global gradient norm and gate gradient norm of every step, on every rank."""
     loss_bound, gn_bound, ggn_bounds = bounds
     ref = single[0]
@@ -192,13 +206,16 @@ def _check_per_step(single, per_rank, norm_type, bounds):
     assert len(losses) == PARITY_STEPS
     for step in range(PARITY_STEPS):
         a, b = ref["losses"][step], losses[step]
+        record("loss", _rel(b, a))
         assert _rel(b, a) <= loss_bound, f"step {step + 1} loss: single {a} vs {b}"
         for rank, r in enumerate(per_rank):
             a, b = ref["grad_norms"][step], r["grad_norms"][step]
+            record("grad_norm", _rel(b, a))
             assert _rel(b, a) <= gn_bound, f"step {step + 1} grad norm, rank {rank}: {a} vs {b}"
             if norm_type.endswith("_gpas"):
                 a, b = ref["gate_grad_norms"][step], r["gate_grad_norms"][step]
                 assert a > 0
+                record("gate_grad_norm", _rel(b, a))
                 assert _rel(b, a) <= ggn_bounds[step], (
                     f"step {step + 1} gate grad norm, rank {rank}: {a} vs {b} "
                     f"(bound {ggn_bounds[step]:.2e})"
@@ -219,7 +236,9 @@ def test_layout_reproduces_single_process_steps(runs, name, norm_type):
     spec = FP32_LAYOUTS[name]
     single = runs.reference(*spec.reference)[norm_type]
     per_rank = runs.layout(name)[norm_type]
-    _check_per_step(single, per_rank, norm_type, _fp32_bounds(single))
+    _check_per_step(
+        single, per_rank, norm_type, _fp32_bounds(single), lambda *m: runs.record(name, *m)
+    )
     assert all(r["buckets"] >= spec.min_buckets for r in per_rank), [r["buckets"] for r in per_rank]
 
 
@@ -235,6 +254,8 @@ def test_layout_reproduces_every_gradient_and_final_parameter(runs, name, norm_t
     for pname, g in want.items():
         bound = max(REL, FP32_ERROR_FACTOR * fp32_error[pname])
         err = ((got[pname] - g).norm() / g.norm()).item()
+        runs.record(name, "gate_gradient" if pname.endswith("gpas_gate") else "gradient", err)
+        runs.record(name, "gradient_vs_bound", err / bound)
         assert err <= bound, f"{pname}: gradient rel error {err:.2e} > bound {bound:.2e}"
     final_want = merge_snapshots([single[0]["final"]])
     final_got = merge_snapshots([r["final"] for r in per_rank])
@@ -242,6 +263,7 @@ def test_layout_reproduces_every_gradient_and_final_parameter(runs, name, norm_t
     assert bool(gates) == norm_type.endswith("_gpas")
     for n in gates:  # the gates moved, and moved the same way
         assert abs(final_want[n].item() - PARITY_GATES[int(n.split(".")[2]) % 4]) > 5e-3
+        runs.record(name, "final_gate", _rel(final_got[n].item(), final_want[n].item()))
         assert _rel(final_got[n].item(), final_want[n].item()) <= REL, n
     for n, p in final_want.items():
         err = ((final_got[n] - p).norm() / p.norm()).item()
@@ -263,7 +285,11 @@ def test_bf16_layout_within_bf16_rounding(runs, name, norm_type):
     ggn_bound = [2 * worst("gate_grad_norms")] * PARITY_STEPS if norm_type.endswith("_gpas") else []
     assert 0 < loss_bound < 0.05 and 0 < gn_bound < 0.5  # bf16 does round, and not wildly
     _check_per_step(
-        bf16, runs.layout(name)[norm_type], norm_type, (loss_bound, gn_bound, ggn_bound)
+        bf16,
+        runs.layout(name)[norm_type],
+        norm_type,
+        (loss_bound, gn_bound, ggn_bound),
+        lambda *m: runs.record(name, *m),
     )
 
 

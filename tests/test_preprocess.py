@@ -207,12 +207,17 @@ def test_killed_run_leaves_nothing_that_passes_as_complete(tmp_path, english_doc
     )
     deadline = time.time() + 60
     shards = tmp_path / "o_shards"
-    while time.time() < deadline and not (
-        shards.exists() and any(f.endswith(".tmp") for f in os.listdir(shards))
-    ):
-        time.sleep(0.05)
+    partial = []
+    while time.time() < deadline and not partial:
+        if shards.exists():
+            partial = [f for f in os.listdir(shards) if f.endswith(".tmp")]
+        if not partial:
+            time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert partial, "the run finished or never started writing before it could be killed"
+    # The kill interrupted a write: the half-written shard is still only a temporary file.
+    assert any(os.path.exists(shards / f) for f in partial)
     for i in range(6):
         prefix = str(shards / f"s{i}_text_document")
         if os.path.exists(prefix + ".idx"):

@@ -29,6 +29,7 @@ from typing import Optional
 
 import numpy as np
 
+from megatron_ext.data.dataset_info import DatasetInfo, merged_info, tokenizer_fingerprint
 from megatron_ext.data.indexed_writer import (
     IndexedDatasetWriter,
     is_complete,
@@ -194,6 +195,7 @@ def _init_worker(cfg: PreprocessConfig, threads: int, counters) -> None:
         threads=threads,
         counters=counters,
         tokenizer=build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model, cfg.eod_id),
+        fingerprint=tokenizer_fingerprint(cfg.tokenizer_model),
     )
 
 
@@ -252,6 +254,7 @@ def process_shard(shard: Shard) -> ShardResult:
     parsed: queue.Queue = queue.Queue(maxsize=4)
     encoded: queue.Queue = queue.Queue(maxsize=2)
     position = [0]
+    per_key = {key: {"documents": 0, "tokens": 0, "max_token_id": -1} for key in cfg.json_keys}
 
     def write(item):
         key_ids, offset = item
@@ -259,6 +262,11 @@ def process_shard(shard: Shard) -> ShardResult:
             tokens, lengths = _flatten(tokenizer, ids, cfg.append_eod, dtype)
             if writers:
                 writers[key].add_documents(tokens, lengths)
+            stats = per_key[key]
+            stats["documents"] += len(lengths)
+            stats["tokens"] += len(tokens)
+            if len(tokens):
+                stats["max_token_id"] = max(stats["max_token_id"], int(tokens.max()))
             if key == cfg.json_keys[0]:
                 result.documents += len(lengths)
                 with docs_done.get_lock():
@@ -285,8 +293,9 @@ def process_shard(shard: Shard) -> ShardResult:
         writer_thread.join()
         if writer_thread.errors:
             raise writer_thread.errors[0]
-        for writer in writers.values():
+        for key, writer in writers.items():
             writer.finalize()
+            _describe(tokenizer, _worker["fingerprint"], per_key[key]).write(writer.prefix)
     except (InputError, OSError) as err:
         _abort(writers, encoded, writer_thread, parsed, reader_thread)
         result.error = str(err)
@@ -299,6 +308,19 @@ def process_shard(shard: Shard) -> ShardResult:
     result.examples = [str(s) for s in reader.stats.examples]
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _describe(tokenizer: Tokenizer, fingerprint: str, stats: dict) -> DatasetInfo:
+    from megatron_ext import __version__
+
+    return DatasetInfo(
+        tokenizer_type=tokenizer.kind,
+        tokenizer_fingerprint=fingerprint,
+        vocab_size=tokenizer.vocab_size,
+        eod_id=tokenizer.eod,
+        tool_version=__version__,
+        **stats,
+    )
 
 
 def _read_into(reader: RecordReader, out: queue.Queue, batch_docs: int) -> None:
@@ -463,6 +485,9 @@ def _merge(cfg: PreprocessConfig, shards: list, summary: Summary, start: float) 
             )
         out = merged_prefix(cfg.output_prefix, key)
         merge_datasets(prefixes, out)
+        infos = [DatasetInfo.read(p) for p in prefixes]
+        if all(infos):  # shards made before sidecars existed leave the merged one without
+            merged_info(infos).write(out)
         summary.merged.append(out)
     summary.seconds = time.perf_counter() - start
     return summary

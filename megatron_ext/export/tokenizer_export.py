@@ -16,6 +16,8 @@ import shutil
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron_ext.data.dataset_info import tokenizer_fingerprint
+
 SPM_UNIGRAM, SPM_BPE = 1, 2
 _NORMAL, _UNKNOWN, _CONTROL = 1, 2, 3  # SentencePiece piece types
 
@@ -142,6 +144,8 @@ def export_tokenizer(tokenizer_type: str, path: str, out_dir: str) -> SpecialIds
     else:
         raise ValueError(f"cannot export a {tokenizer_type}")
     config = {
+        # the trained-with tokenizer, as preprocessing recorded it next to each dataset
+        "gpas_tokenizer_fingerprint": tokenizer_fingerprint(path),
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": 1_000_000_000,
         "add_bos_token": False,  # training never prepended BOS (documents end with EOD)

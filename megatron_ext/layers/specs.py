@@ -58,9 +58,10 @@ class _Modules:
 
 def _local_modules() -> _Modules:
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    return _Modules(RMSNorm, ColumnParallelLinear, RowParallelLinear, DotProductAttention, None)
+    from megatron_ext.layers.core_attention import LocalCoreAttention
+
+    return _Modules(RMSNorm, ColumnParallelLinear, RowParallelLinear, LocalCoreAttention, None)
 
 
 def _te_modules() -> _Modules:

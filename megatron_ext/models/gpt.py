@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -112,6 +113,12 @@ def build_model(
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     vocab = model.padded_vocab_size()
+    if transformer_impl == "local":
+        # GPTModel records the attention backend in Transformer Engine's NVTE_*_ATTN variables
+        # and refuses a later model whose backend disagrees with them; they steer only TE, so
+        # models of the local spec (SDPA or megatron-core's attention) start from a clean slate.
+        for name in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
+            os.environ.pop(name, None)
     if vocab % tp_size:
         raise ConfigError(
             f"--make-vocab-size-divisible-by: padded vocabulary {vocab} is not divisible by TP "

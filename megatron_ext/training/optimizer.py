@@ -7,6 +7,7 @@ factor = min(1, max_norm / (norm + 1e-6))), then the update.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.transformer.module import param_is_not_shared
 
 from megatron_ext.layers.transformer_layer import is_gpas_gate
+from megatron_ext.training.grad_norm import use_foreach_l2_norm
 
 
 @dataclass
@@ -28,8 +30,19 @@ class StepResult:
     gate_grad_norm: Optional[float]
 
 
-def build_optimizer(model_chunks, config: OptimizerConfig):
+def build_optimizer(
+    model_chunks,
+    config: OptimizerConfig,
+    *,
+    fused_adam: bool = False,
+    foreach_grad_norm: bool = True,
+):
     """get_megatron_optimizer with megatron-core's standard groups.
+
+    ``fused_adam``: torch's fused Adam kernel (one launch for all parameters; CUDA and CPU)
+    instead of its per-tensor-list ``foreach`` implementation, where megatron-core falls back to
+    torch's optimizers (no TE/Apex). ``foreach_grad_norm``: gradient norms for clipping without a
+    host sync per parameter (:mod:`megatron_ext.training.grad_norm`).
 
     The gates (shape [1]) fall under the standard no-weight-decay rule. They are deliberately
     not given a group of their own: megatron-core 0.16.1 matches saved and current param groups
@@ -37,11 +50,38 @@ def build_optimizer(model_chunks, config: OptimizerConfig):
     could not be told apart on checkpoint load. Gate clipping finds the gates' main parameters
     through the optimizer's model→main parameter mapping instead (:func:`gate_main_params`).
     """
-    optimizer = get_megatron_optimizer(config, model_chunks)
+    use_foreach_l2_norm(foreach_grad_norm)
+    with _torch_adam_fused(fused_adam):
+        optimizer = get_megatron_optimizer(config, model_chunks)
     for sub in _sub_optimizers(optimizer):
         if hasattr(sub, "get_parameter_state_dp_zero"):
             _keep_bucket_padding_in_dp_zero_state(sub)
     return optimizer
+
+
+@contextlib.contextmanager
+def _torch_adam_fused(enabled: bool):
+    """While megatron-core builds its optimizer, torch's Adam/AdamW come with ``fused=True``."""
+    if not enabled:
+        yield
+        return
+    originals = torch.optim.Adam, torch.optim.AdamW
+
+    def fused(cls):
+        return type(cls.__name__, (cls,), {"__init__": _fused_init(cls)})
+
+    torch.optim.Adam, torch.optim.AdamW = fused(torch.optim.Adam), fused(torch.optim.AdamW)
+    try:
+        yield
+    finally:
+        torch.optim.Adam, torch.optim.AdamW = originals
+
+
+def _fused_init(cls):
+    def __init__(self, params, **kwargs):
+        cls.__init__(self, params, fused=True, **kwargs)
+
+    return __init__
 
 
 def _keep_bucket_padding_in_dp_zero_state(dist_optimizer) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron.core.transformer.enums import AttnBackend
+
 from megatron_ext.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_ext.data.datasets import DataConfig
 
@@ -14,6 +16,7 @@ FP8_FORMATS = ("hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "tensorwise")
 FP8_AMAX_ALGOS = ("max", "most_recent")
 DEVICES = ("cuda", "cpu")
+ATTENTION_BACKENDS = tuple(b.name for b in AttnBackend)
 
 
 @dataclass
@@ -21,6 +24,8 @@ class TokenizerConfig:
     tokenizer_type: str = "NullTokenizer"
     tokenizer_model: Optional[str] = None
     eod_id: Optional[int] = None
+    # Train on data whose sidecar names another tokenizer (a deliberate choice).
+    override_tokenizer_check: bool = False
 
 
 @dataclass
@@ -51,6 +56,11 @@ class OptimConfig:
     seed: int = 42
     freeze_gates: bool = False
     nan_skip_limit: int = 10
+    # torch's fused Adam kernel where megatron-core uses torch's optimizer (no TE/Apex);
+    # None: on with --device cuda.
+    use_fused_adam: Optional[bool] = None
+    # gradient norms for clipping without a host sync per parameter (no TE/Apex)
+    foreach_grad_norm: bool = True
 
     def fp8_transformer_config(self) -> dict:
         """TransformerConfig fields of the FP8 settings (empty without --fp8-format)."""
@@ -105,6 +115,9 @@ class FusionConfig:
     bias_dropout_fusion: Optional[bool] = None
     rope_fusion: Optional[bool] = None
     cross_entropy_loss_fusion: bool = False
+    # Megatron-LM's flag. With --transformer-impl local: auto = PyTorch's fused SDPA, local =
+    # megatron-core's DotProductAttention; with Transformer Engine any of TE's backends.
+    attention_backend: str = "auto"
 
     def transformer_config(self, device: str, transformer_impl: str) -> dict:
         """TransformerConfig fields, with the defaults resolved for this device and backend."""
@@ -120,6 +133,7 @@ class FusionConfig:
                 self.rope_fusion, on_gpu and transformer_impl == "transformer_engine"
             ),
             "cross_entropy_loss_fusion": self.cross_entropy_loss_fusion,
+            "attention_backend": AttnBackend[self.attention_backend],
         }
 
 
@@ -284,6 +298,18 @@ class RunConfig:
             "--rope-fusion",
             "is a Transformer Engine kernel: needs --device cuda and "
             "--transformer-impl transformer_engine (or pass --no-rope-fusion)",
+        )
+        _req(
+            self.fusion.attention_backend in ATTENTION_BACKENDS,
+            "--attention-backend",
+            f"choose one of {ATTENTION_BACKENDS}",
+        )
+        _req(
+            self.transformer_impl == "transformer_engine"
+            or self.fusion.attention_backend in ("auto", "local"),
+            "--attention-backend",
+            "flash, fused and unfused are Transformer Engine's backends; with "
+            "--transformer-impl local choose auto (PyTorch SDPA) or local",
         )
         _req(
             not self.fusion.cross_entropy_loss_fusion or o.bf16,

@@ -14,14 +14,15 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_ext.config import ConfigError
 from megatron_ext.data.datasets import build_datasets
 from megatron_ext.data.sampler import build_data_loader
-from megatron_ext.data.tokenizers import build_tokenizer
+from megatron_ext.data.tokenizers import TokenizerError, build_tokenizer
 from megatron_ext.models.gates import freeze_gates, gate_values
 from megatron_ext.models.gpt import build_model_chunks, build_transformer_config
 from megatron_ext.models.params import count_parameters
 from megatron_ext.platform.distributed import init_distributed
-from megatron_ext.training import checkpointing, telemetry
+from megatron_ext.training import checkpointing, preflight, telemetry
 from megatron_ext.training.evaluation import evaluate
 from megatron_ext.training.flops import device_peak_tflops, flops_per_iteration
 from megatron_ext.training.metrics import MetricsWriter, format_step_line
@@ -54,9 +55,14 @@ def _vocab_and_eod(cfg: RunConfig) -> tuple[int, int]:
     if t.tokenizer_type == "NullTokenizer":
         # Megatron's null tokenizer: ids < vocab_size, EOD = vocab_size (hence one more row).
         return cfg.model.vocab_size + 1, t.eod_id if t.eod_id is not None else cfg.model.vocab_size
-    tok = build_tokenizer(t.tokenizer_type, t.tokenizer_model, t.eod_id)
+    try:
+        tok = build_tokenizer(t.tokenizer_type, t.tokenizer_model, t.eod_id)
+    except TokenizerError as err:
+        raise ConfigError(f"{err}; check the flag") from err
     if tok.eod is None:
-        raise ValueError(f"--eod-id: tokenizer {t.tokenizer_model} has no end-of-document token")
+        raise ConfigError(
+            f"--eod-id: tokenizer {t.tokenizer_model} has no end-of-document token; pass --eod-id N"
+        )
     return tok.vocab_size, tok.eod
 
 
@@ -68,6 +74,8 @@ class Trainer:
         vocab, self.eod = _vocab_and_eod(cfg)
         cfg.model = dataclasses.replace(cfg.model, vocab_size=vocab)
         cfg.model.validate()
+        # Files against flags, before anything is built or written.
+        self.undescribed_data = preflight.check_run(cfg, self.eod)
         self.gbs = cfg.global_batch_size(self.world_size)
         self.num_micro = cfg.num_microbatches(self.world_size)
         self.iteration = 0
@@ -123,6 +131,8 @@ class Trainer:
                 clip_grad=0.0,
                 use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
             ),
+            fused_adam=cfg.device == "cuda" if o.use_fused_adam is None else o.use_fused_adam,
+            foreach_grad_norm=o.foreach_grad_norm,
         )
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
@@ -155,6 +165,13 @@ class Trainer:
                 self.consumed_samples,
             )
         self._build_data()
+        if self.undescribed_data:
+            logger.warning(
+                "%s: no %s description (made before sidecars existed): the tokenizer cannot "
+                "be checked; token ids are checked batch by batch",
+                ", ".join(self.undescribed_data),
+                ".meta.json",
+            )
         self._open_metrics(run_state)
         count = count_parameters(cfg.model)
         logger.info(
@@ -198,7 +215,7 @@ class Trainer:
             dp,
             num_workers=cfg.num_workers,
         )
-        self.train_iterators = self._per_chunk(iter(loader))
+        self.train_iterators = self._per_chunk(self._checked(iter(loader)))
         self._valid_loader_args = (o.micro_batch_size, dp_rank, dp)
 
     def _per_chunk(self, iterator):
@@ -207,7 +224,13 @@ class Trainer:
     def _valid_iterators(self):
         mbs, dp_rank, dp = self._valid_loader_args
         loader = build_data_loader(self.valid_ds, 0, mbs, dp_rank, dp, num_workers=0)
-        return self._per_chunk(iter(loader))
+        return self._per_chunk(self._checked(iter(loader)))
+
+    def _checked(self, iterator):
+        """Datasets without a sidecar get their token ids checked batch by batch."""
+        if not self.undescribed_data:
+            return iterator
+        return preflight.checked_batches(iterator, self.cfg.model.vocab_size, self.undescribed_data)
 
     def _open_metrics(self, run_state) -> None:
         cfg = self.cfg

@@ -1,0 +1,202 @@
+"""Checks of a run's files against its flags, before anything is built or written.
+
+Each problem raises :class:`ConfigError` as one line ``<flag or file>: <what is wrong>; <what to
+do>``, which ``pretrain_gpas.py`` prints as ``error: …`` with exit code 2. Nothing here writes.
+
+What may change when a run resumes from a checkpoint, and what may not (``ARCHITECTURE``):
+the parameters' shapes and the function the model computes are fixed by the checkpoint; the
+layout (TP, PP, virtual stages, sequence parallelism, DP, distributed optimizer, overlap),
+batch sizes, learning-rate schedule, iterations, precision, recomputation, fusions, data and
+logging may change (the optimizer state is saved reshardable). Initialisation-only settings
+(init stds, the DeepNorm init, the gate's initial value) are ignored on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Optional
+
+import numpy as np
+
+from megatron_ext.config import ConfigError, ModelConfig, flag
+from megatron_ext.data.dataset_info import DatasetInfo, sidecar_path, tokenizer_fingerprint
+from megatron_ext.data.datasets import DataConfig, parse_blend
+from megatron_ext.data.indexed_writer import bin_path, idx_path, read_index
+
+logger = logging.getLogger("gpas")
+
+#: Model fields a resumed or fine-tuned run must share with its checkpoint.
+ARCHITECTURE = (
+    "norm_type",
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "ffn_hidden_size",
+    "vocab_size",
+    "make_vocab_size_divisible_by",
+    "post_num",
+    "lns_mode",
+    "rotary_base",
+    "layernorm_epsilon",
+    "untie_embeddings_and_output_weights",
+)
+_DATA_FLAGS = ("data_path", "train_data_path", "valid_data_path", "test_data_path")
+
+
+def dataset_prefixes(data: DataConfig) -> list[tuple[str, str]]:
+    """(flag, prefix) of every dataset the run reads."""
+    out = []
+    for name in _DATA_FLAGS:
+        blend = parse_blend(getattr(data, name), flag_name=name)
+        if blend:
+            out += [(flag(name), prefix) for prefix in blend[0]]
+    return out
+
+
+def check_dataset_files(flag_name: str, prefix: str) -> None:
+    """.bin and .idx exist, the .idx is one, and the .bin holds exactly what the .idx says."""
+    missing = [p for p in (bin_path(prefix), idx_path(prefix)) if not os.path.isfile(p)]
+    if missing:
+        raise ConfigError(
+            f"{flag_name}: {' and '.join(missing)} not found (a dataset prefix names "
+            f"PREFIX.bin and PREFIX.idx); check the path, or preprocess the data with "
+            "tools/preprocess_data.py"
+        )
+    try:
+        dtype, lengths = read_index(idx_path(prefix))
+    except ValueError as err:
+        raise ConfigError(f"{err}; preprocess the data again") from err
+    expected = int(lengths.astype(np.int64).sum()) * np.dtype(dtype).itemsize
+    actual = os.path.getsize(bin_path(prefix))
+    if actual != expected:
+        state = "cut short (an unfinished copy?)" if actual < expected else "too long"
+        raise ConfigError(
+            f"{bin_path(prefix)}: holds {actual:,} bytes but its .idx describes {expected:,} "
+            f"({len(lengths):,} documents), the file is {state}; copy it again or preprocess "
+            "the data again"
+        )
+
+
+def check_dataset_info(
+    flag_name: str,
+    prefix: str,
+    *,
+    vocab_size: int,
+    tokenizer_type: str,
+    tokenizer_model: Optional[str],
+    eod_id: int,
+    override_tokenizer_check: bool,
+) -> Optional[DatasetInfo]:
+    """The dataset's sidecar against the run's tokenizer and vocabulary (None: no sidecar)."""
+    try:
+        info = DatasetInfo.read(prefix)
+    except ValueError as err:
+        raise ConfigError(f"{err}; delete it to train without the check") from err
+    if info is None:
+        return None
+    if info.max_token_id >= vocab_size:
+        vocab_flag = "--vocab-size" if tokenizer_type == "NullTokenizer" else "--tokenizer-model"
+        raise ConfigError(
+            f"{vocab_flag}: the model's vocabulary has {vocab_size:,} ids but {prefix} holds "
+            f"token id {info.max_token_id:,} (made with a {info.vocab_size:,}-piece "
+            f"{info.tokenizer_type}); train with the tokenizer the data was made with"
+        )
+    if tokenizer_model is None or override_tokenizer_check:
+        return info
+    mismatch = []
+    own = tokenizer_fingerprint(tokenizer_model)
+    if info.tokenizer_fingerprint != own:
+        mismatch.append(f"tokenizer file {info.tokenizer_fingerprint[:19]}… vs {own[:19]}…")
+    if info.eod_id is not None and info.eod_id != eod_id:
+        mismatch.append(f"EOD id {info.eod_id} vs {eod_id}")
+    if mismatch:
+        raise ConfigError(
+            f"--tokenizer-model: {prefix} was made with another tokenizer "
+            f"({'; '.join(mismatch)}, per {sidecar_path(prefix)}): the same text would get "
+            "other ids; train with the tokenizer the data was made with, or pass "
+            "--override-tokenizer-check if this is deliberate"
+        )
+    return info
+
+
+def check_checkpoint_architecture(model: ModelConfig, saved: dict, directory: str) -> None:
+    """Every architecture field of the command line equals the checkpoint's."""
+    current = _resolved(model)
+    differ = []
+    for name in ARCHITECTURE:
+        if name in saved and _resolved_saved(saved, name) != current[name]:
+            differ.append(
+                f"{flag(name)} {current[name]} (checkpoint: {_resolved_saved(saved, name)})"
+            )
+    if differ:
+        raise ConfigError(
+            f"--load: {directory} holds another architecture: {', '.join(differ)}; use the "
+            "checkpoint's values, or a new --load/--save directory for a new model"
+        )
+
+
+def _resolved(model: ModelConfig) -> dict:
+    values = {name: getattr(model, name) for name in ARCHITECTURE}
+    values["num_query_groups"] = model.query_groups
+    values["post_num"] = model.resolved_post_num
+    return values
+
+
+def _resolved_saved(saved: dict, name: str):
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return _resolved(ModelConfig(**{k: v for k, v in saved.items() if k in known}))[name]
+
+
+def check_run(cfg, eod_id: int) -> list[str]:
+    """Every file the run reads, against its flags. Returns the dataset prefixes made before
+    sidecars existed (their token ids are checked batch by batch instead)."""
+    from megatron_ext.training import checkpointing
+
+    undescribed = []
+    t = cfg.tokenizer
+    for flag_name, prefix in dataset_prefixes(cfg.data):
+        check_dataset_files(flag_name, prefix)
+        info = check_dataset_info(
+            flag_name,
+            prefix,
+            vocab_size=cfg.model.vocab_size,
+            tokenizer_type=t.tokenizer_type,
+            tokenizer_model=t.tokenizer_model,
+            eod_id=eod_id,
+            override_tokenizer_check=t.override_tokenizer_check,
+        )
+        if info is None:
+            undescribed.append(prefix)
+    load = cfg.checkpoint.load
+    if load:
+        try:
+            directory = checkpointing.latest_checkpoint_dir(load)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"{err}; point --load at a complete checkpoint") from err
+        if directory is not None:
+            saved = checkpointing.read_run_state(directory).get("config", {}).get("model")
+            if saved:
+                check_checkpoint_architecture(cfg.model, saved, directory)
+    return undescribed
+
+
+class TokenIdError(ConfigError):
+    """A batch holds a token id outside the model's vocabulary."""
+
+
+def checked_batches(iterator, vocab_size: int, prefixes: list[str]):
+    """Pass batches through, refusing one whose token ids do not fit the model (a host-side
+    check for datasets without a sidecar, before the batch reaches the device)."""
+    for batch in iterator:
+        for key in ("tokens", "labels"):
+            top = int(batch[key].max())
+            if top >= vocab_size:
+                raise TokenIdError(
+                    f"{' '.join(prefixes)}: a batch holds token id {top:,}, outside the "
+                    f"model's vocabulary of {vocab_size:,} ids; train with the tokenizer (or "
+                    "--vocab-size) the data was made with"
+                )
+        yield batch
