@@ -37,7 +37,9 @@ def make_dataset(prefix: str, gigabytes: float, seed: int = 0) -> int:
     with open(bin_path(prefix), "wb") as f:
         f.truncate(total * 2)  # sparse: the checks read sizes, not contents
     write_index(idx_path(prefix), np.uint16, lengths)
-    DatasetInfo("SentencePieceTokenizer", "sha256:0", 32000, 1, 31999, len(lengths), total, "bench").write(prefix)
+    DatasetInfo(
+        "SentencePieceTokenizer", "sha256:0", 32000, 1, 31999, len(lengths), total, "bench"
+    ).write(prefix)
     return len(lengths)
 
 

@@ -64,7 +64,7 @@ def _args(save, *extra, data=None, tokenizer=None, iters=2):
     if data is None:
         args += ["--mock-data", "--vocab-size", "512"]
     else:
-        args += ["--data-path", data]
+        args += ["--data-path", data, "--split", "90,10,0"]
     if tokenizer is not None:
         args += ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tokenizer]
     return args + list(extra)
@@ -208,6 +208,17 @@ def test_a_missing_dataset_prefix_names_the_flag(capsys, tmp_path, dataset):
     argv += ["--train-data-path", nope, "--valid-data-path", dataset]
     line = _refused(capsys, argv)
     assert line.startswith(f"error: --train-data-path: {nope}.bin and {nope}.idx not found")
+    assert not save.exists()
+
+
+def test_a_split_without_documents_is_refused_rather_than_hanging(capsys, dataset, tmp_path):
+    """150 documents × 1/1000 rounds to no test document; megatron-core would loop forever."""
+    save = tmp_path / "run"
+    argv = _args(save, "--vocab-size", "32000", data=dataset)
+    argv += ["--split", "969,30,1"]
+    line = _refused(capsys, argv)
+    assert line.startswith("error: --split: the test share of '969,30,1' is no whole document")
+    assert dataset in line and "150 documents" in line
     assert not save.exists()
 
 

@@ -56,8 +56,9 @@ def dataset_prefixes(data: DataConfig) -> list[tuple[str, str]]:
     return out
 
 
-def check_dataset_files(flag_name: str, prefix: str) -> None:
-    """.bin and .idx exist, the .idx is one, and the .bin holds exactly what the .idx says."""
+def check_dataset_files(flag_name: str, prefix: str) -> int:
+    """.bin and .idx exist, the .idx is one, and the .bin holds exactly what the .idx says.
+    Returns the number of documents."""
     missing = [p for p in (bin_path(prefix), idx_path(prefix)) if not os.path.isfile(p)]
     if missing:
         raise ConfigError(
@@ -78,6 +79,35 @@ def check_dataset_files(flag_name: str, prefix: str) -> None:
             f"({len(lengths):,} documents), the file is {state}; copy it again or preprocess "
             "the data again"
         )
+    return len(lengths)
+
+
+_SPLIT_NAMES = ("train", "validation", "test")
+
+
+def check_split_sizes(prefix: str, num_documents: int, split: str) -> None:
+    """Every split ``--split`` gives a share holds a document (megatron-core 0.16.1 loops
+    forever building an empty split: its epoch count never reaches the tokens asked for)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    for name, bounds in zip(
+        _SPLIT_NAMES,
+        convert_split_vector_to_split_matrix(parse_and_normalize_split(split)),
+        strict=True,
+    ):
+        if bounds is None:
+            continue
+        begin = int(round(bounds[0] * float(num_documents)))
+        end = int(round(bounds[1] * float(num_documents)))
+        if end <= begin:
+            raise ConfigError(
+                f"--split: the {name} share of '{split}' is no whole document of {prefix} "
+                f"({num_documents:,} documents); use more data, or give that split 0 (e.g. "
+                "--split 95,5,0)"
+            )
 
 
 def check_dataset_info(
@@ -158,7 +188,9 @@ def check_run(cfg, eod_id: int) -> list[str]:
     undescribed = []
     t = cfg.tokenizer
     for flag_name, prefix in dataset_prefixes(cfg.data):
-        check_dataset_files(flag_name, prefix)
+        documents = check_dataset_files(flag_name, prefix)
+        if flag_name == "--data-path":
+            check_split_sizes(prefix, documents, cfg.data.split)
         info = check_dataset_info(
             flag_name,
             prefix,
