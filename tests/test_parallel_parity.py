@@ -239,7 +239,10 @@ def test_layout_reproduces_single_process_steps(runs, name, norm_type):
     _check_per_step(
         single, per_rank, norm_type, _fp32_bounds(single), lambda *m: runs.record(name, *m)
     )
-    assert all(r["buckets"] >= spec.min_buckets for r in per_rank), [r["buckets"] for r in per_rank]
+    # megatron-core buckets only the first pipeline stage (later stages reduce off the critical
+    # path): some rank must hold several buckets.
+    buckets = [r["buckets"] for r in per_rank]
+    assert max(buckets) >= spec.min_buckets, buckets
 
 
 @pytest.mark.parametrize("name,norm_type", _cases(FP32_LAYOUTS))
