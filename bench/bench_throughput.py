@@ -72,6 +72,9 @@ def _build(norm_type, args):
         "off": FusionConfig(False, False, False, False),
         "all": FusionConfig(cross_entropy_loss_fusion=True),
     }[args.fusion]
+    fast = args.fast_path == "on"
+    # the no-TE fast path: SDPA attention, device-side grad norms, fused Adam (on CUDA)
+    fusion.attention_backend = "auto" if fast else "local"
     tc = build_transformer_config(
         cfg,
         bf16=True,
@@ -95,6 +98,8 @@ def _build(norm_type, args):
             params_dtype=torch.bfloat16,
             clip_grad=0.0,
         ),
+        fused_adam=fast and args.device == "cuda",
+        foreach_grad_norm=fast,
     )
     return cfg, model, opt
 
@@ -213,6 +218,13 @@ def main():
         default="auto",
         choices=("auto", "off", "all"),
         help="fused kernels: the CLI's defaults, none, or those plus cross-entropy fusion",
+    )
+    p.add_argument(
+        "--fast-path",
+        default="on",
+        choices=("on", "off"),
+        help="the no-TE fast path (SDPA attention, device-side grad norms, fused Adam) or "
+        "megatron-core's local path",
     )
     p.add_argument("--profile", default=None, help="append a kernel breakdown to this file")
     p.add_argument("--norm-types", default="pre,pre_gpas")

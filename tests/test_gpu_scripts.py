@@ -73,3 +73,47 @@ def test_suite_runs_a_part_and_records_its_outcome(tmp_path):
     assert len(summary) == 1 and summary[0].split()[:2] == ["gemm", "rc=2"]
     assert "--device cuda: no CUDA device here" in (out / "gemm.log").read_text()
     assert sorted(p.name for p in out.iterdir()) == ["device.txt", "gemm.log", "summary.txt"]
+
+
+def _gpu_check(check, out):
+    return subprocess.run(
+        ["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), check, str(out)],
+        env={**os.environ, "GPU_CHECK_DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@pytest.mark.slow
+def test_check_a_dry_run_runs_every_command_on_cpu(tmp_path):
+    """Check A's exact commands at a tiny shape on CPU: a GPU window is never lost to a typo."""
+    import json
+
+    out = tmp_path / "a"
+    proc = _gpu_check("A", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = (out / "summary.txt").read_text().splitlines()
+    runs = [line.split()[0] for line in summary[:-1]]
+    assert runs == ["tests", "gemm", "1b_fast", "1b_twin_fast", "1b_slow", "1b_twin_profile",
+                    "7b_shape"]  # fmt: skip
+    assert all(" rc=0 " in line for line in summary[:-1]), summary
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8, files
+    assert {"check.log", "device.txt", "gemm.jsonl", "profile.txt", "throughput.jsonl"} <= set(
+        files
+    )
+    rows = [json.loads(line) for line in (out / "throughput.jsonl").read_text().splitlines()]
+    assert [r["header"]["fast_path"] for r in rows] == ["on", "on", "off", "on", "on"]
+    assert rows[1]["header"]["ffn_hidden_size"] == 192  # the aligned twin's width, dry-run size
+
+
+@pytest.mark.slow
+def test_check_b_dry_run_commands_parse(tmp_path):
+    """Check B needs Transformer Engine, absent here: its runs fail, but none on a bad flag."""
+    out = tmp_path / "b"
+    _gpu_check("B", out)
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert len(summary) == 1 + 1 + 6 + 1  # tests, TE twin, 2 × (bf16 + 2 FP8 recipes), done
+    log = (out / "check.log").read_text()
+    assert "unrecognized arguments" not in log and "invalid choice" not in log
