@@ -6,7 +6,7 @@ full gradient of every parameter at the first step (TP shards joined, pipeline s
 distributed-optimizer shards gathered); every parameter, gates included, at the end.
 
 Tolerances. Losses and gradient norms: rel 1e-5. A gradient, and the gates' gradient norm, is
-held to 8 × its fp32 rounding noise measured in float64 at the same weights
+held to 16 × its fp32 rounding noise measured in float64 at the same weights
 (``fp32_gradient_error``: the fp32-vs-float64 difference, or the float64 gradient's move under
 weight perturbations of one fp32 rounding, whichever is larger), and never to less than 1e-5:
 a layout sums in another order, so its rounding is of the same order. A gate gradient is one
@@ -46,7 +46,10 @@ from tests.dist_workers import (
 pytestmark = pytest.mark.slow
 
 REL = 1e-5
-FP32_ERROR_FACTOR = 8.0
+# A layout's rounding differs from one process's by a few times the measured noise (itself the
+# largest of 4 samples); the largest ratio seen over all layouts and types was 12.3 (a gate
+# gradient under TP 2 + SP). A missing reduction or a constant scale is off by 30–100%.
+FP32_ERROR_FACTOR = 16.0
 SOME_TYPES = ("pre_gpas", "sandwich_gpas", "post_pre_gpas", "deeppost")
 BF16_TYPES = ("pre", "pre_gpas", "sandwich_gpas")
 
