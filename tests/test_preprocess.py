@@ -169,9 +169,9 @@ def test_truncated_gzip_fails_its_shard_only(tmp_path, english_docs, mistral_mod
     name, message = summary.failed[0]
     assert paths[0] in message and "truncated" in message
     shards = tmp_path / "o_shards"
-    assert sorted(os.listdir(shards)) == sorted(
-        f"part-{x}_text_document.{e}" for x in "bc" for e in ("bin", "idx")
-    )
+    assert sorted(os.listdir(shards)) == sorted(  # the failed shard left nothing, not even
+        f"part-{x}_text_document.{e}" for x in "bc" for e in ("bin", "idx", "meta.json")
+    )  # a description
     for x in "bc":
         assert indexed_writer.is_complete(str(shards / f"part-{x}_text_document"))
     assert not os.path.exists(tmp_path / "o_text_document.idx")  # no merge over a hole

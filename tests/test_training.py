@@ -410,8 +410,11 @@ def test_fusion_defaults_follow_the_device_and_flags_override_them():
         cfg = parse_run_config(["--mock-data", *argv]).validate(1)
         return cfg.fusion.transformer_config(cfg.device, cfg.transformer_impl)
 
+    from megatron.core.transformer.enums import AttnBackend
+
     names = ["bias_activation_fusion", "bias_dropout_fusion", "apply_rope_fusion"]
     off = dict.fromkeys([*names, "cross_entropy_loss_fusion"], False)
+    off["attention_backend"] = AttnBackend.auto  # SDPA with the local spec
     assert fields("--device", "cpu") == off
     on_gpu = {**off, "bias_activation_fusion": True, "bias_dropout_fusion": True}
     assert fields("--device", "cuda") == on_gpu
@@ -421,7 +424,11 @@ def test_fusion_defaults_follow_the_device_and_flags_override_them():
     assert fields("--device", "cpu", "--bias-dropout-fusion")["bias_dropout_fusion"] is True
     ce = fields("--device", "cpu", "--bf16", "--cross-entropy-loss-fusion")
     assert ce["cross_entropy_loss_fusion"] is True
+    local = fields("--device", "cpu", "--attention-backend", "local")["attention_backend"]
+    assert local is AttnBackend.local
     for bad, message in [
+        (["--attention-backend", "flash"], "--attention-backend: flash, fused and unfused are"),
+        (["--attention-backend", "sdpa"], "--attention-backend: choose one of"),
         (["--device", "cuda", "--rope-fusion"], "--rope-fusion: is a Transformer Engine kernel"),
         (["--cross-entropy-loss-fusion"], "--cross-entropy-loss-fusion: rounds the logits"),
     ]:
