@@ -61,8 +61,8 @@ def main() -> None:
             t0 = time.perf_counter()
             check_dataset_files("--data-path", prefix)
             check_dataset_info(
-                "--data-path", prefix, vocab_size=32000, tokenizer_type="NullTokenizer",
-                tokenizer_model=None, eod_id=1, override_tokenizer_check=False,
+                prefix, vocab_size=32000, tokenizer_type="NullTokenizer", fingerprint=None,
+                eod_id=1,
             )  # fmt: skip
             checks.append(time.perf_counter() - t0)
             cache = os.path.join(tmp, f"cache{i}")

@@ -106,12 +106,17 @@ def read_index(path: str) -> tuple[type, np.ndarray]:
     return _DTYPE_FROM_CODE[code], lengths
 
 
+def described_bin_size(prefix: str) -> tuple[int, int]:
+    """(documents, bytes of .bin) that ``prefix``.idx describes; raises ValueError if it is not
+    an index file, OSError if it cannot be read."""
+    dtype, lengths = read_index(idx_path(prefix))
+    return len(lengths), int(lengths.astype(np.int64).sum()) * np.dtype(dtype).itemsize
+
+
 def is_complete(prefix: str) -> bool:
     """True when ``prefix``.bin/.idx exist and the .bin holds exactly what the .idx describes."""
     try:
-        dtype, lengths = read_index(idx_path(prefix))
-        expected = int(lengths.astype(np.int64).sum()) * np.dtype(dtype).itemsize
-        return os.path.getsize(bin_path(prefix)) == expected
+        return os.path.getsize(bin_path(prefix)) == described_bin_size(prefix)[1]
     except (OSError, ValueError):
         return False
 

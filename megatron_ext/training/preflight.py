@@ -18,12 +18,10 @@ import logging
 import os
 from typing import Optional
 
-import numpy as np
-
 from megatron_ext.config import ConfigError, ModelConfig, flag
 from megatron_ext.data.dataset_info import DatasetInfo, sidecar_path, tokenizer_fingerprint
 from megatron_ext.data.datasets import DataConfig, parse_blend
-from megatron_ext.data.indexed_writer import bin_path, idx_path, read_index
+from megatron_ext.data.indexed_writer import bin_path, described_bin_size, idx_path
 
 logger = logging.getLogger("gpas")
 
@@ -67,19 +65,18 @@ def check_dataset_files(flag_name: str, prefix: str) -> int:
             "tools/preprocess_data.py"
         )
     try:
-        dtype, lengths = read_index(idx_path(prefix))
+        documents, expected = described_bin_size(prefix)
     except ValueError as err:
         raise ConfigError(f"{err}; preprocess the data again") from err
-    expected = int(lengths.astype(np.int64).sum()) * np.dtype(dtype).itemsize
     actual = os.path.getsize(bin_path(prefix))
     if actual != expected:
         state = "cut short (an unfinished copy?)" if actual < expected else "too long"
         raise ConfigError(
             f"{bin_path(prefix)}: holds {actual:,} bytes but its .idx describes {expected:,} "
-            f"({len(lengths):,} documents), the file is {state}; copy it again or preprocess "
+            f"({documents:,} documents), the file is {state}; copy it again or preprocess "
             "the data again"
         )
-    return len(lengths)
+    return documents
 
 
 _SPLIT_NAMES = ("train", "validation", "test")
@@ -111,16 +108,16 @@ def check_split_sizes(prefix: str, num_documents: int, split: str) -> None:
 
 
 def check_dataset_info(
-    flag_name: str,
     prefix: str,
     *,
     vocab_size: int,
     tokenizer_type: str,
-    tokenizer_model: Optional[str],
+    fingerprint: Optional[str],
     eod_id: int,
-    override_tokenizer_check: bool,
 ) -> Optional[DatasetInfo]:
-    """The dataset's sidecar against the run's tokenizer and vocabulary (None: no sidecar)."""
+    """The dataset's sidecar against the run's tokenizer and vocabulary (None: no sidecar).
+    ``fingerprint``: the run's tokenizer file's (None: no tokenizer file, or the check is
+    overridden)."""
     try:
         info = DatasetInfo.read(prefix)
     except ValueError as err:
@@ -134,12 +131,11 @@ def check_dataset_info(
             f"token id {info.max_token_id:,} (made with a {info.vocab_size:,}-piece "
             f"{info.tokenizer_type}); train with the tokenizer the data was made with"
         )
-    if tokenizer_model is None or override_tokenizer_check:
+    if fingerprint is None:
         return info
     mismatch = []
-    own = tokenizer_fingerprint(tokenizer_model)
-    if info.tokenizer_fingerprint != own:
-        mismatch.append(f"tokenizer file {info.tokenizer_fingerprint[:19]}… vs {own[:19]}…")
+    if info.tokenizer_fingerprint != fingerprint:
+        mismatch.append(f"tokenizer file {info.tokenizer_fingerprint[:19]}… vs {fingerprint[:19]}…")
     if info.eod_id is not None and info.eod_id != eod_id:
         mismatch.append(f"EOD id {info.eod_id} vs {eod_id}")
     if mismatch:
@@ -155,12 +151,13 @@ def check_dataset_info(
 def check_checkpoint_architecture(model: ModelConfig, saved: dict, directory: str) -> None:
     """Every architecture field of the command line equals the checkpoint's."""
     current = _resolved(model)
-    differ = []
-    for name in ARCHITECTURE:
-        if name in saved and _resolved_saved(saved, name) != current[name]:
-            differ.append(
-                f"{flag(name)} {current[name]} (checkpoint: {_resolved_saved(saved, name)})"
-            )
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    theirs = _resolved(ModelConfig(**{k: v for k, v in saved.items() if k in known}))
+    differ = [
+        f"{flag(name)} {current[name]} (checkpoint: {theirs[name]})"
+        for name in ARCHITECTURE
+        if name in saved and theirs[name] != current[name]
+    ]
     if differ:
         raise ConfigError(
             f"--load: {directory} holds another architecture: {', '.join(differ)}; use the "
@@ -175,11 +172,6 @@ def _resolved(model: ModelConfig) -> dict:
     return values
 
 
-def _resolved_saved(saved: dict, name: str):
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return _resolved(ModelConfig(**{k: v for k, v in saved.items() if k in known}))[name]
-
-
 def check_run(cfg, eod_id: int) -> list[str]:
     """Every file the run reads, against its flags. Returns the dataset prefixes made before
     sidecars existed (their token ids are checked batch by batch instead)."""
@@ -187,18 +179,18 @@ def check_run(cfg, eod_id: int) -> list[str]:
 
     undescribed = []
     t = cfg.tokenizer
+    checked = t.tokenizer_model is not None and not t.override_tokenizer_check
+    fingerprint = tokenizer_fingerprint(t.tokenizer_model) if checked else None  # hashed once
     for flag_name, prefix in dataset_prefixes(cfg.data):
         documents = check_dataset_files(flag_name, prefix)
         if flag_name == "--data-path":
             check_split_sizes(prefix, documents, cfg.data.split)
         info = check_dataset_info(
-            flag_name,
             prefix,
             vocab_size=cfg.model.vocab_size,
             tokenizer_type=t.tokenizer_type,
-            tokenizer_model=t.tokenizer_model,
+            fingerprint=fingerprint,
             eod_id=eod_id,
-            override_tokenizer_check=t.override_tokenizer_check,
         )
         if info is None:
             undescribed.append(prefix)

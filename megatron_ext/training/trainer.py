@@ -15,6 +15,7 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_ext.config import ConfigError
+from megatron_ext.data.dataset_info import SIDECAR_SUFFIX
 from megatron_ext.data.datasets import build_datasets
 from megatron_ext.data.sampler import build_data_loader
 from megatron_ext.data.tokenizers import TokenizerError, build_tokenizer
@@ -170,7 +171,7 @@ class Trainer:
                 "%s: no %s description (made before sidecars existed): the tokenizer cannot "
                 "be checked; token ids are checked batch by batch",
                 ", ".join(self.undescribed_data),
-                ".meta.json",
+                SIDECAR_SUFFIX,
             )
         self._open_metrics(run_state)
         count = count_parameters(cfg.model)
