@@ -1,0 +1,95 @@
+"""A cell's state, read from its files only (so the local runner, a Slurm array and the table
+agree): finished when its checkpoint reached the last iteration; failed when its last attempt
+exited with an error; interrupted when a checkpoint or an attempt exists; else pending."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_ext.grid.spec import Cell
+
+STATUS_FILE = "status.json"
+PENDING, RUNNING, FINISHED, INTERRUPTED, FAILED = (
+    "pending",
+    "running",
+    "finished",
+    "interrupted",
+    "failed",
+)
+
+
+@dataclass
+class CellState:
+    state: str
+    iteration: int  # of the latest checkpoint (0: none)
+    attempts: int
+    exit_code: Optional[int]
+    seconds: float  # wall time over all attempts
+
+    def summary(self) -> str:
+        extra = f", exit {self.exit_code}" if self.state == FAILED else ""
+        return f"{self.state} (iter {self.iteration}, {self.attempts} attempts{extra})"
+
+
+def latest_checkpoint_iteration(cell: Cell) -> int:
+    path = os.path.join(cell.checkpoints, "latest_checkpointed_iteration.txt")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+    except OSError:
+        return 0
+    return int(text) if text.isdigit() else 0
+
+
+def read_status(cell: Cell) -> dict:
+    try:
+        with open(os.path.join(cell.directory, STATUS_FILE), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def write_status(cell: Cell, **values) -> None:
+    status = {**read_status(cell), **values, "updated": round(time.time(), 3)}
+    os.makedirs(cell.directory, exist_ok=True)
+    path = os.path.join(cell.directory, STATUS_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(status, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def cell_state(cell: Cell, train_iters: int) -> CellState:
+    status = read_status(cell)
+    iteration = latest_checkpoint_iteration(cell)
+    attempts = status.get("attempts", 0)
+    code = status.get("exit_code")
+    if iteration >= train_iters:
+        state = FINISHED
+    elif status.get("state") == FAILED:
+        state = FAILED
+    elif iteration or attempts:
+        state = INTERRUPTED
+    else:
+        state = PENDING
+    return CellState(state, iteration, attempts, code, status.get("seconds", 0.0))
+
+
+def final_validation(cell: Cell, train_iters: int) -> Optional[dict]:
+    """The validation record at the last iteration (None: the cell has none)."""
+    found = None
+    try:
+        with open(cell.metrics_path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a kill
+                if record.get("val_loss") is not None and record.get("iteration") == train_iters:
+                    found = record
+    except OSError:
+        return None
+    return found
