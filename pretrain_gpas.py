@@ -9,6 +9,7 @@
 ``python pretrain_gpas.py --help`` lists every flag; ``--config run.yaml`` sets any of them.
 ``--dry-run [--world-size N]`` prints the resolved layout, parameter count, a memory estimate
 per GPU and the token budget, and refuses an impossible layout, without training.
+``--verbose`` keeps third-party warnings (hidden by default; ``PYTHONWARNINGS`` also keeps them).
 """
 
 from __future__ import annotations
@@ -17,10 +18,16 @@ import logging
 import os
 import sys
 
-from megatron_ext.config import ConfigError
-from megatron_ext.training.arguments import parse_run_config
-from megatron_ext.training.planning import plan_run
-from megatron_ext.training.trainer import TrainingStopped, run
+# Before megatron-core is imported (and in spawned workers, which re-import this module):
+# third-party warnings off unless --verbose or PYTHONWARNINGS asks for them.
+from megatron_ext.quiet import quiet_third_party_warnings
+
+quiet_third_party_warnings()
+
+from megatron_ext.config import ConfigError  # noqa: E402
+from megatron_ext.training.arguments import parse_run_config  # noqa: E402
+from megatron_ext.training.planning import plan_run  # noqa: E402
+from megatron_ext.training.trainer import TrainingStopped, run  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -31,7 +38,7 @@ def main(argv=None) -> int:
         i = argv.index("--world-size")
         world_size = int(argv[i + 1])
         del argv[i : i + 2]
-    argv = [a for a in argv if a != "--dry-run"]
+    argv = [a for a in argv if a not in ("--dry-run", "--verbose")]
     try:
         cfg = parse_run_config(argv)
         if dry_run:

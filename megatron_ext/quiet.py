@@ -35,6 +35,9 @@ def quiet_third_party_warnings(argv: Optional[Sequence[str]] = None) -> bool:
     warnings.filterwarnings("default", module=OURS)
     # Warnings emitted while interpreter start-up hooks ran (setuptools' distutils hack) are
     # already printed; those raised later by imports are caught by the filters above.
+    # Hugging Face's own progress bars and advisories (weight loading, hub) on exports.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     return True

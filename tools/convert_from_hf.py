@@ -17,6 +17,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ext.quiet import quiet_third_party_warnings  # noqa: E402
+
+quiet_third_party_warnings()
+
 from megatron_ext.export.from_hf import UnsupportedModelError, import_from_hf  # noqa: E402
 from megatron_ext.export.to_hf import DTYPES  # noqa: E402
 
@@ -33,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--tokenizer-type", default=None, help="recorded for a later export")
     p.add_argument("--tokenizer-model", default=None, help="recorded for a later export")
+    p.add_argument("--verbose", action="store_true", help="keep third-party warnings")
     return p.parse_args(argv)
 
 

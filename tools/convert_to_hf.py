@@ -21,6 +21,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ext.quiet import quiet_third_party_warnings  # noqa: E402
+
+quiet_third_party_warnings()
+
 from megatron_ext.export.dcp_reader import CheckpointError  # noqa: E402
 from megatron_ext.export.llama_fold import FoldError  # noqa: E402
 from megatron_ext.export.to_hf import DTYPES, TARGETS, ExportOptions, export_to_hf  # noqa: E402
@@ -54,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="max |Δlogits| allowed (default 1e-3 for float32 exports, 0.1 for 16-bit)",
     )
+    p.add_argument("--verbose", action="store_true", help="keep third-party warnings")
     return p.parse_args(argv)
 
 

@@ -10,26 +10,16 @@ residual stream's RMS against depth (the variance-vs-depth profile) and the GPAS
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def read_metrics(path: str) -> dict:
-    train, valid, telemetry = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            try:
-                record = json.loads(line)
-            except ValueError as err:
-                raise SystemExit(f"error: {path}:{number}: not a JSON line ({err})") from err
-            if record.get("lm_loss") is not None:
-                train.append((record["iteration"], record["lm_loss"]))
-            if record.get("val_loss") is not None:
-                valid.append((record["iteration"], record["val_loss"]))
-            if record.get("telemetry"):
-                telemetry.append((record["iteration"], record["telemetry"]))
-    return {"train": train, "valid": valid, "telemetry": telemetry}
+from megatron_ext.quiet import quiet_third_party_warnings  # noqa: E402
+
+quiet_third_party_warnings()
+
+from megatron_ext.analysis.metrics_file import MetricsFileError, read_metrics  # noqa: E402
 
 
 def plot(runs: dict, out: str) -> None:
@@ -98,6 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("metrics", nargs="+", help="metrics.jsonl files")
     p.add_argument("--labels", nargs="+", default=None)
     p.add_argument("--out", default="comparison.png")
+    p.add_argument("--verbose", action="store_true", help="keep third-party warnings")
     args = p.parse_args(argv)
     labels = args.labels or [
         os.path.basename(os.path.dirname(os.path.abspath(m))) for m in args.metrics
@@ -109,7 +100,11 @@ def main(argv=None) -> int:
         if not os.path.isfile(path):
             print(f"error: no metrics file at {path}", file=sys.stderr)
             return 2
-    runs = {label: read_metrics(path) for label, path in zip(labels, args.metrics, strict=True)}
+    try:
+        runs = {label: read_metrics(path) for label, path in zip(labels, args.metrics, strict=True)}
+    except MetricsFileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     plot(runs, args.out)
     for label, r in runs.items():
         final = r["valid"][-1][1] if r["valid"] else None

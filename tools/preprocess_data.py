@@ -19,6 +19,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ext.quiet import quiet_third_party_warnings  # noqa: E402
+
+quiet_third_party_warnings()
+
 from megatron_ext.data.preprocess import (  # noqa: E402
     PreprocessConfig,
     PreprocessError,
@@ -97,6 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     g.add_argument("--batch-size", type=int, default=1024, help="documents per tokenizer call")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="keep third-party warnings")
     return p.parse_args(argv)
 
 

@@ -14,16 +14,18 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ext.quiet import quiet_third_party_warnings  # noqa: E402
+
+quiet_third_party_warnings()
+
 from megatron_ext.data.tokenizer_training import (  # noqa: E402
     TokenizerTrainingConfig,
     TokenizerTrainingError,
     train_sentencepiece,
 )
-from megatron_ext.quiet import quiet_third_party_warnings  # noqa: E402
 
 
 def main(argv=None) -> int:
-    quiet_third_party_warnings(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", nargs="+", required=True, help="JSON-lines files (.gz/.zst too)")
     p.add_argument("--output", required=True, help="the .model file to write")

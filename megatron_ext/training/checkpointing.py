@@ -45,7 +45,8 @@ def latest_iteration(root: str) -> Optional[int]:
     path = os.path.join(root, LATEST)
     if not os.path.isfile(path):
         return None
-    text = open(path, encoding="utf-8").read().strip()
+    with open(path, encoding="utf-8") as f:
+        text = f.read().strip()
     if not text.isdigit():
         raise ValueError(f"--load: {path} does not hold an iteration number ({text!r})")
     return int(text)

@@ -1,0 +1,1 @@
+"""Reading finished runs: metrics files, the grid's table, and depth analysis of a model."""
