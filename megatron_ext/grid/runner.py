@@ -62,6 +62,7 @@ class LocalGridRunner:
         threads_per_cell: Optional[int] = None,
         retry_failed: bool = True,
         python: str = sys.executable,
+        entry_point: str = ENTRY_POINT,
         say: Callable[[str], None] = print,
         status_every_s: float = 60.0,
     ):
@@ -72,6 +73,7 @@ class LocalGridRunner:
         self.threads = threads_per_cell or max(1, (os.cpu_count() or 1) // parallel)
         self.retry_failed = retry_failed
         self.python = python
+        self.entry_point = entry_point
         self.say = say
         self.status_every_s = status_every_s
         self._stop_signal: Optional[int] = None
@@ -112,7 +114,7 @@ class LocalGridRunner:
         log = open(log_path, "a", encoding="utf-8")
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1"}
         process = subprocess.Popen(
-            [self.python, ENTRY_POINT, *cell.argv(self.spec.train_args)],
+            [self.python, self.entry_point, *cell.argv(self.spec.train_args)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
