@@ -210,3 +210,77 @@ def test_preprocessing_array_job_equals_one_process(
         single_file = str(single) + suffix
         assert os.path.getsize(single_file) > 0
         assert filecmp.cmp(array_file, single_file, shallow=False), suffix
+
+
+def _wait_for_array(cluster, job_id: str, timeout: float = 400) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job_id], env=cluster.env, capture_output=True, text=True
+        ).stdout
+        if not out.strip():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"array job {job_id} still queued or running after {timeout:.0f} s")
+
+
+def test_grid_as_an_array_job_runs_each_cell_through_the_launcher(cluster, tmp_path):
+    from megatron_ext.grid.spec import GridSpec
+    from megatron_ext.grid.status import FINISHED, cell_state
+
+    out = tmp_path / "grid"
+    shared = [
+        "--mock-data",
+        "--vocab-size",
+        "512",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "2",
+        "--train-iters",
+        "6",
+        "--eval-interval",
+        "6",
+        "--eval-iters",
+        "1",
+        "--num-workers",
+        "0",
+    ]
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "run_grid.py"),
+            "slurm",
+            "--out",
+            str(out),
+            "--sizes",
+            "tiny",
+            "--norm-types",
+            "pre",
+            "pre_gpas",
+            "--seeds",
+            "1",
+            "--device",
+            "cpu",
+            "--",
+            *shared,
+        ],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
+    script = str(out / "grid.sbatch")
+    job_args = ["--nodes=1", "--ntasks-per-node=1", *CPU_JOB, script]
+    _wait_for_array(cluster, cluster.sbatch(job_args, env={"PYTHON": sys.executable}, cwd=ROOT))
+    spec = GridSpec.load(str(out))
+    spec.validate()
+    logs = "".join(_read(str(p)) for p in (out / "slurm").glob("*.out"))
+    for cell in spec.cells():
+        assert cell_state(cell, 6).state == FINISHED, logs[-3000:]
+        # launched by examples/slurm/train.sbatch: its per-job log under the cell
+        assert any(n.startswith("train-") for n in os.listdir(cell.logs)), cell.name
+
+    # Submitting the same script again runs nothing: every task sees its cell finished.
+    _wait_for_array(cluster, cluster.sbatch(job_args, env={"PYTHON": sys.executable}, cwd=ROOT))
+    logs = "".join(_read(str(p)) for p in (out / "slurm").glob("*.out"))
+    assert logs.count("already finished") == 2, logs[-3000:]
