@@ -336,3 +336,106 @@ def test_hf_config_resolves_layers_like_training(lns_mode):
             if recipe.style.value == "post":
                 assert config.residual_scale() == pytest.approx(recipe.residual_scale)
             assert config.pre_norm_output_scale(i) == pytest.approx(recipe.pre_norm_output_scale)
+
+
+def _random_indexed_dataset(prefix: str, vocab: int, docs: int = 6, length: int = 40) -> None:
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    gen = np.random.default_rng(0)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for _ in range(docs):
+        builder.add_document(torch.from_numpy(gen.integers(0, vocab, length)), [length])
+    builder.finalize(prefix + ".idx")
+
+
+@pytest.mark.parametrize("norm_type", ["post_pre_gpas", "sandwich_gpas"])
+def test_depth_analysis_of_a_checkpoint_matches_the_model_with_a_layer_removed(
+    checkpoints, tmp_path, norm_type
+):
+    """Skipping layer l must give the loss of the same model with layer l deleted (computed by
+    the HF model's own loss); angular distances and RMS must match the HF hidden states."""
+    import copy
+
+    from megatron_ext.analysis import depth
+    from megatron_ext.hf.modeling_gpas import GPASForCausalLM
+
+    ckpt = checkpoints / "pp2" / norm_type
+    model_cfg = DistCheckpointReader(str(ckpt)).model_config()
+    prefix = str(tmp_path / "valid")
+    _random_indexed_dataset(prefix, model_cfg.vocab_size)
+    seq = model_cfg.seq_length
+    tokens = depth.validation_windows(prefix, 4, seq)
+    model, found = depth.load_hf_model(str(ckpt))  # exported on the fly
+    assert found == norm_type
+    report = depth.analyze(model, tokens, label=norm_type, source=str(ckpt), norm_type=found)
+
+    _export(ckpt, tmp_path / "export", target="gpas", dtype="float32")
+    hf = GPASForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
+    L = hf.config.num_hidden_layers
+    with torch.no_grad():
+        full = hf(tokens, labels=tokens, output_hidden_states=True)
+        assert report.loss == pytest.approx(full.loss.item(), rel=1e-5)
+        for skipped in range(L):
+            cut = copy.deepcopy(hf)
+            cut.model.layers = torch.nn.ModuleList(
+                layer for i, layer in enumerate(hf.model.layers) if i != skipped
+            )
+            cut.config.num_hidden_layers = L - 1
+            expected = cut(tokens, labels=tokens, use_cache=False).loss.item()
+            # the differences, to a precision well below the layers' effects (asserted below)
+            assert report.importance[skipped] == pytest.approx(
+                expected - full.loss.item(), abs=2e-6
+            ), skipped
+    # HF's hidden states: the embeddings, then each layer's output (the last one normed).
+    hs = [h.double() for h in full.hidden_states]
+    for layer in range(L - 1):
+        a, b = hs[layer].flatten(0, 1), hs[layer + 1].flatten(0, 1)
+        cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+        angle = (torch.arccos(cos.clamp(-1, 1)) / torch.pi).mean().item()
+        assert report.angular_distance[layer] == pytest.approx(angle, rel=1e-5, abs=1e-7)
+    for i in range(L):
+        assert report.rms[i] == pytest.approx(hs[i].pow(2).mean().sqrt().item(), rel=1e-5)
+    assert report.gpas_scales == pytest.approx(hf.gpas_scales())
+    assert max(abs(x) for x in report.importance) > 1e-4  # the layers do something
+
+
+def test_depth_analysis_tool_compares_two_models(checkpoints, tmp_path):
+    ckpt = checkpoints / "tp2"
+    model_cfg = DistCheckpointReader(str(ckpt / "pre")).model_config()
+    prefix = str(tmp_path / "valid")
+    _random_indexed_dataset(prefix, model_cfg.vocab_size)
+    _export(ckpt / "pre_gpas", tmp_path / "pre_gpas_export", target="llama")
+    proc = _run_tool(
+        "tools/depth_analysis.py",
+        "--model",
+        str(ckpt / "pre"),
+        str(tmp_path / "pre_gpas_export"),
+        "--labels",
+        "pre",
+        "pre_gpas_llama",
+        "--data-path",
+        prefix,
+        "--num-sequences",
+        "3",
+        "--out",
+        str(tmp_path / "depth"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    reports = json.load(open(tmp_path / "depth" / "depth.json"))
+    assert [r["label"] for r in reports] == ["pre", "pre_gpas_llama"]
+    assert reports[1]["norm_type"] == "llama"
+    assert all(len(r["importance"]) == model_cfg.num_layers for r in reports)
+    md = open(tmp_path / "depth" / "depth.md").read()
+    assert "Importance side by side" in md and "| pre | pre_gpas_llama |" in md
+    assert os.path.getsize(tmp_path / "depth" / "depth.png") > 10_000
+    bad = _run_tool(
+        "tools/depth_analysis.py",
+        "--model",
+        str(tmp_path / "nothing"),
+        "--data-path",
+        prefix,
+        "--out",
+        str(tmp_path / "d2"),
+    )
+    assert bad.returncode == 2 and "no directory at" in bad.stderr
