@@ -73,6 +73,7 @@ def cmd_run(args) -> int:
         parallel=args.parallel,
         threads_per_cell=args.threads_per_cell,
         retry_failed=not args.skip_failed,
+        status_every_s=args.status_every,
     )
     report = runner.run()
     cells = len(spec.cells())
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--parallel", type=int, default=1, help="cells at a time")
     run.add_argument("--threads-per-cell", type=int, help="default: cores / --parallel")
     run.add_argument("--skip-failed", action="store_true", help="do not retry failed cells")
+    run.add_argument("--status-every", type=float, default=60.0, help="seconds between lines")
     grid_args(run)
     run.set_defaults(fn=cmd_run)
     status = sub.add_parser("status", help="each cell's state")

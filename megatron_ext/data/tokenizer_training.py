@@ -85,7 +85,8 @@ def train_sentencepiece(cfg: TokenizerTrainingConfig) -> str:
     except RuntimeError as err:
         raise TokenizerTrainingError(
             f"SentencePiece training on {', '.join(cfg.inputs)} failed: {err} "
-            "(too little text for --vocab-size? lower it)"
+            "(check --vocab-size against the text: more distinct characters than pieces needs "
+            "a larger one, too little text a smaller one)"
         ) from err
     os.replace(tmp_prefix + ".model", cfg.output)
     vocab_file = tmp_prefix + ".vocab"
