@@ -38,6 +38,7 @@ def quiet_third_party_warnings(argv: Optional[Sequence[str]] = None) -> bool:
     # Hugging Face's own progress bars and advisories (weight loading, hub) on exports.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("WANDB_SILENT", "true")  # our log line names the run and its files
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     return True

@@ -47,17 +47,20 @@ class MetricsWriter:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(tensorboard_dir)
-            except ImportError:
-                logger.warning("--tensorboard-dir given but tensorboard is not installed")
+            except ImportError as err:  # RunConfig.validate refuses this before training
+                raise RuntimeError(
+                    "--tensorboard-dir needs the tensorboard package: pip install tensorboard"
+                ) from err
         if wandb_project:
             self._start_wandb(wandb_project, wandb_name, wandb_run_id, config)
 
     def _start_wandb(self, project, name, run_id, config) -> None:
         try:
             import wandb
-        except ImportError:
-            logger.warning("--wandb-project given but wandb is not installed (pip install wandb)")
-            return
+        except ImportError as err:  # RunConfig.validate refuses this before training
+            raise RuntimeError(
+                "--wandb-project needs the wandb package: pip install wandb"
+            ) from err
         mode = "online" if _wandb_credentials() else "offline"
         run = wandb.init(
             project=project,
@@ -66,10 +69,17 @@ class MetricsWriter:
             resume="allow" if run_id else None,
             config=config,
             mode=mode,
+            dir=os.path.dirname(os.path.abspath(self.path)),  # W&B's files beside the metrics
         )
         self.wandb_run_id = run.id
         self._wandb = run
-        logger.info("W&B run %s (%s)", run.id, mode)
+        where = (
+            f"; upload with: wandb sync {run.dir.rsplit('/files', 1)[0]}"
+            if mode == "offline"
+            else ""
+        )
+        verb = "resumed" if run_id else "started"
+        logger.info("W&B run %s %s (%s)%s", run.id, verb, mode, where)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -99,11 +109,22 @@ class MetricsWriter:
 
 
 def _flatten(record: dict, prefix: str = "") -> dict:
+    """Scalars for TensorBoard/W&B: nested dicts as ``a/b``; per-layer lists as
+    ``name/layer_01`` (numbers, e.g. the GPAS scales) or ``name/layer_01/field`` (telemetry
+    rows, keyed by their ``layer``)."""
     out = {}
     for key, value in record.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(_flatten(value, name + "/"))
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    layer = item.get("layer", i)
+                    rest = {k: v for k, v in item.items() if k != "layer"}
+                    out.update(_flatten(rest, f"{name}/layer_{layer + 1:02d}/"))
+                else:
+                    out[f"{name}/layer_{i + 1:02d}"] = item
         else:
             out[name] = value
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -272,6 +273,17 @@ class RunConfig:
             "choose full or selective",
         )
         _req(o.nan_skip_limit >= 1, "--nan-skip-limit", "must be ≥ 1")
+        # Logging sinks asked for must be there now, not found missing after an hour.
+        _req(
+            not lg.wandb_project or _installed("wandb"),
+            "--wandb-project",
+            "W&B logging needs the wandb package: pip install wandb",
+        )
+        _req(
+            not lg.tensorboard_dir or _installed("tensorboard"),
+            "--tensorboard-dir",
+            "TensorBoard logging needs the tensorboard package: pip install tensorboard",
+        )
         _req(e.eval_interval > 0, "--eval-interval", "must be positive")
         _req(e.eval_iters >= 0, "--eval-iters", "must be ≥ 0")
         _req(lg.log_interval > 0, "--log-interval", "must be positive")
@@ -341,3 +353,7 @@ def _req_fp8_shapes(model: ModelConfig) -> None:
 def _req(condition: bool, flag: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{flag}: {message}")
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
