@@ -20,10 +20,25 @@ from tests.tool_commands import preprocess_command
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _write_shards(directory, docs, n=3, extra_keys=True):
-    """Split docs over a .json.gz (C4 style), a .jsonl and a .json file, in order."""
+def _compressed(name: str, data: bytes) -> bytes:
+    if name.endswith(".gz"):
+        return gzip.compress(data)
+    if name.endswith(".zst"):
+        import zstandard
+
+        # two frames, as concatenated or multi-threaded zstd writers produce
+        half = len(data) // 2
+        c = zstandard.ZstdCompressor()
+        return c.compress(data[:half]) + c.compress(data[half:])
+    return data
+
+
+def _write_shards(directory, docs, n=3, extra_keys=True, compression="gz"):
+    """Split docs over a .json.gz (C4 style; or .json.zst), a .jsonl and a .json file, in
+    order."""
     os.makedirs(directory, exist_ok=True)
-    names = ["c4-train.00000-of-00003.json.gz", "part-b.jsonl", "part-c.json"][:n]
+    first = f"c4-train.00000-of-00003.json.{compression}"
+    names = [first, "part-b.jsonl", "part-c.json"][:n]
     chunks = np.array_split(np.arange(len(docs)), n)
     paths = []
     for name, idx in zip(names, chunks, strict=True):
@@ -32,8 +47,8 @@ def _write_shards(directory, docs, n=3, extra_keys=True):
             json.dumps({"text": docs[i], "timestamp": "2019-04-25", "url": f"u{i}"}) for i in idx
         ]
         data = ("\n".join(lines) + "\n").encode()
-        with gzip.open(path, "wb") if name.endswith(".gz") else open(path, "wb") as f:
-            f.write(data)
+        with open(path, "wb") as f:
+            f.write(_compressed(name, data))
         paths.append(path)
     return paths
 
@@ -157,8 +172,19 @@ def test_strict_makes_bad_records_fatal(tmp_path, mistral_model):
     assert not os.listdir(tmp_path / "o_shards")  # no partial output left behind
 
 
-def test_truncated_gzip_fails_its_shard_only(tmp_path, english_docs, mistral_model):
-    paths = _write_shards(str(tmp_path / "in"), english_docs[:60])
+def test_round_trip_zstd(tmp_path, english_docs, mistral_model):
+    docs = english_docs[:90]
+    _write_shards(str(tmp_path / "in"), docs, compression="zst")
+    summary = run_preprocess(_cfg([str(tmp_path / "in")], str(tmp_path / "out"), mistral_model))
+    sp = spm.SentencePieceProcessor(model_file=mistral_model)
+    expected = [sp.encode(d) + [sp.eos_id()] for d in docs]
+    assert _read_back(str(tmp_path / "out_text_document"))[1] == expected
+    assert summary.documents == len(docs) and not summary.failed
+
+
+@pytest.mark.parametrize("compression", ["gz", "zst"])
+def test_truncated_archive_fails_its_shard_only(tmp_path, english_docs, mistral_model, compression):
+    paths = _write_shards(str(tmp_path / "in"), english_docs[:60], compression=compression)
     data = open(paths[0], "rb").read()
     with open(paths[0], "wb") as f:
         f.write(data[: len(data) // 2])

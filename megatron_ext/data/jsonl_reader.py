@@ -62,8 +62,49 @@ def open_stream(path: str):
             raise InputError(
                 f"{path}: reading .zst needs the 'zstandard' package (pip install zstandard)"
             ) from err
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), 1 << 20), raw
+        return io.BufferedReader(_ZstdFrames(raw, zstandard), 1 << 20), raw
     return io.BufferedReader(raw, 1 << 20), raw
+
+
+class _ZstdFrames(io.RawIOBase):
+    """Decompressed bytes of a zstd file of one or more frames, raising EOFError when the file
+    ends inside a frame: zstandard's stream_reader returns a truncated file's partial data as if
+    it were whole, which would drop the rest of the shard without a word."""
+
+    def __init__(self, raw, zstandard):
+        self._raw = raw
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._frame = self._decompressor.decompressobj()
+        self._in_frame = False
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not len(self._out):
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("the file ends inside a zstd frame (truncated)")
+                return 0
+            self._out = memoryview(self._decompress(chunk))
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        parts = []
+        while chunk:
+            parts.append(self._frame.decompress(chunk))
+            self._in_frame = True
+            if not self._frame.eof:
+                break
+            chunk = self._frame.unused_data  # the next frame starts here
+            self._frame = self._decompressor.decompressobj()
+            self._in_frame = False
+        return b"".join(parts)
 
 
 class RecordReader:
