@@ -23,11 +23,28 @@ setup(
         "tokenizers",  # Hugging Face tokenizer files in preprocessing
     ],
     extras_require={
-        # mistral-common ships a real 32k SentencePiece model the tests use (its data file only).
-        "test": ["pytest", "ruff", "matplotlib"],
-        "wandb": ["wandb"],
         # Hugging Face export/import; the modeling code uses the transformers 5 API.
         "hf": ["transformers>=5.0,<6", "safetensors", "tokenizers", "protobuf"],
+        "wandb": ["wandb"],
+        "tensorboard": ["tensorboard"],
+        "eval": ["lm-eval", "accelerate"],  # lm-evaluation-harness on exports
+        "zst": ["zstandard"],  # .zst inputs to preprocessing
         "plot": ["matplotlib"],
+        # Everything the test suite imports. (mistral-common, whose real SentencePiece model
+        # file the tests use, is installed without its dependencies by run_tests.sh.)
+        "test": [
+            "pytest",
+            "ruff",
+            "matplotlib",
+            "transformers>=5.0,<6",
+            "safetensors",
+            "tokenizers",
+            "protobuf",
+            "wandb",
+            "tensorboard",
+            "lm-eval",
+            "accelerate",
+            "zstandard",
+        ],
     },
 )

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.slow
+pytest.importorskip("lm_eval", reason="pip install lm-eval accelerate (or bash run_tests.sh)")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK_DIR = os.path.join(ROOT, "tests", "data", "lm_eval_task")
 

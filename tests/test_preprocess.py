@@ -173,6 +173,7 @@ def test_strict_makes_bad_records_fatal(tmp_path, mistral_model):
 
 
 def test_round_trip_zstd(tmp_path, english_docs, mistral_model):
+    pytest.importorskip("zstandard", reason="pip install zstandard (or bash run_tests.sh)")
     docs = english_docs[:90]
     _write_shards(str(tmp_path / "in"), docs, compression="zst")
     summary = run_preprocess(_cfg([str(tmp_path / "in")], str(tmp_path / "out"), mistral_model))
@@ -184,6 +185,8 @@ def test_round_trip_zstd(tmp_path, english_docs, mistral_model):
 
 @pytest.mark.parametrize("compression", ["gz", "zst"])
 def test_truncated_archive_fails_its_shard_only(tmp_path, english_docs, mistral_model, compression):
+    if compression == "zst":
+        pytest.importorskip("zstandard", reason="pip install zstandard (or bash run_tests.sh)")
     paths = _write_shards(str(tmp_path / "in"), english_docs[:60], compression=compression)
     data = open(paths[0], "rb").read()
     with open(paths[0], "wb") as f:
