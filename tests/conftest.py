@@ -50,8 +50,9 @@ def hf_tokenizer_dir(english_docs, tmp_path_factory):
 
 
 # --- CI: nothing but the GPU tests may skip ------------------------------------------------------
-# With GPAS_NO_SKIPS=1 (set by run_tests.sh, which CI runs) a test that skips without the `gpu` mark fails the run:
-# a whole group skipping (Triton or Slurm not installed) must not pass CI silently.
+# With GPAS_NO_SKIPS=1 (set by run_tests.sh, which CI runs) a test that skips without the `gpu`
+# mark fails the run: a whole group skipping (Triton or Slurm not installed) must not pass CI
+# silently.
 _unexpected_skips: list = []
 
 
