@@ -25,6 +25,7 @@ from megatron_ext.grid.runner import LocalGridRunner
 from megatron_ext.grid.spec import GridSpec, size_flags
 from megatron_ext.grid.status import FAILED, FINISHED, INTERRUPTED, PENDING, cell_state
 from megatron_ext.variants import NORM_TYPE_NAMES
+from tests.tool_commands import grid_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_GRID = os.path.join(ROOT, "tools", "run_grid.py")
@@ -266,37 +267,9 @@ def _metrics_iteration(path):
 def test_tiny_grid_interrupted_resumed_and_tabulated(tmp_path):
     iters = 30
     out = str(tmp_path / "grid")
-    cmd = [
-        sys.executable,
-        RUN_GRID,
-        "run",
-        "--out",
-        out,
-        "--sizes",
-        "tiny",
-        "--norm-types",
-        "pre",
-        "pre_gpas",
-        "--seeds",
-        "1",
-        "2",
-        "--parallel",
-        "1",
-        "--",
-        *SHARED,
-        "--train-iters",
-        str(iters),
-        "--log-interval",
-        "1",
-        "--eval-interval",
-        "15",
-        "--eval-iters",
-        "2",
-        "--save-interval",
-        "15",
-        "--lr",
-        "3e-3",
-    ]
+    shared = [*SHARED, "--train-iters", str(iters), "--log-interval", "1", "--eval-interval",
+              "15", "--eval-iters", "2", "--save-interval", "15", "--lr", "3e-3"]  # fmt: skip
+    cmd = grid_command("run", out, ["pre", "pre_gpas"], [1, 2], "--parallel", "1", "--", *shared)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = os.path.join(out, "cells", "tiny", "pre", "seed1", "metrics.jsonl")
     deadline = time.time() + 300

@@ -12,6 +12,8 @@ import sys
 import pytest
 import torch
 
+from tests.tool_commands import TINY_CPU_RUN
+
 pytestmark = pytest.mark.slow
 pytest.importorskip("lm_eval", reason="pip install lm-eval accelerate (or bash run_tests.sh)")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,35 +24,9 @@ TASK_DIR = os.path.join(ROOT, "tests", "data", "lm_eval_task")
 def trained(tmp_path_factory, mistral_model):
     root = tmp_path_factory.mktemp("lm_eval")
     ckpt = root / "ckpt"
-    flags = [
-        "--device",
-        "cpu",
-        "--model-size",
-        "tiny",
-        "--norm-type",
-        "pre_gpas",
-        "--mock-data",
-        "--tokenizer-type",
-        "SentencePieceTokenizer",
-        "--tokenizer-model",
-        mistral_model,
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "2",
-        "--train-iters",
-        "3",
-        "--lr",
-        "3e-3",
-        "--lr-warmup-iters",
-        "1",
-        "--eval-iters",
-        "0",
-        "--num-workers",
-        "0",
-        "--save",
-        str(ckpt),
-    ]
+    flags = [*TINY_CPU_RUN, "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+             mistral_model, "--train-iters", "3", "--lr", "3e-3", "--lr-warmup-iters", "1",
+             "--eval-iters", "0", "--save", str(ckpt)]  # fmt: skip
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "pretrain_gpas.py"), *flags],
         capture_output=True,

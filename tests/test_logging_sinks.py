@@ -12,36 +12,12 @@ import pytest
 from megatron_ext.config import ConfigError
 from megatron_ext.training import run_config
 from megatron_ext.training.arguments import parse_run_config
+from tests.tool_commands import TINY_CPU_RUN
 from tests.wandb_records import offline_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE = [
-    "--device",
-    "cpu",
-    "--model-size",
-    "tiny",
-    "--norm-type",
-    "pre_gpas",
-    "--mock-data",
-    "--micro-batch-size",
-    "2",
-    "--global-batch-size",
-    "2",
-    "--log-interval",
-    "1",
-    "--eval-interval",
-    "2",
-    "--eval-iters",
-    "1",
-    "--telemetry-interval",
-    "2",
-    "--lr",
-    "3e-3",
-    "--lr-warmup-iters",
-    "1",
-    "--num-workers",
-    "0",
-]
+BASE = [*TINY_CPU_RUN, "--log-interval", "1", "--eval-interval", "2", "--eval-iters", "1",
+        "--telemetry-interval", "2", "--lr", "3e-3", "--lr-warmup-iters", "1"]  # fmt: skip
 
 
 def _train(tmp_path, *flags):

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from tests.slurm_cluster import TERMINAL_STATES, LocalSlurmCluster, why_unavailable
-from tests.tool_commands import preprocess_command
+from tests.tool_commands import grid_command, preprocess_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "examples", "slurm", "train.sbatch")
@@ -247,24 +247,7 @@ def test_grid_as_an_array_job_runs_each_cell_through_the_launcher(cluster, tmp_p
         "0",
     ]
     subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "tools", "run_grid.py"),
-            "slurm",
-            "--out",
-            str(out),
-            "--sizes",
-            "tiny",
-            "--norm-types",
-            "pre",
-            "pre_gpas",
-            "--seeds",
-            "1",
-            "--device",
-            "cpu",
-            "--",
-            *shared,
-        ],
+        grid_command("slurm", out, ["pre", "pre_gpas"], [1], "--device", "cpu", "--", *shared),
         check=True,
         capture_output=True,
         cwd=ROOT,
