@@ -100,12 +100,14 @@ class MetricsWriter:
             self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
+        """Flush and close every sink (again: nothing)."""
         if self._file:
             self._file.close()
         if self._tb:
             self._tb.close()
         if self._wandb:
             self._wandb.finish()
+        self._file = self._tb = self._wandb = None
 
 
 def _flatten(record: dict, prefix: str = "") -> dict:

@@ -493,7 +493,13 @@ def _config_dict(cfg: RunConfig) -> dict:
 
 
 def run(cfg: RunConfig) -> int:
-    """Set up and train; returns the last iteration."""
+    """Set up and train; returns the last iteration. The metrics sinks are closed however the
+    run ends (an input error mid-run included)."""
     trainer = Trainer(cfg)
-    trainer.setup()
-    return trainer.train()
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        metrics = getattr(trainer, "metrics", None)
+        if metrics is not None:
+            metrics.close()
