@@ -23,7 +23,8 @@ def test_quickstart_runs_end_to_end(tmp_path):
         LAYERS="2",
         HIDDEN="64",
         SEQ="32",
-        VOCAB="512", DEPTH="1",
+        VOCAB="512",
+        DEPTH="1",
         DEVICE="cpu",
     )
     env.pop("PYTHONWARNINGS", None)
