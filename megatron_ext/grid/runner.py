@@ -141,7 +141,7 @@ class LocalGridRunner:
         report.failed.append(run.cell)
         return (
             f"FAILED {run.cell.name} (exit {code}) after {_hms(seconds)}; "
-            f"log: {read_status(run.cell).get('log')}\n{_tail(read_status(run.cell).get('log'))}"
+            f"log: {run.log.name}\n{_tail(run.log.name)}"
         )
 
     def _on_signal(self, signum, _frame) -> None:
@@ -215,11 +215,10 @@ def _past_data_setup(run: _Running) -> bool:
     each other's half-written files."""
     if run.process.poll() is not None:
         return True
-    path = read_status(run.cell).get("log")
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(run.log.name, encoding="utf-8", errors="replace") as f:
             return any(line.split(" ", 1)[-1].startswith("metrics: ") for line in f)
-    except (OSError, TypeError):
+    except OSError:
         return False
 
 

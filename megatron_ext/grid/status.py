@@ -36,13 +36,13 @@ class CellState:
 
 
 def latest_checkpoint_iteration(cell: Cell) -> int:
-    path = os.path.join(cell.checkpoints, "latest_checkpointed_iteration.txt")
+    """The cell's checkpoint pointer, read as training reads it (0: none, or unreadable)."""
+    from megatron_ext.training.checkpointing import latest_iteration
+
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read().strip()
-    except OSError:
+        return latest_iteration(cell.checkpoints) or 0
+    except (OSError, ValueError):
         return 0
-    return int(text) if text.isdigit() else 0
 
 
 def read_status(cell: Cell) -> dict:
