@@ -63,7 +63,7 @@ throughput() {  # throughput NAME SECONDS [bench_throughput.py flags]
 }
 
 ensure_megatron_core() {  # the GPU machine may lack it: install the carried wheel privately
-  "$PYTHON" -c "import megatron.core" 2>/dev/null && return 0
+  "$PYTHON" tools/check_env.py missing megatron.core || return 0
   local wheel
   wheel=$(ls "${WHEEL_DIR:-.whl}"/megatron_core-*.whl 2>/dev/null | head -n 1)
   if [[ -z $wheel ]]; then

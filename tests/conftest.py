@@ -1,5 +1,12 @@
+import os
+import sys
+
 import pytest
 import torch
+
+# The project's shell scripts run Python as $PYTHON (default python3): hand them this
+# interpreter, so that `PYTHON=<venv>/bin/python bash run_tests.sh` needs no activated venv.
+os.environ["PYTHON"] = sys.executable
 
 
 @pytest.fixture(scope="session")
@@ -63,8 +70,6 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    import os
-
     if os.environ.get("GPAS_NO_SKIPS") == "1" and _unexpected_skips:
         print("\nGPAS_NO_SKIPS=1: these tests skipped, which only GPU tests may:")
         for line in _unexpected_skips:

@@ -142,6 +142,7 @@ def train_layout(
     snapshot: bool = False,
     snapshot_step: int = 1,
     fp64_reference: bool = False,
+    rounding_twin_seed=None,
     config_overrides=None,
 ):
     """Train each norm type ``steps`` iterations under ``layout`` from the same seeded init.
@@ -152,7 +153,11 @@ def train_layout(
     step ``snapshot_step`` and of every parameter at the end (see :func:`merge_snapshots`);
     ``fp64_reference`` (one process only) adds, per step, the relative fp32 error of every
     gradient and of the gates' joint gradient norm, measured against a float64 evaluation at
-    that step's parameters. With ``ckpt_root`` the trained weights are saved to
+    that step's parameters. ``rounding_twin_seed`` (one process only) makes this run a
+    rounding twin: before every step each weight is moved by one fp32 rounding of a dot product
+    (:func:`perturb_by_rounding`), as a layout's other summation order moves it, so the twin's
+    distance from the plain run measures how far rounding alone carries the trajectory by each
+    step. With ``ckpt_root`` the trained weights are saved to
     ``ckpt_root/<norm_type>``; with ``export_root`` as a weights-only checkpoint with its run
     configuration (what the Hugging Face export reads). ``initial_gates`` moves the gates away
     from 0 before training.
@@ -211,7 +216,12 @@ def train_layout(
         )
         losses, grad_norms, gate_grad_norms = [], [], []
         out = {}
+        twin_gen = None
+        if rounding_twin_seed is not None:
+            twin_gen = torch.Generator().manual_seed(rounding_twin_seed)
         for step in range(1, steps + 1):
+            if twin_gen is not None:
+                perturb_by_rounding(cfg, model, twin_gen)
             mbs = micro_batches(train_batch, dp_rank, dp_size, micro_batch)
             if fp64_reference:
                 out.setdefault("fp32_grad_error", []).append(
@@ -366,6 +376,26 @@ def _join_tp(name: str, shards: dict):
 FP32_ROUNDOFF = 2.0**-24
 
 
+def rounding_scale(cfg) -> float:
+    """The relative rounding error of one fp32 dot product of the model's largest fan-in n:
+    n additions carry about √n roundings."""
+    return FP32_ROUNDOFF * max(cfg.hidden_size, cfg.ffn_hidden_size) ** 0.5
+
+
+def perturb_by_rounding(cfg, model, gen) -> None:
+    """Multiply every weight by 1 ± :func:`rounding_scale` (random signs from ``gen``)."""
+    import torch
+
+    from megatron_ext.training.model_setup import unwrap_model
+
+    scale = rounding_scale(cfg)
+    with torch.no_grad():
+        for chunk in model:
+            for _, p in sorted(unwrap_model(chunk).named_parameters()):
+                signs = torch.randn(p.shape, generator=gen).sign().to(p.dtype)
+                p.mul_(1 + scale * signs)
+
+
 def fp32_gradient_error(cfg, tc, model, mbs, perturbations: int = 3) -> dict:
     """The fp32 rounding noise of every gradient at the model's current weights, relative to
     the gradient (and the same for the gates' joint gradient norm, key ``gate_grad_norm``).
@@ -391,7 +421,7 @@ def fp32_gradient_error(cfg, tc, model, mbs, perturbations: int = 3) -> dict:
     exact = _plain_gradients(cfg, tc, trained, mbs, torch.float64)
     samples = [_plain_gradients(cfg, tc, trained, mbs, torch.float32)]
     gen = torch.Generator().manual_seed(0)
-    scale = FP32_ROUNDOFF * max(cfg.hidden_size, cfg.ffn_hidden_size) ** 0.5
+    scale = rounding_scale(cfg)
     for _ in range(perturbations):
         perturbed = {
             n: w.double() * (1 + scale * torch.randn(w.shape, generator=gen).sign())

@@ -5,8 +5,11 @@ on: the loss, the global gradient norm and the gates' joint gradient norm of eve
 full gradient of every parameter at the first step (TP shards joined, pipeline stages merged,
 distributed-optimizer shards gathered); every parameter, gates included, at the end.
 
-Tolerances. Losses and gradient norms: rel 1e-5. A gradient, and the gates' gradient norm, is
-held to 16 × its fp32 rounding noise measured in float64 at the same weights
+Tolerances, derived on the machine that runs the tests and never below rel 1e-5. The loss,
+the gradient norm and the gates' gradient norm of step k: DRIFT_FACTOR × how far fp32 rounding
+alone carries them by step k (two rounding twins of the one-process run; see DRIFT_FACTOR). A
+gradient at step 1, and the gates' gradient norm at every step, is also allowed 16 × its fp32
+rounding noise measured in float64 at the same weights
 (``fp32_gradient_error``: the fp32-vs-float64 difference, or the float64 gradient's move under
 weight perturbations of one fp32 rounding, whichever is larger), and never to less than 1e-5:
 a layout sums in another order, so its rounding is of the same order. A gate gradient is one
@@ -50,6 +53,16 @@ REL = 1e-5
 # largest of 4 samples); the largest ratio seen over all layouts and types was 12.3 (a gate
 # gradient under TP 2 + SP). A missing reduction or a constant scale is off by 30–100%.
 FP32_ERROR_FACTOR = 16.0
+# Later steps: a layout's numbers drift from one process's as fp32 rounding, injected every
+# step by the other summation order, is carried and amplified by training. Rounding twins (one
+# process, every weight moved by one dot product's rounding before each step; seeds below)
+# measure that drift per step and norm type on the machine running the tests, and a layout may
+# drift DRIFT_FACTOR × as far. Measured (2026-12-03, AMD EPYC, all 11 types, TP 2, TP 2 + SP,
+# DP 2, PP 2): a twin drifts 10–30× farther than a layout wherever either exceeds 1e-5; the
+# largest layout/twin ratio was 7, at differences of 1e-6, below the REL floor. A missing
+# reduction or a constant scale is off by 30–100% from step 1, where twins have drifted ~1e-7.
+ROUNDING_TWIN_SEEDS = (1, 2)
+DRIFT_FACTOR = 4.0
 SOME_TYPES = ("pre_gpas", "sandwich_gpas", "post_pre_gpas", "deeppost")
 BF16_TYPES = ("pre", "pre_gpas", "sandwich_gpas")
 
@@ -156,6 +169,22 @@ class Runs:
             ),
         )
 
+    def twins(self, global_batch, micro_batch):
+        """The fp32 rounding twins of one process (:func:`train_layout`'s
+        ``rounding_twin_seed``): how far rounding alone moves each step's numbers."""
+        return [
+            self._run(
+                ("twin", seed, global_batch, micro_batch),
+                1,
+                {},
+                NORM_TYPE_NAMES,
+                global_batch=global_batch,
+                micro_batch=micro_batch,
+                rounding_twin_seed=seed,
+            )
+            for seed in ROUNDING_TWIN_SEEDS
+        ]
+
     def layout(self, name):
         spec = {**LAYOUTS, **FOUR_RANK_LAYOUTS}[name]
         return self._run(
@@ -200,8 +229,9 @@ def _cases(layouts):
 
 
 def _check_per_step(single, per_rank, norm_type, bounds, record):
-    """Loss, global gradient norm and gate gradient norm of every step, on every rank."""
-    loss_bound, gn_bound, ggn_bounds = bounds
+    """Loss, global gradient norm and gate gradient norm of every step, on every rank, each
+    within its bound for that step."""
+    loss_bounds, gn_bounds, ggn_bounds = bounds
     ref = single[0]
     assert ref["losses"][0] == pytest.approx(math.log(512), abs=0.05)  # near-uniform at init
     assert ref["losses"][-1] < ref["losses"][0]  # it trains
@@ -210,11 +240,15 @@ def _check_per_step(single, per_rank, norm_type, bounds, record):
     for step in range(PARITY_STEPS):
         a, b = ref["losses"][step], losses[step]
         record("loss", _rel(b, a))
-        assert _rel(b, a) <= loss_bound, f"step {step + 1} loss: single {a} vs {b}"
+        assert _rel(b, a) <= loss_bounds[step], (
+            f"step {step + 1} loss: single {a} vs {b} (bound {loss_bounds[step]:.2e})"
+        )
         for rank, r in enumerate(per_rank):
             a, b = ref["grad_norms"][step], r["grad_norms"][step]
             record("grad_norm", _rel(b, a))
-            assert _rel(b, a) <= gn_bound, f"step {step + 1} grad norm, rank {rank}: {a} vs {b}"
+            assert _rel(b, a) <= gn_bounds[step], (
+                f"step {step + 1} grad norm, rank {rank}: {a} vs {b} (bound {gn_bounds[step]:.2e})"
+            )
             if norm_type.endswith("_gpas"):
                 a, b = ref["gate_grad_norms"][step], r["gate_grad_norms"][step]
                 assert a > 0
@@ -225,10 +259,32 @@ def _check_per_step(single, per_rank, norm_type, bounds, record):
                 )
 
 
-def _fp32_bounds(single):
-    errors = single[0]["fp32_grad_error"]
-    ggn = [max(REL, FP32_ERROR_FACTOR * e.get("gate_grad_norm", 0.0)) for e in errors]
-    return REL, REL, ggn
+def rounding_drift(single, twins, key) -> list:
+    """Per step k, the largest relative distance of ``key`` between a rounding twin and the
+    plain run at any step up to k: how far fp32 rounding alone has carried that number by then
+    (the running maximum keeps one twin's lucky step from setting a bound)."""
+    ref, drift, envelope = single[0][key], [], 0.0
+    for k in range(PARITY_STEPS):
+        envelope = max(envelope, *(_rel(t[0][key][k], ref[k]) for t in twins))
+        drift.append(envelope)
+    return drift
+
+
+def _fp32_bounds(single, twins, norm_type):
+    """Per-step bounds: never below REL; above it, DRIFT_FACTOR × the rounding twins' drift
+    (loss, grad norm, gate grad norm) and, for the gate gradient norm, FP32_ERROR_FACTOR × its
+    float64-measured rounding noise at that step's weights."""
+
+    def bounds(key):
+        return [max(REL, DRIFT_FACTOR * d) for d in rounding_drift(single, twins, key)]
+
+    if not norm_type.endswith("_gpas"):
+        return bounds("losses"), bounds("grad_norms"), []
+    noise = [e["gate_grad_norm"] for e in single[0]["fp32_grad_error"]]
+    ggn = [
+        max(b, FP32_ERROR_FACTOR * n) for b, n in zip(bounds("gate_grad_norms"), noise, strict=True)
+    ]
+    return bounds("losses"), bounds("grad_norms"), ggn
 
 
 FP32_LAYOUTS = {k: v for k, v in {**LAYOUTS, **FOUR_RANK_LAYOUTS}.items() if not v.bf16}
@@ -238,10 +294,10 @@ FP32_LAYOUTS = {k: v for k, v in {**LAYOUTS, **FOUR_RANK_LAYOUTS}.items() if not
 def test_layout_reproduces_single_process_steps(runs, name, norm_type):
     spec = FP32_LAYOUTS[name]
     single = runs.reference(*spec.reference)[norm_type]
+    twins = [t[norm_type] for t in runs.twins(spec.global_batch, spec.micro_batch)]
     per_rank = runs.layout(name)[norm_type]
-    _check_per_step(
-        single, per_rank, norm_type, _fp32_bounds(single), lambda *m: runs.record(name, *m)
-    )
+    bounds = _fp32_bounds(single, twins, norm_type)
+    _check_per_step(single, per_rank, norm_type, bounds, lambda *m: runs.record(name, *m))
     # megatron-core buckets only the first pipeline stage (later stages reduce off the critical
     # path): some rank must hold several buckets.
     buckets = [r["buckets"] for r in per_rank]
@@ -294,7 +350,7 @@ def test_bf16_layout_within_bf16_rounding(runs, name, norm_type):
         bf16,
         runs.layout(name)[norm_type],
         norm_type,
-        (loss_bound, gn_bound, ggn_bound),
+        ([loss_bound] * PARITY_STEPS, [gn_bound] * PARITY_STEPS, ggn_bound),
         lambda *m: runs.record(name, *m),
     )
 

@@ -30,19 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(_reason is not None, reason=s
 
 # CPU mode: no GPUs on these nodes, one task per node, one CPU per task.
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
-RECIPE = """\
-model-size: tiny4
-norm-type: pre_gpas
-vocab-size: 512
-seq-length: 64
-micro-batch-size: 4
-lr: 0.003
-lr-warmup-iters: 10
-log-interval: 1
-eval-iters: 0
-num-workers: 0
-seed: 7
-"""
+RECIPE = os.path.join(ROOT, "examples", "slurm", "recipes", "tiny_cpu.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +46,8 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
-    path.write_text(RECIPE)
-    return str(path)
+def recipe():
+    return RECIPE
 
 
 def _submit_training(cluster, recipe, run_dir, extra=()):

@@ -23,6 +23,7 @@ has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 WHEELS=${1:?usage: $0 WHEEL_DIR TARGET}
 TARGET=${2:?usage: $0 WHEEL_DIR TARGET}
 PYTHON=${PYTHON:-python3}
+HELPERS="$(cd "$(dirname "$0")" && pwd)/te_offline_helpers.py"
 
 shopt -s nullglob
 meta=("$WHEELS"/transformer_engine-*-py3-none-any.whl)
@@ -64,14 +65,7 @@ export PYTHONPATH="$TARGET${PYTHONPATH:+:$PYTHONPATH}"
 build_bindings() {
   # Headers: the CUDA toolkit's, plus cuDNN / NCCL from torch's nvidia-* wheels, plus the cuDNN
   # frontend (a header-only wheel installed into TARGET/include).
-  CPATH=$("$PYTHON" - "$TARGET" <<'EOF'
-import glob, os, sys, sysconfig
-dirs = [os.path.join(sys.argv[1], "include")]
-for root in {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}:
-    dirs += sorted(glob.glob(os.path.join(root, "nvidia", "**", "include"), recursive=True))
-print(":".join(d for d in dirs if os.path.isdir(d)))
-EOF
-)
+  CPATH=$("$PYTHON" "$HELPERS" include-dirs "$TARGET")
   export CPATH="$CPATH${CPATH_EXTRA:+:$CPATH_EXTRA}"
 
   build=$(mktemp -d)
@@ -101,12 +95,4 @@ if has_step bindings; then
   if [ -n "${BINDINGS_SO:-}" ]; then copy_bindings; else build_bindings; fi
 fi
 
-has_step check && "$PYTHON" - <<'EOF'
-import torch
-import transformer_engine
-import transformer_engine.pytorch as te
-
-x = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
-y = te.Linear(64, 64, params_dtype=torch.bfloat16)(x)
-print(f"Transformer Engine {transformer_engine.__version__} works: te.Linear -> {tuple(y.shape)}")
-EOF
+has_step check && "$PYTHON" "$HELPERS" check

@@ -25,15 +25,21 @@ PY=${PYTHON:-python3}
 step() { echo; echo "== $1  [$(( $(date +%s) - START ))s]"; }
 
 step "1/5 install (only what is missing)"
-missing() { $PY -c "import importlib.util as u, sys; sys.exit(not any(u.find_spec(m) is None for m in sys.argv[1:]))" "$@"; }
+missing() { $PY tools/check_env.py missing "$@"; }
 if missing torch; then
   $PY -m pip install --quiet "torch==2.13.0"
 fi
-if missing megatron_ext megatron.core sentencepiece matplotlib yaml; then
-  $PY -m pip install --quiet -e ".[plot]"
+EXTRAS=plot
+NEEDED=(megatron_ext megatron.core sentencepiece matplotlib yaml)
+if [[ ${DEPTH:-0} == 1 ]]; then  # the depth analysis runs the Hugging Face modeling code
+  EXTRAS=plot,hf
+  NEEDED+=(transformers safetensors)
 fi
-DEVICE=${DEVICE:-$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
-echo "ready: $($PY -c 'from importlib.metadata import version as v; print(f"torch {v(\"torch\")}, megatron-core {v(\"megatron-core\")}")'), device $DEVICE"
+if missing "${NEEDED[@]}"; then
+  $PY -m pip install --quiet -e ".[$EXTRAS]"
+fi
+DEVICE=${DEVICE:-$($PY tools/check_env.py device)}
+echo "ready: $($PY tools/check_env.py versions), device $DEVICE"
 
 step "2/5 corpus and tokenizer"
 $PY examples/quickstart/prepare_corpus.py --out "$OUT/corpus" >/dev/null

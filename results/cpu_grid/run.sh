@@ -13,19 +13,20 @@ CORPUS=${CORPUS:-../shared/data/corpus}
 RUNS=${RUNS:-runs/cpu_grid}
 ITERS=${ITERS:-400}
 HERE=results/cpu_grid
+PY=${PYTHON:-python3}
 
 if [[ ! -f "$RUNS/data/valid_text_document.idx" ]]; then
-  python3 tools/train_tokenizer.py --input "$CORPUS"/corpus-train.*.json.gz \
+  "$PY" tools/train_tokenizer.py --input "$CORPUS"/corpus-train.*.json.gz \
     --vocab-size 4096 --output "$RUNS/tokenizer/spm4k.model"
-  python3 tools/preprocess_data.py --input "$CORPUS/corpus-train.*" \
+  "$PY" tools/preprocess_data.py --input "$CORPUS/corpus-train.*" \
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$RUNS/tokenizer/spm4k.model" \
     --append-eod --output-prefix "$RUNS/data/train" --workers 2 --no-progress
-  python3 tools/preprocess_data.py --input "$CORPUS/corpus-validation.*" \
+  "$PY" tools/preprocess_data.py --input "$CORPUS/corpus-validation.*" \
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$RUNS/tokenizer/spm4k.model" \
     --append-eod --output-prefix "$RUNS/data/valid" --workers 2 --no-progress
 fi
 
-python3 tools/run_grid.py run --out "$RUNS/grid" --sizes 12x128 --norm-types all --seeds 1 2 \
+"$PY" tools/run_grid.py run --out "$RUNS/grid" --sizes 12x128 --norm-types all --seeds 1 2 \
   --parallel 2 --threads-per-cell 1 -- \
   --device cpu --seq-length 128 --max-position-embeddings 128 \
   --train-data-path "$RUNS/data/train_text_document" \
@@ -37,4 +38,4 @@ python3 tools/run_grid.py run --out "$RUNS/grid" --sizes 12x128 --norm-types all
   --eval-interval $(( ITERS / 2 )) --eval-iters 32 --save-interval 100 --log-interval 20 \
   --telemetry-interval $(( ITERS / 2 )) --data-cache-path "$RUNS/data/cache" --num-workers 0
 
-python3 tools/grid_table.py "$RUNS/grid" --out "$HERE"
+"$PY" tools/grid_table.py "$RUNS/grid" --out "$HERE"
