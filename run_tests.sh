@@ -6,6 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
+START=$(date +%s)
+report_time() {
+  local t=$(( $(date +%s) - START ))
+  echo "run_tests.sh: $(( t / 60 )) min $(( t % 60 )) s in all (installs $(( INSTALLED - START )) s)"
+}
 
 $PY -m pip install --quiet --upgrade pip
 $PY -m pip install --quiet "torch==2.13.0"
@@ -26,5 +31,7 @@ if ! command -v slurmctld >/dev/null 2>&1; then
          "(GPAS_NO_SKIPS=0 bash run_tests.sh lets them skip)" >&2
 fi
 
+INSTALLED=$(date +%s)
+trap report_time EXIT
 $PY -m ruff check .
 GPAS_NO_SKIPS=${GPAS_NO_SKIPS:-1} $PY -m pytest -q "$@"

@@ -203,7 +203,7 @@ class Runs:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The runs; with PARITY_REPORT=FILE the worst differences measured per layout are written
-    there as JSON at the end (the README's table)."""
+    there as JSON at the end (docs/parallelism.md's table)."""
     runs = Runs(tmp_path_factory.mktemp("parity"))
     yield runs
     report = os.environ.get("PARITY_REPORT")

@@ -65,7 +65,8 @@ def main(argv=None) -> int:
         ppl_gap = math.exp(losses["pre_gpas"]) - math.exp(losses["pre"])
         print(
             f"      gap: pre_gpas − pre = {gap:+.4f} in loss, {ppl_gap:+.2f} in perplexity "
-            "(negative: GPAS is better; one seed, so compare with the seed spread in the README)"
+            "(negative: GPAS is better; one seed: compare with the seed spread in "
+            "docs/quickstart.md)"
         )
     if args.depth and os.path.isfile(args.depth):
         with open(args.depth, encoding="utf-8") as f:
