@@ -59,8 +59,9 @@ FP32_ERROR_FACTOR = 16.0
 # measure that drift per step and norm type on the machine running the tests, and a layout may
 # drift DRIFT_FACTOR × as far. Measured (2026-12-03, AMD EPYC, all 11 types, TP 2, TP 2 + SP,
 # DP 2, PP 2): a twin drifts 10–30× farther than a layout wherever either exceeds 1e-5; the
-# largest layout/twin ratio was 7, at differences of 1e-6, below the REL floor. A missing
-# reduction or a constant scale is off by 30–100% from step 1, where twins have drifted ~1e-7.
+# largest layout/twin ratio was 7, at differences of 1e-6, below the REL floor. At step 1, where
+# twins have drifted ~1e-7, a DP sum instead of a mean doubles the gradient norm and unreduced
+# sequence-parallel norm gradients move it by 6e-5 (and differ across TP ranks).
 ROUNDING_TWIN_SEEDS = (1, 2)
 DRIFT_FACTOR = 4.0
 SOME_TYPES = ("pre_gpas", "sandwich_gpas", "post_pre_gpas", "deeppost")
