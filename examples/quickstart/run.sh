@@ -4,7 +4,7 @@
 # installation ships, trains a small SentencePiece tokenizer on it, preprocesses it, trains a
 # 12-layer pre_gpas model and a 12-layer Pre-LN model side by side (one core each), and prints
 # each model's validation loss, perplexity, GPAS scales and the gap (DEPTH=1 adds the per-layer
-# depth analysis) and the elapsed time. About 6.5 minutes on 2 CPU cores; the same command uses
+# depth analysis) and the elapsed time. About 6 minutes on 2 CPU cores; the same command uses
 # a GPU if present.
 #
 #   bash examples/quickstart/run.sh      # OUT=runs/quickstart ITERS=500 SEED=1 LAYERS=12 HIDDEN=128
@@ -80,7 +80,8 @@ if [[ ${DEPTH:-0} == 1 ]]; then  # the per-layer depth analysis: a few more minu
     --data-path "$OUT/data/valid_text_document" --num-sequences 16 --out "$OUT/depth" >/dev/null
 fi
 $PY examples/quickstart/summary.py --grid "$OUT/grid" --depth "$OUT/depth/depth.json"
-echo "    plots: $OUT/comparison.png (loss, variance vs depth, GPAS scales)" \
-     "$([[ ${DEPTH:-0} == 1 ]] && echo "and $OUT/depth/depth.png")"
+PLOTS="$OUT/comparison.png (loss, variance vs depth, GPAS scales)"
+[[ ${DEPTH:-0} == 1 ]] && PLOTS+=" and $OUT/depth/depth.png"
+echo "    plots: $PLOTS"
 ELAPSED=$(( $(date +%s) - START ))
 echo "  elapsed: $(( ELAPSED / 60 ))m$(printf %02d $(( ELAPSED % 60 )))s"
