@@ -44,6 +44,7 @@ class NormTypeRow:
     deepnorm_init: bool = False  # xavier gains β = (8L)^-¼ (reference: only for 'deeppost')
     lns: bool = False
     description: str = ""
+    base: Optional[str] = None  # a GPAS row: the architecture it adds GPAS to (paper's tables)
 
 
 NORM_TYPES: dict[str, NormTypeRow] = {
@@ -69,17 +70,36 @@ NORM_TYPES: dict[str, NormTypeRow] = {
             gpas=True,
             deepnorm_residual=True,
             description="DeepNorm+GPAS",
+            base="deeppost",
         ),
-        NormTypeRow("pre_gpas", LayerStyle.PRE, gpas=True, description="Pre-LN+GPAS"),
+        NormTypeRow("pre_gpas", LayerStyle.PRE, gpas=True, description="Pre-LN+GPAS", base="pre"),
         NormTypeRow(
-            "sandwich_gpas", LayerStyle.SANDWICH, gpas=True, description="Sandwich-LN+GPAS"
+            "sandwich_gpas",
+            LayerStyle.SANDWICH,
+            gpas=True,
+            description="Sandwich-LN+GPAS",
+            base="sandwich",
         ),
-        NormTypeRow("post_pre_gpas", LayerStyle.MIX, gpas=True, description="Mix-LN+GPAS"),
-        NormTypeRow("lns_gpas", LayerStyle.PRE, gpas=True, lns=True, description="LNS+GPAS"),
+        NormTypeRow(
+            "post_pre_gpas", LayerStyle.MIX, gpas=True, description="Mix-LN+GPAS", base="post_pre"
+        ),
+        NormTypeRow(
+            "lns_gpas", LayerStyle.PRE, gpas=True, lns=True, description="LNS+GPAS", base="lns"
+        ),
     )
 }
 
 NORM_TYPE_NAMES = tuple(NORM_TYPES)
+
+
+def paper_order() -> tuple[str, ...]:
+    """The paper's row order: each base architecture, then the GPAS rows built on it."""
+    order = []
+    for row in NORM_TYPES.values():
+        if row.base is None:
+            order.append(row.name)
+            order.extend(r.name for r in NORM_TYPES.values() if r.base == row.name)
+    return tuple(order)
 
 
 def deepnorm_alpha(num_layers: int) -> float:

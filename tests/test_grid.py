@@ -244,6 +244,26 @@ def test_table_layout_means_stds_and_gpas_differences(tmp_path):
     assert os.path.getsize(tmp_path / "curves.png") > 10_000
 
 
+def test_table_rows_come_from_the_norm_type_table(monkeypatch):
+    """The paper's order (Table 1 of the GPAS paper), and a row added to the architecture table
+    reaches the results table under its base without touching the grid's code."""
+    import dataclasses
+
+    from megatron_ext import variants
+
+    paper = ["post", "deeppost", "deeppost_gpas", "pre", "pre_gpas", "sandwich", "sandwich_gpas",
+             "post_pre", "post_pre_gpas", "lns", "lns_gpas"]  # fmt: skip
+    assert list(table.PAPER_ORDER) == paper
+    assert sorted(paper) == sorted(NORM_TYPE_NAMES)
+    assert {n: table.base_of(n) for n in paper if table.base_of(n)} == {
+        n: n[: -len("_gpas")] for n in paper if n.endswith("_gpas")
+    }
+    extra = dataclasses.replace(variants.NORM_TYPES["post"], name="post_gpas", base="post")
+    monkeypatch.setitem(variants.NORM_TYPES, "post_gpas", extra)
+    order = variants.paper_order()
+    assert order[:2] == ("post", "post_gpas") and len(order) == len(paper) + 1
+
+
 def test_a_cell_is_finished_only_when_its_checkpoint_reached_the_end(tmp_path):
     spec = _spec(tmp_path, norms=("pre",), seeds=(1,), iters=4)
     cell = spec.cells()[0]

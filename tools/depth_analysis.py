@@ -24,6 +24,7 @@ from megatron_ext.quiet import quiet_third_party_warnings  # noqa: E402
 
 quiet_third_party_warnings()
 
+from megatron_ext import fileio  # noqa: E402
 from megatron_ext.analysis import depth  # noqa: E402
 
 
@@ -70,8 +71,8 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    _write(os.path.join(args.out, "depth.md"), depth.markdown(reports))
-    _write(
+    fileio.write_text(os.path.join(args.out, "depth.md"), depth.markdown(reports))
+    fileio.write_text(
         os.path.join(args.out, "depth.json"),
         json.dumps([r.to_json() for r in reports], indent=1),
     )
@@ -85,12 +86,6 @@ def _label(path: str) -> str:
     skip = ("checkpoints",)
     parts = [p for p in parts if p not in skip and not p.startswith("iter_")]
     return "/".join(parts[-2:])
-
-
-def _write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

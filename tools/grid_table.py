@@ -18,15 +18,10 @@ from megatron_ext.quiet import quiet_third_party_warnings  # noqa: E402
 
 quiet_third_party_warnings()
 
+from megatron_ext import fileio  # noqa: E402
 from megatron_ext.config import ConfigError  # noqa: E402
 from megatron_ext.grid import table  # noqa: E402
 from megatron_ext.grid.spec import GridSpec  # noqa: E402
-
-
-def _write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def main(argv=None) -> int:
@@ -54,9 +49,9 @@ def main(argv=None) -> int:
         f"{', '.join(map(str, spec.seeds))}; GPAS rows: (difference from their base). "
         f"{done} of {len(results)} cells finished.\n\n"
     )
-    _write(os.path.join(out, "table.md"), header + ppl + "\n\n" + loss + "\n")
-    _write(os.path.join(out, "table.csv"), table.summary_csv(spec, summary))
-    _write(os.path.join(out, "cells.csv"), table.cells_csv(results))
+    fileio.write_text(os.path.join(out, "table.md"), header + ppl + "\n\n" + loss + "\n")
+    fileio.write_text(os.path.join(out, "table.csv"), table.summary_csv(spec, summary))
+    fileio.write_text(os.path.join(out, "cells.csv"), table.cells_csv(results))
     print(header + ppl)
     written = ["table.md", "table.csv", "cells.csv"]
     if not args.no_plot:

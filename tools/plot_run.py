@@ -19,6 +19,7 @@ from megatron_ext.quiet import quiet_third_party_warnings  # noqa: E402
 
 quiet_third_party_warnings()
 
+from megatron_ext import fileio  # noqa: E402
 from megatron_ext.analysis.metrics_file import MetricsFileError, read_metrics  # noqa: E402
 
 
@@ -77,9 +78,8 @@ def plot(runs: dict, out: str) -> None:
         if scales.get_legend_handles_labels()[0]:
             scales.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out + ".tmp.png", dpi=120)
-    os.replace(out + ".tmp.png", out)
+    with fileio.atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 

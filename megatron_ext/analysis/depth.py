@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_ext import fileio
+
 
 class DepthAnalysisError(ValueError):
     """Bad input to the analysis; the message names the path or flag."""
@@ -278,7 +280,6 @@ def plot(reports: list[DepthReport], out: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out + ".tmp.png", dpi=110)
-    os.replace(out + ".tmp.png", out)
+    with fileio.atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)

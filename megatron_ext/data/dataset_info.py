@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron_ext import fileio
+
 SIDECAR_SUFFIX = ".meta.json"
 FORMAT_VERSION = 1
 
@@ -55,12 +57,7 @@ class DatasetInfo:
 
     def write(self, prefix: str) -> None:
         """Write ``<prefix>.meta.json`` via a temporary name, so a reader never sees half."""
-        path = sidecar_path(prefix)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(dataclasses.asdict(self), f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        fileio.write_json(sidecar_path(prefix), dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
     def read(cls, prefix: str) -> Optional[DatasetInfo]:

@@ -18,8 +18,9 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorSt
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megatron_ext.checkpoint_layout import is_in_progress, latest_checkpoint_dir
 from megatron_ext.config import ModelConfig
-from megatron_ext.training.checkpointing import latest_checkpoint_dir, read_run_state
+from megatron_ext.training.checkpointing import read_run_state
 
 LAYER_PREFIX = "decoder.layers."
 
@@ -36,7 +37,7 @@ def resolve_checkpoint_dir(path: str) -> str:
         path = latest_checkpoint_dir(path) or path
     except (ValueError, FileNotFoundError) as err:
         raise CheckpointError(str(err)) from err
-    if path.rstrip("/").endswith(".tmp"):
+    if is_in_progress(path):
         raise CheckpointError(
             f"{path} is a checkpoint still being written (or from a crashed save); "
             "pass the save root or a finished iter_XXXXXXX directory"
@@ -148,8 +149,3 @@ class DistCheckpointReader:
         if per_layer in self.tensors:
             return self.read(per_layer)
         return self.read(LAYER_PREFIX + name, index=layer)
-
-    def has_layer_tensor(self, layer: int, name: str) -> bool:
-        return (
-            f"{LAYER_PREFIX}{layer}.{name}" in self.tensors or LAYER_PREFIX + name in self.tensors
-        )

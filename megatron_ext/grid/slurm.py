@@ -7,6 +7,7 @@ import os
 import shlex
 from collections.abc import Sequence
 
+from megatron_ext import fileio
 from megatron_ext.grid.spec import GridSpec
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,7 +57,5 @@ def write_array_script(
     ]
     os.makedirs(log_dir, exist_ok=True)
     path = os.path.join(out, SCRIPT_NAME)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
-    os.replace(path + ".tmp", path)
+    fileio.write_text(path, "\n".join(lines))
     return path

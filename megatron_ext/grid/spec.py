@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_ext import fileio
 from megatron_ext.config import ConfigError
 from megatron_ext.models.presets import PRESET_NAMES
 from megatron_ext.variants import NORM_TYPE_NAMES, NORM_TYPES
@@ -164,11 +165,7 @@ class GridSpec:
         self.train_iters = _train_iters(self, self.cells()[0])
 
     def save(self) -> None:
-        os.makedirs(self.out, exist_ok=True)
-        path = os.path.join(self.out, GRID_FILE)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(dataclasses.asdict(self), f, indent=1)
-        os.replace(path + ".tmp", path)
+        fileio.write_json(os.path.join(self.out, GRID_FILE), dataclasses.asdict(self))
 
     @classmethod
     def load(cls, out: str) -> GridSpec:
@@ -190,11 +187,8 @@ class GridSpec:
 def write_recipe(cell: Cell) -> None:
     import yaml
 
-    os.makedirs(cell.directory, exist_ok=True)
-    with open(cell.recipe_path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(f"# grid cell {cell.index}: {cell.name}\n")
-        yaml.safe_dump(cell.recipe(), f, sort_keys=False)
-    os.replace(cell.recipe_path + ".tmp", cell.recipe_path)
+    header = f"# grid cell {cell.index}: {cell.name}\n"
+    fileio.write_text(cell.recipe_path, header + yaml.safe_dump(cell.recipe(), sort_keys=False))
 
 
 def _train_iters(spec: GridSpec, cell: Cell) -> int:

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron_ext import fileio
+from megatron_ext.checkpoint_layout import latest_iteration
 from megatron_ext.grid.spec import Cell
 
 STATUS_FILE = "status.json"
@@ -37,8 +39,6 @@ class CellState:
 
 def latest_checkpoint_iteration(cell: Cell) -> int:
     """The cell's checkpoint pointer, read as training reads it (0: none, or unreadable)."""
-    from megatron_ext.training.checkpointing import latest_iteration
-
     try:
         return latest_iteration(cell.checkpoints) or 0
     except (OSError, ValueError):
@@ -55,11 +55,7 @@ def read_status(cell: Cell) -> dict:
 
 def write_status(cell: Cell, **values) -> None:
     status = {**read_status(cell), **values, "updated": round(time.time(), 3)}
-    os.makedirs(cell.directory, exist_ok=True)
-    path = os.path.join(cell.directory, STATUS_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(status, f, indent=1)
-    os.replace(path + ".tmp", path)
+    fileio.write_json(os.path.join(cell.directory, STATUS_FILE), status)
 
 
 def cell_state(cell: Cell, train_iters: int) -> CellState:

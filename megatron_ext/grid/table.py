@@ -12,29 +12,18 @@ import statistics
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron_ext import fileio
 from megatron_ext.analysis.metrics_file import read_metrics
 from megatron_ext.grid.spec import GridSpec
 from megatron_ext.grid.status import FINISHED, cell_state, final_validation
-from megatron_ext.variants import NORM_TYPES
+from megatron_ext.variants import NORM_TYPES, paper_order
 
 #: the paper's row order: each base, then its GPAS variant (Post-LN has none)
-PAPER_ORDER = (
-    "post",
-    "deeppost",
-    "deeppost_gpas",
-    "pre",
-    "pre_gpas",
-    "sandwich",
-    "sandwich_gpas",
-    "post_pre",
-    "post_pre_gpas",
-    "lns",
-    "lns_gpas",
-)
+PAPER_ORDER = paper_order()
 
 
 def base_of(norm_type: str) -> Optional[str]:
-    return norm_type[: -len("_gpas")] if norm_type.endswith("_gpas") else None
+    return NORM_TYPES[norm_type].base
 
 
 @dataclass
@@ -275,9 +264,8 @@ def plot_loss_curves(spec: GridSpec, out: str, smooth: int = 5) -> None:
             pad = 0.05 * (highest - lowest + 1e-6)
             ax.set_ylim(lowest - pad, highest + pad)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out + ".tmp.png", dpi=110)
-    os.replace(out + ".tmp.png", out)
+    with fileio.atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -100,31 +101,29 @@ def _p2p_settings(parallel: ParallelConfig, num_layers: int) -> dict:
     return {"overlap_p2p_comm": True, "batch_p2p_comm": False}
 
 
-def build_model(
-    model: ModelConfig,
-    config: TransformerConfig,
-    *,
-    seed: int = 1234,
-    transformer_impl: str = "local",
-    vp_stage: Optional[int] = None,
-    initialize: bool = True,
-) -> GPTModel:
-    """One GPTModel chunk (the whole model without virtual pipelining) for this rank."""
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    vocab = model.padded_vocab_size()
-    if transformer_impl == "local":
-        # GPTModel records the attention backend in Transformer Engine's NVTE_*_ATTN variables
-        # and refuses a later model whose backend disagrees with them; they steer only TE, so
-        # models of the local spec (SDPA or megatron-core's attention) start from a clean slate.
-        for name in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
+_NVTE_BACKEND_VARS = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+
+
+@contextlib.contextmanager
+def _attention_backend_env(transformer_impl: str):
+    """GPTModel records its attention backend in Transformer Engine's ``NVTE_*_ATTN`` variables
+    and refuses a later model whose backend disagrees with them. They steer only TE, so a model
+    of the local spec is built without them and the environment is left as it was found; TE
+    models keep what megatron-core sets (TE reads it when attention runs)."""
+    if transformer_impl != "local":
+        yield
+        return
+    saved = {name: os.environ.pop(name) for name in _NVTE_BACKEND_VARS if name in os.environ}
+    try:
+        yield
+    finally:
+        for name in _NVTE_BACKEND_VARS:
             os.environ.pop(name, None)
-    if vocab % tp_size:
-        raise ConfigError(
-            f"--make-vocab-size-divisible-by: padded vocabulary {vocab} is not divisible by TP "
-            f"size {tp_size}"
-        )
-    gpt = GPTModel(
+        os.environ.update(saved)
+
+
+def _gpt_model(model: ModelConfig, config, transformer_impl, vocab, vp_stage, pp_rank):
+    return GPTModel(
         config=config,
         transformer_layer_spec=get_decoder_block_spec(
             model, config, transformer_impl, vp_stage=vp_stage, pp_rank=pp_rank
@@ -140,6 +139,28 @@ def build_model(
         rotary_base=model.rotary_base,
         vp_stage=vp_stage,
     )
+
+
+def build_model(
+    model: ModelConfig,
+    config: TransformerConfig,
+    *,
+    seed: int = 1234,
+    transformer_impl: str = "local",
+    vp_stage: Optional[int] = None,
+    initialize: bool = True,
+) -> GPTModel:
+    """One GPTModel chunk (the whole model without virtual pipelining) for this rank."""
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    vocab = model.padded_vocab_size()
+    if vocab % tp_size:
+        raise ConfigError(
+            f"--make-vocab-size-divisible-by: padded vocabulary {vocab} is not divisible by TP "
+            f"size {tp_size}"
+        )
+    with _attention_backend_env(transformer_impl):
+        gpt = _gpt_model(model, config, transformer_impl, vocab, vp_stage, pp_rank)
     if initialize:
         initialize_model(
             [gpt],

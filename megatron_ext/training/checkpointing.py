@@ -1,10 +1,7 @@
 """Checkpoints through megatron-core ``dist_checkpointing``: TP/PP/DP-invariant on disk.
 
-Layout under ``--save DIR``::
-
-    DIR/iter_0000100/        model, optimizer, scheduler and run state (torch_dist format)
-    DIR/iter_0000100/rng/    per-rank RNG states
-    DIR/latest_checkpointed_iteration.txt
+The layout under ``--save DIR`` is ``megatron_ext/checkpoint_layout.py``'s; one checkpoint holds
+the model, optimizer, scheduler and run state (torch_dist format) and per-rank RNG states.
 
 A checkpoint is written to ``iter_XXXXXXX.tmp`` and renamed when every rank has finished; the
 latest-pointer is replaced after that. A crash at any point therefore leaves the previous
@@ -17,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import shutil
 from typing import Optional
 
@@ -26,45 +22,21 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from megatron_ext.checkpoint_layout import (
+    IN_PROGRESS_SUFFIX,
+    checkpoint_dir,
+    latest_checkpoint_dir,
+    saved_iterations,
+    write_pointer,
+)
 from megatron_ext.training.model_setup import unwrap_model
 
 logger = logging.getLogger("gpas")
 
-LATEST = "latest_checkpointed_iteration.txt"
 # The distributed optimizer's state in a layout-free form: it reloads under another TP/PP/DP
 # layout. (megatron-core 0.16.1 removed "fully_sharded_model_space"; "dp_reshardable" fails to
 # load with torch's Adam. "fully_reshardable" needs the workaround in _load_optimizer_state.)
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-def checkpoint_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def latest_iteration(root: str) -> Optional[int]:
-    path = os.path.join(root, LATEST)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        text = f.read().strip()
-    if not text.isdigit():
-        raise ValueError(f"--load: {path} does not hold an iteration number ({text!r})")
-    return int(text)
-
-
-def latest_checkpoint_dir(root: str) -> Optional[str]:
-    """The ``iter_XXXXXXX`` directory the latest-pointer under ``root`` names (None: no
-    pointer there)."""
-    iteration = latest_iteration(root)
-    if iteration is None:
-        return None
-    directory = checkpoint_dir(root, iteration)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(
-            f"--load: {os.path.join(root, LATEST)} names iteration {iteration}, but "
-            f"{directory} is missing"
-        )
-    return directory
 
 
 def read_run_state(directory: str) -> dict:
@@ -161,7 +133,7 @@ def save_checkpoint(
     such a checkpoint starts a run (e.g. one imported from Hugging Face) rather than resuming it.
     """
     final = checkpoint_dir(root, iteration)
-    tmp = final + ".tmp"
+    tmp = final + IN_PROGRESS_SUFFIX
     if _is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -183,12 +155,7 @@ def save_checkpoint(
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
-        pointer = os.path.join(root, LATEST)
-        with open(pointer + ".tmp", "w", encoding="utf-8") as f:
-            f.write(str(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(pointer + ".tmp", pointer)
+        write_pointer(root, iteration)
         if keep_last:
             _prune(root, keep_last, iteration)
     _barrier()
@@ -196,9 +163,7 @@ def save_checkpoint(
 
 
 def _prune(root: str, keep_last: int, current: int) -> None:
-    pattern = re.compile(r"^iter_(\d{7})$")
-    iterations = sorted(int(m.group(1)) for d in os.listdir(root) if (m := pattern.match(d)))
-    for it in iterations[:-keep_last]:
+    for it in saved_iterations(root)[:-keep_last]:
         if it != current:
             shutil.rmtree(checkpoint_dir(root, it), ignore_errors=True)
 

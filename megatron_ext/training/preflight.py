@@ -175,6 +175,7 @@ def _resolved(model: ModelConfig) -> dict:
 def check_run(cfg, eod_id: int) -> list[str]:
     """Every file the run reads, against its flags. Returns the dataset prefixes made before
     sidecars existed (their token ids are checked batch by batch instead)."""
+    from megatron_ext import checkpoint_layout
     from megatron_ext.training import checkpointing
 
     undescribed = []
@@ -197,7 +198,7 @@ def check_run(cfg, eod_id: int) -> list[str]:
     load = cfg.checkpoint.load
     if load:
         try:
-            directory = checkpointing.latest_checkpoint_dir(load)
+            directory = checkpoint_layout.latest_checkpoint_dir(load)
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"{err}; point --load at a complete checkpoint") from err
         if directory is not None:

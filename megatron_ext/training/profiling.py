@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from megatron_ext import fileio
 from megatron_ext.training.kernel_profile import device_events, summarize
 from megatron_ext.training.run_config import ProfileConfig
 
@@ -120,7 +121,8 @@ class IterationProfiler:
             return
         os.makedirs(self.out_dir, exist_ok=True)
         trace = os.path.join(self.out_dir, f"trace_{self.stem}.json")
-        _write_atomically(trace, prof.export_chrome_trace)
+        with fileio.atomic_path(trace) as tmp:
+            prof.export_chrome_trace(tmp)
         iterations = self._recorded
         wall_ms = _recorded_span_us(prof) / 1e3 / iterations
         header = (
@@ -130,12 +132,7 @@ class IterationProfiler:
         )
         report = header + summarize(device_events(prof, self.device), iterations, wall_ms) + "\n"
         summary = os.path.join(self.out_dir, f"kernels_{self.stem}.txt")
-
-        def write_text(path):
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(report)
-
-        _write_atomically(summary, write_text)
+        fileio.write_text(summary, report)
         self.written = [trace, summary]
 
 
@@ -146,9 +143,3 @@ def _recorded_span_us(prof) -> float:
         for e in prof.events()
         if e.name.startswith("ProfilerStep")
     )
-
-
-def _write_atomically(path: str, write) -> None:
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)

@@ -1,0 +1,72 @@
+"""Where a run's checkpoints live on disk; torch-free, so the grid and the export tools can read
+a save directory without importing torch or megatron-core.
+
+    DIR/iter_0000100/                      one checkpoint (torch_dist format, see
+                                           ``training/checkpointing.py``)
+    DIR/iter_0000100/rng/                  per-rank RNG states
+    DIR/iter_0000200.tmp/                  a checkpoint being written (or from a crashed save)
+    DIR/latest_checkpointed_iteration.txt  the pointer: the newest complete checkpoint
+
+The pointer moves only after its directory is complete, so it never names a partial one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional
+
+from megatron_ext import fileio
+
+LATEST = "latest_checkpointed_iteration.txt"
+IN_PROGRESS_SUFFIX = ".tmp"
+_ITER_DIR = re.compile(r"^iter_(\d{7})$")
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def pointer_path(root: str) -> str:
+    return os.path.join(root, LATEST)
+
+
+def latest_iteration(root: str) -> Optional[int]:
+    """The iteration the pointer under ``root`` names (None: no pointer there)."""
+    path = pointer_path(root)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        text = f.read().strip()
+    if not text.isdigit():
+        raise ValueError(f"--load: {path} does not hold an iteration number ({text!r})")
+    return int(text)
+
+
+def latest_checkpoint_dir(root: str) -> Optional[str]:
+    """The ``iter_XXXXXXX`` directory the pointer under ``root`` names (None: no pointer)."""
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return None
+    directory = checkpoint_dir(root, iteration)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"--load: {pointer_path(root)} names iteration {iteration}, but {directory} is missing"
+        )
+    return directory
+
+
+def write_pointer(root: str, iteration: int) -> None:
+    """Move the pointer (fsync'd: a restart after a power loss must not read an empty file)."""
+    fileio.write_text(pointer_path(root), str(iteration), durable=True)
+
+
+def saved_iterations(root: str) -> list[int]:
+    """Iterations of the complete checkpoint directories under ``root``, ascending."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(m.group(1)) for d in os.listdir(root) if (m := _ITER_DIR.match(d)))
+
+
+def is_in_progress(path: str) -> bool:
+    return path.rstrip("/").endswith(IN_PROGRESS_SUFFIX)
