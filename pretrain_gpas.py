@@ -30,6 +30,14 @@ from megatron_ext.training.planning import plan_run  # noqa: E402
 from megatron_ext.training.trainer import TrainingStopped, run  # noqa: E402
 
 
+def _configure_logging() -> None:
+    """Our lines (logger ``gpas``, INFO on the logging rank) with a time stamp; megatron-core's
+    own INFO chatter (bucket listings, dataset configs) only from WARNING up."""
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True
+    )
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     dry_run = "--dry-run" in argv
@@ -46,6 +54,7 @@ def main(argv=None) -> int:
             for line in plan_run(cfg, ws).lines():
                 print(line)
             return 0
+        _configure_logging()
         run(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

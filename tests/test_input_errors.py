@@ -293,3 +293,16 @@ def test_errors_print_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --num-layers: ")
+
+
+def test_a_tokenizer_vocabulary_that_tp_cannot_split_is_refused_before_building(
+    capsys, tmp_path, monkeypatch
+):
+    """The null tokenizer adds its end-of-document row (512 → 513): the flags alone pass, the
+    run's configuration with the tokenizer's vocabulary does not."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = _args(tmp_path / "run", "--tensor-model-parallel-size", "2")
+    argv += ["--make-vocab-size-divisible-by", "1"]
+    line = _refused(capsys, argv)
+    assert line.startswith("error: --make-vocab-size-divisible-by: ") and "513" in line
+    assert not (tmp_path / "run").exists()

@@ -115,18 +115,23 @@ def test_failure_lines_are_recognised():
     assert _failure_lines(text) == ["SyntaxError: f-string", "UserWarning: x"]
 
 
-def test_plot_run_rejects_bad_input(tmp_path):
-    bad = tmp_path / "m.jsonl"
-    bad.write_text('{"iteration": 1, "lm_loss": 2.0}\nnot json\n')
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "tools", "plot_run.py"),
-            str(bad),
-            "--out",
-            str(tmp_path / "p.png"),
-        ],
+def _plot_run(*args):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "plot_run.py"), *map(str, args)],
         capture_output=True,
         text=True,
     )
-    assert proc.returncode != 0 and f"{bad}:2" in proc.stderr
+
+
+def test_plot_run_names_a_cut_line_and_rejects_a_file_without_records(tmp_path):
+    cut = tmp_path / "m.jsonl"  # a run killed mid-line, then resumed
+    cut.write_text('{"iteration": 1, "lm_loss": 2.0}\n{"iteration": 2, "lm_\n'
+                   '{"iteration": 2, "lm_loss": 1.5}\n')  # fmt: skip
+    proc = _plot_run(cut, "--out", tmp_path / "p.png")
+    assert proc.returncode == 0, proc.stderr
+    assert f"note: {cut}:2: skipped 1 line(s)" in proc.stderr
+    assert "2 logged steps" in proc.stdout and (tmp_path / "p.png").is_file()
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not json\n")
+    proc = _plot_run(bad, "--out", tmp_path / "q.png")
+    assert proc.returncode == 2 and f"error: {bad} holds no metrics records" in proc.stderr

@@ -285,7 +285,7 @@ def _nan_worker(save):
     snapshot = {}
 
     def poison(module, inputs, output):
-        if trainer.iteration >= 2:
+        if trainer.state.iteration >= 2:
             if not snapshot:
                 snapshot.update({n: p.detach().clone() for n, p in gpt.named_parameters()})
             return output * float("nan")
@@ -298,9 +298,9 @@ def _nan_worker(save):
         unchanged = all(torch.equal(snapshot[n], p.detach()) for n, p in gpt.named_parameters())
         return {
             "stopped": str(err),
-            "iteration": trainer.iteration,
+            "iteration": trainer.state.iteration,
             "unchanged": unchanged,
-            "skipped": trainer.skipped_total,
+            "skipped": trainer.state.skipped_total,
         }
     return {"stopped": None}
 

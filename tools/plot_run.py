@@ -20,7 +20,7 @@ from megatron_ext.quiet import quiet_third_party_warnings  # noqa: E402
 quiet_third_party_warnings()
 
 from megatron_ext import fileio  # noqa: E402
-from megatron_ext.analysis.metrics_file import MetricsFileError, read_metrics  # noqa: E402
+from megatron_ext.metrics_file import MetricsFile  # noqa: E402
 
 
 def plot(runs: dict, out: str) -> None:
@@ -29,17 +29,17 @@ def plot(runs: dict, out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    has_telemetry = any(r["telemetry"] for r in runs.values())
+    has_telemetry = any(r.telemetry() for r in runs.values())
     fig, axes = plt.subplots(
         1, 3 if has_telemetry else 1, figsize=(16 if has_telemetry else 7, 4.5), squeeze=False
     )
     ax = axes[0][0]
     for label, r in runs.items():
-        if r["train"]:
-            xs, ys = zip(*r["train"], strict=True)
+        if r.train_losses():
+            xs, ys = zip(*r.train_losses(), strict=True)
             (line,) = ax.plot(xs, ys, label=f"{label} train", alpha=0.8)
-            if r["valid"]:
-                vx, vy = zip(*r["valid"], strict=True)
+            if r.validation_losses():
+                vx, vy = zip(*r.validation_losses(), strict=True)
                 ax.plot(vx, vy, "o--", color=line.get_color(), label=f"{label} validation")
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
@@ -49,9 +49,9 @@ def plot(runs: dict, out: str) -> None:
     if has_telemetry:
         depth, scales = axes[0][1], axes[0][2]
         for label, r in runs.items():
-            if not r["telemetry"]:
+            if not r.telemetry():
                 continue
-            iteration, rows = r["telemetry"][-1]
+            iteration, rows = r.telemetry()[-1]
             xs = [row["layer"] + 1 for row in rows]
             depth.plot(
                 xs,
@@ -100,16 +100,19 @@ def main(argv=None) -> int:
         if not os.path.isfile(path):
             print(f"error: no metrics file at {path}", file=sys.stderr)
             return 2
-    try:
-        runs = {label: read_metrics(path) for label, path in zip(labels, args.metrics, strict=True)}
-    except MetricsFileError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    runs = {label: MetricsFile.read(path) for label, path in zip(labels, args.metrics, strict=True)}
+    for r in runs.values():
+        if not r.records:
+            print(f"error: {r.path} holds no metrics records (is it a metrics.jsonl?)",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        if r.unreadable_note():
+            print(f"note: {r.unreadable_note()}", file=sys.stderr)
     plot(runs, args.out)
     for label, r in runs.items():
-        final = r["valid"][-1][1] if r["valid"] else None
+        final = r.validation_losses()[-1][1] if r.validation_losses() else None
         print(
-            f"{label}: {len(r['train'])} logged steps, final validation loss "
+            f"{label}: {len(r.train_losses())} logged steps, final validation loss "
             f"{final if final is None else f'{final:.4f}'}"
         )
     print(f"wrote {args.out}")

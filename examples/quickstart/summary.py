@@ -18,19 +18,7 @@ quiet_third_party_warnings()
 
 from megatron_ext.grid.spec import GridSpec  # noqa: E402
 from megatron_ext.grid.status import final_validation  # noqa: E402
-
-
-def _last_scales(metrics_path: str):
-    scales = None
-    with open(metrics_path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("gpas_scales"):
-                scales = record["gpas_scales"]
-    return scales
+from megatron_ext.metrics_file import MetricsFile  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -52,7 +40,7 @@ def main(argv=None) -> int:
             f"{cell.norm_type:>9}: validation loss {loss:.4f}, perplexity {math.exp(loss):.2f} "
             f"({record['val_tokens']:,} tokens, iteration {record['iteration']})"
         )
-        scales = _last_scales(cell.metrics_path)
+        scales = MetricsFile.read(cell.metrics_path).last_value("gpas_scales")
         if scales:
             line += (
                 f"; GPAS scales c = 1 − SiLU(g) from {min(scales):.3f} to {max(scales):.3f} "

@@ -25,6 +25,7 @@ from megatron_ext.grid.status import (
     read_status,
     write_status,
 )
+from megatron_ext.metrics_file import last_iteration
 
 ENTRY_POINT = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -195,7 +196,7 @@ class LocalGridRunner:
                 if running and time.time() - last_status >= self.status_every_s:
                     last_status = time.time()
                     where = ", ".join(
-                        f"{r.cell.name} iter {_metrics_iteration(r.cell)}" for r in running
+                        f"{r.cell.name} iter {last_iteration(r.cell.metrics_path)}" for r in running
                     )
                     self.say(f"{self._progress(report, running, pending, start, durations)}")
                     self.say(f"[grid] running: {where}")
@@ -220,25 +221,6 @@ def _past_data_setup(run: _Running) -> bool:
             return any(line.split(" ", 1)[-1].startswith("metrics: ") for line in f)
     except OSError:
         return False
-
-
-def _metrics_iteration(cell: Cell) -> int:
-    """The last iteration the cell has logged (cheap: reads the metrics file's tail)."""
-    import json
-
-    try:
-        with open(cell.metrics_path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 4096))
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return 0
-    for line in reversed(lines):
-        try:
-            return int(json.loads(line)["iteration"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return 0
 
 
 def _tail(path: Optional[str], lines: int = 8) -> str:

@@ -15,6 +15,7 @@ from typing import Optional
 
 from megatron_ext import fileio
 from megatron_ext.config import ConfigError
+from megatron_ext.metrics_file import METRICS_FILE
 from megatron_ext.models.presets import PRESET_NAMES
 from megatron_ext.variants import NORM_TYPE_NAMES, NORM_TYPES
 
@@ -98,7 +99,7 @@ class Cell:
 
     @property
     def metrics_path(self) -> str:
-        return os.path.join(self.directory, "metrics.jsonl")
+        return os.path.join(self.directory, METRICS_FILE)
 
     @property
     def logs(self) -> str:

@@ -13,6 +13,7 @@ from typing import Optional
 from megatron_ext import fileio
 from megatron_ext.checkpoint_layout import latest_iteration
 from megatron_ext.grid.spec import Cell
+from megatron_ext.metrics_file import MetricsFile
 
 STATUS_FILE = "status.json"
 PENDING, RUNNING, FINISHED, INTERRUPTED, FAILED = (
@@ -76,16 +77,7 @@ def cell_state(cell: Cell, train_iters: int) -> CellState:
 
 def final_validation(cell: Cell, train_iters: int) -> Optional[dict]:
     """The validation record at the last iteration (None: the cell has none)."""
-    found = None
     try:
-        with open(cell.metrics_path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # a line cut short by a kill
-                if record.get("val_loss") is not None and record.get("iteration") == train_iters:
-                    found = record
+        return MetricsFile.read(cell.metrics_path).validation_at(train_iters)
     except OSError:
         return None
-    return found

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_ext import fileio
-from megatron_ext.analysis.metrics_file import read_metrics
 from megatron_ext.grid.spec import GridSpec
 from megatron_ext.grid.status import FINISHED, cell_state, final_validation
+from megatron_ext.metrics_file import MetricsFile
 from megatron_ext.variants import NORM_TYPES, paper_order
 
 #: the paper's row order: each base, then its GPAS variant (Post-LN has none)
@@ -237,13 +237,13 @@ def plot_loss_curves(spec: GridSpec, out: str, smooth: int = 5) -> None:
     for ax, size in zip(axes[0], spec.sizes, strict=True):
         for norm in ordered_norm_types(spec):
             curves = [
-                read_metrics(c.metrics_path, tolerate_last_line=True)
+                MetricsFile.read(c.metrics_path).train_losses()
                 for c in spec.cells()
                 if (c.size, c.norm_type) == (size, norm) and os.path.isfile(c.metrics_path)
             ]
             if not curves:
                 continue
-            xs, ys = _mean_curve([c["train"] for c in curves], smooth)
+            xs, ys = _mean_curve(curves, smooth)
             if not xs:
                 continue
             style = "--" if base_of(norm) else "-"

@@ -35,3 +35,26 @@ def freeze_gates(module: torch.nn.Module) -> int:
     for _, gate in gates:
         gate.requires_grad_(False)
     return len(gates)
+
+
+def gate_scale_summary(modules) -> dict:
+    """Mean, min, max and per-layer list of the GPAS scales c_l over the whole model, from this
+    rank's (unwrapped) model chunks (collective: each rank holds only its pipeline stage's
+    layers). Empty for types without gates."""
+    values = {}
+    for module in modules:
+        values.update(gate_values(module))
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, values)
+        for v in gathered:
+            values.update(v)
+    if not values:
+        return {}
+    scales = [values[k]["scale"] for k in sorted(values)]
+    return {
+        "gate_scale_mean": sum(scales) / len(scales),
+        "gate_scale_min": min(scales),
+        "gate_scale_max": max(scales),
+        "gpas_scales": scales,
+    }

@@ -12,7 +12,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_ext.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_ext.config import ModelConfig, ParallelConfig
 from megatron_ext.layers.specs import get_decoder_block_spec
 from megatron_ext.models.init import initialize_model
 from megatron_ext.variants import LayerStyle
@@ -154,11 +154,6 @@ def build_model(
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     vocab = model.padded_vocab_size()
-    if vocab % tp_size:
-        raise ConfigError(
-            f"--make-vocab-size-divisible-by: padded vocabulary {vocab} is not divisible by TP "
-            f"size {tp_size}"
-        )
     with _attention_backend_env(transformer_impl):
         gpt = _gpt_model(model, config, transformer_impl, vocab, vp_stage, pp_rank)
     if initialize:

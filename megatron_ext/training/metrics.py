@@ -10,6 +10,13 @@ import os
 import time
 from typing import Optional
 
+import torch
+
+from megatron_ext.metrics_file import StepRecord
+from megatron_ext.models.gates import gate_scale_summary
+from megatron_ext.training.flops import device_peak_tflops, flops_per_iteration
+from megatron_ext.training.model_setup import sync_params, unwrap_model
+
 logger = logging.getLogger("gpas")
 
 
@@ -42,6 +49,8 @@ class MetricsWriter:
             return
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._file = open(path, "a", encoding="utf-8")
+        if _ends_mid_line(path):  # a run killed while writing: its cut line stays on its own
+            self._file.write("\n")
         if tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -108,6 +117,60 @@ class MetricsWriter:
         if self._wandb:
             self._wandb.finish()
         self._file = self._tb = self._wandb = None
+
+
+def _ends_mid_line(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
+class StepLogger:
+    """One line and one metrics record every ``--log-interval`` iterations; rates are over the
+    interval (step times summed since the last line)."""
+
+    def __init__(self, cfg, model, metrics, *, global_batch_size: int, speaks: bool):
+        self.cfg, self.model, self.metrics = cfg, model, metrics
+        self.gbs = global_batch_size
+        self.speaks = speaks  # the logging rank prints the line
+        self.flops = flops_per_iteration(
+            cfg.model, global_batch_size, cfg.model.seq_length, cfg.model.padded_vocab_size()
+        )
+        cuda = cfg.device == "cuda"
+        self.peak = device_peak_tflops(torch.cuda.get_device_name()) if cuda else None
+        self._seconds, self._steps = 0.0, 0
+
+    def after_step(self, state, result, lr: float, step_seconds: float) -> None:
+        self._seconds += step_seconds
+        self._steps += 1
+        if state.iteration % self.cfg.logging.log_interval:
+            return
+        sync_params(self.model)  # the line reads the gates
+        seconds = self._seconds / self._steps
+        self._seconds, self._steps = 0.0, 0
+        record = StepRecord(
+            iteration=state.iteration,
+            consumed_samples=state.consumed_samples,
+            lm_loss=result.loss,
+            lr=lr,
+            grad_norm=result.grad_norm,
+            gate_grad_norm=result.gate_grad_norm,
+            tokens_per_s=self.gbs * self.cfg.model.seq_length / seconds,
+            step_time_s=seconds,
+            skipped_iterations=state.skipped_total,
+            **gate_scale_summary([unwrap_model(c) for c in self.model]),
+        )
+        if self.cfg.device == "cuda":
+            world = torch.distributed.get_world_size()
+            record.tflops = self.flops / seconds / 1e12 / world
+            record.mfu = record.tflops / self.peak if self.peak else None
+            record.mem_gib = torch.cuda.max_memory_allocated() / 2**30
+        self.metrics.write(record.as_dict())
+        if self.speaks:
+            logger.info(format_step_line(record.as_dict(), self.cfg.optim.train_iters))
 
 
 def _flatten(record: dict, prefix: str = "") -> dict:

@@ -4,12 +4,14 @@ stream's RMS after each sublayer, the GPAS scale c_l, and the layer's gradient n
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 from megatron_ext.layers.transformer_layer import GPASTransformerLayer
+from megatron_ext.metrics_file import TelemetryRecord
 from megatron_ext.models.gates import gate_values
-from megatron_ext.training.model_setup import unwrap_model
+from megatron_ext.training.model_setup import sync_params, unwrap_model
 
 
 class ResidualRecorder:
@@ -81,3 +83,27 @@ def collect(chunks, recorder: ResidualRecorder) -> list[dict]:
                 merged.setdefault(row["layer"], row)
         return [merged[k] for k in sorted(merged)]
     return local
+
+
+class TelemetryHook:
+    """Every ``--telemetry-interval`` iterations: records the residual stream during that
+    iteration's step and writes one telemetry record after it (0: never)."""
+
+    def __init__(self, interval: int, model, metrics):
+        self.interval, self.model, self.metrics = interval, model, metrics
+        self._recorder: Optional[ResidualRecorder] = None
+
+    def before_step(self, iteration: int) -> None:
+        """``iteration``: the 1-based number of the step about to run."""
+        if self.interval > 0 and iteration % self.interval == 0:
+            self._recorder = ResidualRecorder()
+            attach(self.model, self._recorder)
+
+    def after_step(self, iteration: int) -> None:
+        recorder, self._recorder = self._recorder, None
+        if recorder is None:
+            return
+        detach(self.model)
+        sync_params(self.model)
+        rows = collect(self.model, recorder)
+        self.metrics.write(TelemetryRecord(iteration, rows).as_dict())

@@ -1,4 +1,5 @@
-"""The training loop: setup, iterations, logging, evaluation, checkpoints, clean exits."""
+"""The training run: build the model, optimizer, data and components from the configuration,
+then the loop (step, log, evaluate, stop or save)."""
 
 from __future__ import annotations
 
@@ -19,24 +20,25 @@ from megatron_ext.data.dataset_info import SIDECAR_SUFFIX
 from megatron_ext.data.datasets import build_datasets
 from megatron_ext.data.sampler import build_data_loader
 from megatron_ext.data.tokenizers import TokenizerError, build_tokenizer
-from megatron_ext.models.gates import freeze_gates, gate_values
+from megatron_ext.metrics_file import METRICS_FILE
+from megatron_ext.models.gates import freeze_gates
 from megatron_ext.models.gpt import build_model_chunks, build_transformer_config
 from megatron_ext.models.params import count_parameters
 from megatron_ext.platform.distributed import init_distributed
-from megatron_ext.training import checkpointing, preflight, telemetry
-from megatron_ext.training.evaluation import evaluate
-from megatron_ext.training.flops import device_peak_tflops, flops_per_iteration
-from megatron_ext.training.metrics import MetricsWriter, format_step_line
-from megatron_ext.training.model_setup import sync_params, unwrap_model, wrap_model
+from megatron_ext.training import preflight
+from megatron_ext.training.checkpoint_manager import CheckpointManager, RunState
+from megatron_ext.training.evaluation import Evaluator
+from megatron_ext.training.metrics import MetricsWriter, StepLogger
+from megatron_ext.training.model_setup import wrap_model
 from megatron_ext.training.optimizer import build_optimizer
 from megatron_ext.training.profiling import IterationProfiler
 from megatron_ext.training.run_config import RunConfig
 from megatron_ext.training.signals import ExitSignalHandler
 from megatron_ext.training.step import train_step
+from megatron_ext.training.stopping import StopPolicy, StopReason
+from megatron_ext.training.telemetry import TelemetryHook
 
 logger = logging.getLogger("gpas")
-
-DEFAULT_EVAL_TOKENS = 10_000_000  # the reference's per-document validation budget
 
 
 class TrainingStopped(RuntimeError):
@@ -68,21 +70,22 @@ def _vocab_and_eod(cfg: RunConfig) -> tuple[int, int]:
 
 
 class Trainer:
+    """Builds the run from its configuration, then trains; the components own their policies:
+    checkpoints (:class:`CheckpointManager`), validation (:class:`Evaluator`), the step log
+    (:class:`StepLogger`), telemetry (:class:`TelemetryHook`), stopping (:class:`StopPolicy`)."""
+
     def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
         self.world_size = _world_size()
         cfg.validate(self.world_size)
         vocab, self.eod = _vocab_and_eod(cfg)
-        cfg.model = dataclasses.replace(cfg.model, vocab_size=vocab)
-        cfg.model.validate()
+        # The run's configuration, with the tokenizer's vocabulary; the caller's is not changed.
+        self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+        self.cfg.validate(self.world_size)
         # Files against flags, before anything is built or written.
-        self.undescribed_data = preflight.check_run(cfg, self.eod)
-        self.gbs = cfg.global_batch_size(self.world_size)
-        self.num_micro = cfg.num_microbatches(self.world_size)
-        self.iteration = 0
-        self.consumed_samples = 0
-        self.skipped_in_a_row = 0
-        self.skipped_total = 0
+        self.undescribed_data = preflight.check_run(self.cfg, self.eod)
+        self.gbs = self.cfg.global_batch_size(self.world_size)
+        self.num_micro = self.cfg.num_microbatches(self.world_size)
+        self.state = RunState()
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -90,13 +93,34 @@ class Trainer:
         init_distributed(
             cfg.parallel, device=cfg.device, num_layers=cfg.model.num_layers, seed=cfg.optim.seed
         )
-        # Our log lines on the logging rank; megatron-core's own INFO chatter (bucket listings,
-        # dataset configs) only as warnings.
-        logging.basicConfig(
-            level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True
-        )
         logger.setLevel(logging.INFO if _is_logging_rank() else logging.WARNING)
-        o = cfg.optim
+        self._build_model_and_optimizer()
+        self.checkpoints = CheckpointManager(
+            cfg.checkpoint, self.model, self.optimizer, self.scheduler, dataclasses.asdict(cfg)
+        )
+        self.state = self.checkpoints.load()
+        self._build_data()
+        self._open_metrics()
+        speaks = _is_logging_rank()
+        valid = self._valid_iterators if self.valid_ds is not None else None
+        self.evaluator = Evaluator(
+            cfg, self.model, valid, self.metrics, num_microbatches=self.num_micro, speaks=speaks
+        )
+        self.step_log = StepLogger(
+            cfg, self.model, self.metrics, global_batch_size=self.gbs, speaks=speaks
+        )
+        self.telemetry = TelemetryHook(cfg.logging.telemetry_interval, self.model, self.metrics)
+        self.profiler = IterationProfiler(
+            cfg.profiling,
+            torch.distributed.get_rank(),
+            cfg.device,
+            os.path.join(self.run_dir, "profile"),
+        )
+        _say(self.profiler.resume_at(self.state.iteration))
+        self._log_setup()
+
+    def _build_model_and_optimizer(self) -> None:
+        cfg, o = self.cfg, self.cfg.optim
         self.tf_config = build_transformer_config(
             cfg.model,
             cfg.parallel,
@@ -148,24 +172,9 @@ class Trainer:
             wd_incr_steps=o.train_iters,
             wd_incr_style="constant",
         )
-        run_state = None
-        c = cfg.checkpoint
-        if c.load:
-            run_state = checkpointing.load_checkpoint(
-                c.load, self.model, self.optimizer, self.scheduler, load_optimizer=not c.finetune
-            )
-            if run_state is None:
-                logger.info("--load %s holds no checkpoint yet; starting from scratch", c.load)
-        if run_state and not c.finetune:
-            self.iteration = run_state["iteration"]
-            self.consumed_samples = run_state["consumed_samples"]
-            self.skipped_total = run_state.get("skipped_total", 0)
-            logger.info(
-                "resumed from iteration %d (%d samples consumed)",
-                self.iteration,
-                self.consumed_samples,
-            )
-        self._build_data()
+
+    def _log_setup(self) -> None:
+        cfg = self.cfg
         if self.undescribed_data:
             logger.warning(
                 "%s: no %s description (made before sidecars existed): the tokenizer cannot "
@@ -173,13 +182,11 @@ class Trainer:
                 ", ".join(self.undescribed_data),
                 SIDECAR_SUFFIX,
             )
-        self._open_metrics(run_state)
-        count = count_parameters(cfg.model)
         logger.info(
             "model: %s, %d layers, %s",
             cfg.model.norm_type,
             cfg.model.num_layers,
-            count,
+            count_parameters(cfg.model),
         )
         logger.info(
             "layout: TP=%d PP=%d DP=%d, global batch %d = %d micro-batches × %d × DP",
@@ -188,7 +195,7 @@ class Trainer:
             parallel_state.get_data_parallel_world_size(),
             self.gbs,
             self.num_micro,
-            o.micro_batch_size,
+            cfg.optim.micro_batch_size,
         )
 
     def _build_data(self) -> None:
@@ -210,7 +217,7 @@ class Trainer:
         dp = parallel_state.get_data_parallel_world_size()
         loader = build_data_loader(
             train,
-            self.consumed_samples,
+            self.state.consumed_samples,
             o.micro_batch_size,
             dp_rank,
             dp,
@@ -233,17 +240,14 @@ class Trainer:
             return iterator
         return preflight.checked_batches(iterator, self.cfg.model.vocab_size, self.undescribed_data)
 
-    def _open_metrics(self, run_state) -> None:
+    def _open_metrics(self) -> None:
         cfg = self.cfg
         path = cfg.logging.metrics_file or os.path.join(
             cfg.checkpoint.save or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")),
-            "metrics.jsonl",
+            METRICS_FILE,
         )
-        run_id = (
-            None
-            if cfg.logging.new_wandb_on_resume or not run_state
-            else run_state.get("wandb_run_id")
-        )
+        resumed = self.state.iteration > 0
+        run_id = None if cfg.logging.new_wandb_on_resume or not resumed else self.state.wandb_run_id
         self.metrics = MetricsWriter(
             path,
             _is_logging_rank(),
@@ -251,245 +255,75 @@ class Trainer:
             wandb_project=cfg.logging.wandb_project,
             wandb_name=cfg.logging.wandb_exp_name,
             wandb_run_id=run_id,
-            config=_config_dict(cfg),
+            config=dataclasses.asdict(cfg),
         )
+        self.state.wandb_run_id = self.metrics.wandb_run_id
         self.run_dir = os.path.dirname(os.path.abspath(path))
         if _is_logging_rank():
             logger.info("metrics: %s", os.path.abspath(path))
 
     # -- loop ----------------------------------------------------------------------------------
     def train(self) -> int:
-        cfg, o = self.cfg, self.cfg.optim
-        start = time.time()
-        flops = flops_per_iteration(
-            cfg.model,
-            self.gbs,
-            cfg.model.seq_length,
-            cfg.model.padded_vocab_size(),
-        )
-        peak = device_peak_tflops(torch.cuda.get_device_name()) if cfg.device == "cuda" else None
-        window = {"time": 0.0, "iters": 0}
-        exit_reason = None
-        profiler = self._profiler()
+        """Train to ``--train-iters`` or until the stop policy says otherwise; returns the last
+        iteration. Raises :class:`TrainingStopped` after too many non-finite steps."""
+        state = self.state
         with ExitSignalHandler() as signals:
-            while self.iteration < o.train_iters:
-                record_telemetry = (
-                    cfg.logging.telemetry_interval > 0
-                    and (self.iteration + 1) % cfg.logging.telemetry_interval == 0
-                )
-                recorder = telemetry.ResidualRecorder() if record_telemetry else None
-                if recorder is not None:
-                    telemetry.attach(self.model, recorder)
+            stop, reason = StopPolicy(self.cfg, signals), None
+            while state.iteration < self.cfg.optim.train_iters:
                 lr = self.optimizer.param_groups[0]["lr"]
-                profiler.before_iteration(self.iteration)
-                t0 = time.perf_counter()
-                result = train_step(
-                    self.train_iterators,
-                    self.model,
-                    self.optimizer,
-                    num_microbatches=self.num_micro,
-                    seq_length=cfg.model.seq_length,
-                    micro_batch_size=o.micro_batch_size,
-                    clip_grad=o.clip_grad,
-                    clip_gate_grad=o.clip_gate_grad,
-                )
-                step_time = time.perf_counter() - t0
-                if recorder is not None:
-                    telemetry.detach(self.model)
-                    sync_params(self.model)
-                    rows = telemetry.collect(self.model, recorder)
-                    self.metrics.write({"iteration": self.iteration + 1, "telemetry": rows})
-                self.iteration += 1
-                _say(profiler.after_iteration(self.iteration))
-                self.consumed_samples += self.gbs
-                self._account(result)
-                window["time"] += step_time
-                window["iters"] += 1
-                if self.iteration % cfg.logging.log_interval == 0:
-                    sync_params(self.model)  # the log line reads the gates
-                    self._log(result, lr, window, flops, peak)
-                    window = {"time": 0.0, "iters": 0}
-                if self.iteration % cfg.eval.eval_interval == 0:
-                    self._evaluate()
-                if self.skipped_in_a_row >= o.nan_skip_limit:
-                    exit_reason = "nan"
+                self.telemetry.before_step(state.iteration + 1)
+                self.profiler.before_iteration(state.iteration)
+                result, seconds = self._train_step()
+                self.telemetry.after_step(state.iteration + 1)
+                state.advance(self.gbs)
+                _say(self.profiler.after_iteration(state.iteration))
+                finite = result.update_successful and result.loss_is_finite
+                if finite:
+                    self.scheduler.step(increment=1)
+                stop.note_step(finite, state)
+                self.step_log.after_step(state, result, lr, seconds)
+                self.evaluator.after_step(state.iteration)
+                reason = stop.check(state.iteration)
+                if reason:
                     break
-                exit_reason = self._exit_reason(signals, start)
-                if exit_reason:
-                    break
-                if (
-                    cfg.checkpoint.save_interval
-                    and self.iteration % cfg.checkpoint.save_interval == 0
-                ):
-                    self._save()
-        _say(profiler.close())
-        if exit_reason is None and self.iteration % cfg.eval.eval_interval != 0:
-            self._evaluate()
-        if cfg.checkpoint.save and (
-            exit_reason is not None
-            or not cfg.checkpoint.save_interval
-            or self.iteration % cfg.checkpoint.save_interval != 0
-        ):
-            self._save()
-        self.metrics.close()
-        if exit_reason == "nan":
-            raise TrainingStopped(
-                f"stopped at iteration {self.iteration}: {self.skipped_in_a_row} iterations in a "
-                "row had a non-finite loss or gradient norm (--nan-skip-limit); the last good "
-                "state was saved"
-                + (f" under {cfg.checkpoint.save}" if cfg.checkpoint.save else " (no --save given)")
-            )
-        if exit_reason:
-            logger.info("exiting at iteration %d: %s", self.iteration, exit_reason)
-        return self.iteration
+                self.checkpoints.after_step(state)
+        _say(self.profiler.close())
+        self.evaluator.at_end(state.iteration, stopped=reason is not None)
+        self.checkpoints.at_end(state)
+        self._report(reason)
+        return state.iteration
 
-    def _profiler(self) -> IterationProfiler:
-        profiler = IterationProfiler(
-            self.cfg.profiling,
-            torch.distributed.get_rank(),
-            self.cfg.device,
-            os.path.join(self.run_dir, "profile"),
-        )
-        _say(profiler.resume_at(self.iteration))
-        return profiler
-
-    def _account(self, result) -> None:
-        finite = result.update_successful and result.loss_is_finite
-        if finite:
-            self.scheduler.step(increment=1)
-            self.skipped_in_a_row = 0
-        else:
-            self.skipped_in_a_row += 1
-            self.skipped_total += 1
-            logger.warning(
-                "iteration %d skipped: non-finite loss or gradient norm (%d in a row)",
-                self.iteration,
-                self.skipped_in_a_row,
-            )
-        self.last_result = result
-
-    def _exit_reason(self, signals, start) -> Optional[str]:
-        c = self.cfg.checkpoint
-        over_time = (
-            c.exit_duration_in_mins is not None
-            and (time.time() - start) / 60.0 >= c.exit_duration_in_mins
-        )
-        if signals.agreed(extra=over_time):
-            return signals.received and f"signal {signals.received}" or "time limit reached"
-        if c.exit_interval and self.iteration % c.exit_interval == 0:
-            return f"--exit-interval {c.exit_interval}"
-        return None
-
-    def _log(self, result, lr, window, flops, peak) -> None:
-        gates = self._gate_summary()
-        seconds = window["time"] / max(window["iters"], 1)
-        record = {
-            "iteration": self.iteration,
-            "consumed_samples": self.consumed_samples,
-            "lm_loss": result.loss,
-            "lr": lr,
-            "grad_norm": result.grad_norm,
-            "gate_grad_norm": result.gate_grad_norm,
-            "tokens_per_s": self.gbs * self.cfg.model.seq_length / seconds,
-            "step_time_s": seconds,
-            "skipped_iterations": self.skipped_total,
-            **gates,
-        }
-        if self.cfg.device == "cuda":
-            tflops = flops / seconds / 1e12 / self.world_size
-            record.update(
-                tflops=tflops,
-                mfu=tflops / peak if peak else None,
-                mem_gib=torch.cuda.max_memory_allocated() / 2**30,
-            )
-        self.metrics.write(record)
-        if _is_logging_rank():
-            logger.info(format_step_line(record, self.cfg.optim.train_iters))
-
-    def _gate_summary(self) -> dict:
-        values = {}
-        for chunk in self.model:
-            values.update(gate_values(unwrap_model(chunk)))
-        if torch.distributed.get_world_size() > 1:
-            gathered = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, values)
-            for v in gathered:
-                values.update(v)
-        if not values:
-            return {}
-        scales = [values[k]["scale"] for k in sorted(values)]
-        return {
-            "gate_scale_mean": sum(scales) / len(scales),
-            "gate_scale_min": min(scales),
-            "gate_scale_max": max(scales),
-            "gpas_scales": scales,
-        }
-
-    def _evaluate(self) -> None:
-        cfg = self.cfg
-        if self.valid_ds is None or cfg.eval.eval_iters == 0:
-            return
-        per_doc = cfg.data.data_mode == "per-document"
-        budget = (cfg.eval.eval_tokens or DEFAULT_EVAL_TOKENS) if per_doc else cfg.eval.eval_tokens
-        result = evaluate(
-            self._valid_iterators,
-            self.model,
-            num_microbatches=self.num_micro,
-            seq_length=cfg.model.seq_length,
-            micro_batch_size=cfg.optim.micro_batch_size,
-            max_batches=None if per_doc else cfg.eval.eval_iters,
-            token_budget=budget,
-        )
-        record = {
-            "iteration": self.iteration,
-            "val_loss": result.loss,
-            "val_ppl": result.ppl,
-            "val_tokens": result.tokens,
-            "val_batches": result.batches,
-        }
-        self.metrics.write(record)
-        if _is_logging_rank() and result.loss is not None:
-            logger.info(
-                "validation at iteration %d | loss %.4f | ppl %.3f | %d tokens",
-                self.iteration,
-                result.loss,
-                result.ppl,
-                result.tokens,
-            )
-
-    def _save(self) -> None:
-        c = self.cfg.checkpoint
-        if not c.save:
-            return
+    def _train_step(self):
+        cfg, o = self.cfg, self.cfg.optim
         t0 = time.perf_counter()
-        sync_params(self.model)
-        state = {
-            "iteration": self.iteration,
-            "consumed_samples": self.consumed_samples,
-            "skipped_total": self.skipped_total,
-            "config": _config_dict(self.cfg),
-            "wandb_run_id": self.metrics.wandb_run_id,
-        }
-        path = checkpointing.save_checkpoint(
-            c.save,
-            self.iteration,
+        result = train_step(
+            self.train_iterators,
             self.model,
             self.optimizer,
-            self.scheduler,
-            state,
-            c.keep_last_checkpoints,
+            num_microbatches=self.num_micro,
+            seq_length=cfg.model.seq_length,
+            micro_batch_size=o.micro_batch_size,
+            clip_grad=o.clip_grad,
+            clip_gate_grad=o.clip_gate_grad,
         )
-        logger.info("saved checkpoint %s in %.1f s", path, time.perf_counter() - t0)
+        return result, time.perf_counter() - t0
+
+    def _report(self, reason: Optional[StopReason]) -> None:
+        if reason is None:
+            return
+        if reason.non_finite:
+            save = self.cfg.checkpoint.save
+            raise TrainingStopped(
+                f"stopped at iteration {self.state.iteration}: {reason.message}; the last good "
+                "state was saved" + (f" under {save}" if save else " (no --save given)")
+            )
+        logger.info("exiting at iteration %d: %s", self.state.iteration, reason.message)
 
 
 def _say(message: Optional[str]) -> None:
     """A line from whichever rank has it (the logger speaks on the logging rank only)."""
     if message:
         print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
-
-
-def _config_dict(cfg: RunConfig) -> dict:
-    return dataclasses.asdict(cfg)
 
 
 def run(cfg: RunConfig) -> int:
