@@ -92,3 +92,37 @@ def test_param_gather_overlap_needs_the_distributed_optimizer_and_grad_overlap()
     ):
         with pytest.raises(ConfigError, match=r"--overlap-param-gather: needs --use-distributed"):
             ParallelConfig(**layout).validate(model)
+
+
+@pytest.mark.usefixtures("megatron_cpu")
+def test_gate_init_and_scaled_output_init_reach_the_built_model():
+    """--gate-init sets every GPAS gate; --scaled-output-init divides the output projections'
+    σ (attention o and MLP down) by √(2L), leaving the input projections alone."""
+    import torch
+
+    from megatron_ext.models.gpt import build_model, build_transformer_config
+    from megatron_ext.training.arguments import parse_run_config
+
+    base = "--model-size tiny4 --norm-type pre_gpas --mock-data --vocab-size 512".split()
+    base += "--micro-batch-size 1 --global-batch-size 1 --train-iters 1".split()
+
+    def built(*flags):
+        cfg = parse_run_config(base + list(flags)).model
+        return cfg, build_model(cfg, build_transformer_config(cfg, use_cpu=True), seed=5)
+
+    cfg, plain = built()
+    _, scaled = built("--gate-init", "0.25", "--scaled-output-init")
+    gates = [p for n, p in scaled.named_parameters() if n.endswith("gpas_gate")]
+    assert len(gates) == cfg.num_layers and all(torch.all(g == 0.25) for g in gates)
+    assert all(torch.all(p == 0) for n, p in plain.named_parameters() if n.endswith("gpas_gate"))
+
+    def std(model, suffix):
+        return torch.cat(
+            [p.detach().flatten() for n, p in model.named_parameters() if n.endswith(suffix)]
+        ).std()
+
+    shrink = 1 / (2 * cfg.num_layers) ** 0.5
+    for out in ("linear_proj.weight", "linear_fc2.weight"):
+        assert std(scaled, out) / std(plain, out) == pytest.approx(shrink, rel=0.05), out
+    for inp in ("linear_qkv.weight", "linear_fc1.weight"):
+        assert std(scaled, inp) / std(plain, inp) == pytest.approx(1.0, rel=0.05), inp

@@ -211,6 +211,17 @@ def test_a_missing_dataset_prefix_names_the_flag(capsys, tmp_path, dataset):
     assert not save.exists()
 
 
+def test_a_missing_test_data_prefix_names_its_flag(capsys, tmp_path, dataset):
+    save = tmp_path / "run"
+    nope = str(tmp_path / "nope")
+    argv = _args(save, "--vocab-size", "32000")
+    argv.remove("--mock-data")
+    argv += ["--train-data-path", dataset, "--valid-data-path", dataset, "--test-data-path", nope]
+    line = _refused(capsys, argv)
+    assert line.startswith(f"error: --test-data-path: {nope}.bin and {nope}.idx not found")
+    assert not save.exists()
+
+
 def test_a_split_without_documents_is_refused_rather_than_hanging(capsys, dataset, tmp_path):
     """150 documents × 1/1000 rounds to no test document; megatron-core would loop forever."""
     save = tmp_path / "run"

@@ -197,6 +197,17 @@ def test_sigterm_saves_and_exits_then_resumes(tmp_path):
     assert max(losses(metrics)) == saved + 2
 
 
+def test_exit_duration_stops_saves_and_says_why(tmp_path):
+    """--exit-duration-in-mins 0: the limit has passed after the first iteration."""
+    save = str(tmp_path / "run")
+    proc = _spawn(base_args(save, iters=50) + ["--exit-duration-in-mins", "0"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "exiting at iteration 1: time limit reached" in out
+    assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read() == "1"
+    assert "validation at" not in out  # a run stopped early is not evaluated
+
+
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     save = str(tmp_path / "run")
     proc = _spawn(base_args(save, iters=400, save_interval=1))
@@ -234,6 +245,7 @@ def test_lr_schedule_matches_reference(tmp_path):
         r = json.loads(line)
         if "lr" in r:
             got[r["iteration"]] = r["lr"]
+    assert sorted(got) == list(range(1, iters + 1)), f"learning rates logged at {sorted(got)}"
     for it, value in got.items():
         s = it - 1  # scheduler steps taken before this iteration's update
         mult = (

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Iterable
-from typing import Optional
 
 import torch
 
@@ -106,14 +105,12 @@ def initialize_model(
     seed: int,
     tp_rank: int = 0,
     tp_size: int = 1,
-    gate_init: Optional[float] = None,
 ) -> None:
     """Initialise every parameter of the GPTModel ``chunks`` (one per virtual stage)."""
     recipes = model_layer_recipes(cfg)
-    gate_value = cfg.gate_init if gate_init is None else gate_init
     with torch.no_grad():
         for chunk in chunks:
-            _initialize_chunk(chunk, cfg, recipes, seed, tp_rank, tp_size, gate_value)
+            _initialize_chunk(chunk, cfg, recipes, seed, tp_rank, tp_size, cfg.gate_init)
 
 
 def _copy(param: torch.nn.Parameter, local: torch.Tensor) -> None:

@@ -75,9 +75,3 @@ def ensure_single_process_cpu() -> None:
     """A TP=PP=DP=1 megatron-core state on CPU, unless one is already initialized."""
     if not parallel_state.model_parallel_is_initialized():
         init_distributed(ParallelConfig(), device="cpu")
-
-
-def destroy_distributed() -> None:
-    parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
