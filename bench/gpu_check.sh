@@ -4,6 +4,7 @@
 #
 #   bash bench/gpu_check.sh A OUT_DIR      # no Transformer Engine: ≤ 8 minutes on one GPU
 #   bash bench/gpu_check.sh B OUT_DIR      # Transformer Engine and FP8 (TE importable)
+#   bash bench/gpu_check.sh suite OUT_DIR [PARTS]   # the whole benchmark matrix, in parts
 #   GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh A OUT_DIR   # the same commands on CPU, tiny
 #
 # A: megatron-core installed from a wheel when it is not importable (WHEEL_DIR, default .whl,
@@ -13,12 +14,27 @@
 #    buys); one profiled run (kernel breakdown); the 7b-shaped model (4 layers).
 # B: the Transformer Engine tests; the 1b twin with TE; FP8 delayed and tensorwise on the
 #    7b-shaped model at micro-batches giving each GEMM ≥ 8k tokens (32, 64 × 256), vs bf16.
+# suite: the matrix of bench/RESULTS.md, PARTS (default: all, in this order) of
+#   tests     pytest -m gpu (TE tests skip themselves without Transformer Engine)
+#   tetests   the Transformer Engine tests alone (tests/test_gpu_te.py)
+#   overhead  bench/bench_gpas_overhead.py (local spec, fused GPAS kernel)
+#   gemm      the 1b preset's GEMMs at FFN 5461 vs 5472 vs 5504
+#   local     1b preset, local spec (no TE)
+#   profile   1b preset, TE, kernel breakdowns with and without fused kernels, and FFN 5504
+#   batch     1b preset, TE, micro-batch 64 and cross-entropy fusion
+#   te7b      7b-shaped model (4 layers), TE, bf16
+#   fp8       7b-shaped model, TE, FP8 delayed and tensorwise, micro-batch 8 and 16; the 1b
+#             preset with FFN 5504 (FP8 GEMMs need multiples of 16), bf16 vs FP8
 # Results, at most 8 files: OUT_DIR/{device.txt,summary.txt,check.log,throughput.jsonl,
 # gemm.jsonl,profile.txt}. Each run has a time limit; a failing run does not stop the others.
+# The dry run executes the CPU twins of the GPU tests (tests/test_fast_path.py: the fast path
+# against megatron-core's) and collects the GPU selection, which can only skip on CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CHECK=${1:?usage: $0 A|B OUT_DIR}
-OUT=${2:?usage: $0 A|B OUT_DIR}
+USAGE="usage: $0 A|B|suite OUT_DIR [PARTS]"
+CHECK=${1:?$USAGE}
+OUT=${2:?$USAGE}
+PARTS=${3:-tests overhead gemm local profile batch te7b fp8}
 PYTHON=${PYTHON:-python3}
 DRY=${GPU_CHECK_DRY_RUN:-0}
 mkdir -p "$OUT"
@@ -34,7 +50,7 @@ if [[ $DRY == 1 ]]; then  # every command as on the GPU, at a tiny shape on CPU
   GEMM_SHAPE=(--model-size tiny --tokens 64 --repeats 1 --ffn-hidden-sizes 176,192)
   TWIN=(--ffn-hidden-size 192)
   ITERS=(--iters 1 --warmup 0)
-  PYTEST_FILTER=(-m gpu)
+  GPU_TESTS=(tests/test_fast_path.py)
 else
   DEVICE=(--device cuda)
   ONE_B=(--model-size 1b --micro-batch-size 32 --num-microbatches 4)
@@ -42,7 +58,7 @@ else
   GEMM_SHAPE=(--model-size 1b --ffn-hidden-sizes 5461,5504)
   TWIN=(--ffn-hidden-size 5504)
   ITERS=(--iters 5 --warmup 2)
-  PYTEST_FILTER=(-m gpu)
+  GPU_TESTS=(-m gpu tests --ignore=tests/test_gpu_te.py)
 fi
 
 run() {  # run NAME SECONDS CMD...: output to the one log; outcome to the summary
@@ -84,8 +100,9 @@ ensure_megatron_core || exit 2
 
 case $CHECK in
 A)
-  run tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider "${PYTEST_FILTER[@]}" tests \
-    --ignore=tests/test_gpu_te.py
+  [[ $DRY == 1 ]] && run collect 60 "$PYTHON" -m pytest -q -p no:cacheprovider --collect-only \
+    -m gpu tests
+  run tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider "${GPU_TESTS[@]}"
   run gemm 90 "$PYTHON" bench/bench_gemm_shapes.py "${DEVICE[@]}" "${GEMM_SHAPE[@]}" \
     --json "$OUT/gemm.jsonl"
   throughput 1b_fast 120 "${ONE_B[@]}" --norm-types pre,pre_gpas
@@ -109,8 +126,51 @@ B)
     done
   done
   ;;
+suite)
+  has() { [[ " $PARTS " == *" $1 "* ]]; }
+  TE=(--transformer-impl transformer_engine)
+  PROFILE=(--profile "$OUT/profile.txt")
+  M32=(--micro-batch-size 32 --num-microbatches 4)
+  SEVEN=(--model-size 7b --num-layers 4)
+  has tests && run tests 300 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests
+  has tetests && run tetests 240 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu_te.py
+  has overhead && run overhead 150 "$PYTHON" bench/bench_gpas_overhead.py --device cuda --bf16 \
+    --repeats 30
+  has gemm && run gemm 120 "$PYTHON" bench/bench_gemm_shapes.py --model-size 1b \
+    --ffn-hidden-sizes 5461,5472,5504 --json "$OUT/gemm.jsonl"
+  has local && throughput local_1b 200 --model-size 1b "${M32[@]}"
+  if has profile; then
+    throughput te_1b 240 --model-size 1b "${M32[@]}" "${TE[@]}" "${PROFILE[@]}"
+    throughput te_1b_unfused 120 --model-size 1b "${M32[@]}" "${TE[@]}" --fusion off \
+      --norm-types pre "${PROFILE[@]}"
+    throughput te_1b_ffn5504 200 --model-size 1b --ffn-hidden-size 5504 "${M32[@]}" "${TE[@]}" \
+      "${PROFILE[@]}"
+  fi
+  if has batch; then
+    throughput te_1b_mbs64 200 --model-size 1b --micro-batch-size 64 --num-microbatches 2 \
+      "${TE[@]}"
+    throughput te_1b_ce_fusion 120 --model-size 1b "${M32[@]}" "${TE[@]}" --fusion all \
+      --norm-types pre
+  fi
+  has te7b && throughput te_7b 180 "${SEVEN[@]}" --micro-batch-size 8 --num-microbatches 8 \
+    "${TE[@]}" "${PROFILE[@]}"
+  if has fp8; then  # the 1b preset's FFN (5461) cannot run FP8 GEMMs: widened to 5504
+    throughput bf16_1b_ffn5504 120 --model-size 1b --ffn-hidden-size 5504 "${M32[@]}" "${TE[@]}" \
+      --norm-types pre
+    throughput fp8_1b_ffn5504 150 --model-size 1b --ffn-hidden-size 5504 "${M32[@]}" "${TE[@]}" \
+      --fp8-format hybrid --norm-types pre,pre_gpas
+    throughput fp8_delayed_7b 150 "${SEVEN[@]}" --micro-batch-size 8 --num-microbatches 8 \
+      "${TE[@]}" --fp8-format hybrid "${PROFILE[@]}"
+    throughput fp8_tensorwise_7b 150 "${SEVEN[@]}" --micro-batch-size 8 --num-microbatches 8 \
+      "${TE[@]}" --fp8-format hybrid --fp8-recipe tensorwise --norm-types pre
+    throughput bf16_7b_mbs16 150 "${SEVEN[@]}" --micro-batch-size 16 --num-microbatches 4 \
+      "${TE[@]}" --norm-types pre
+    throughput fp8_7b_mbs16 150 "${SEVEN[@]}" --micro-batch-size 16 --num-microbatches 4 \
+      "${TE[@]}" --fp8-format hybrid --norm-types pre
+  fi
+  ;;
 *)
-  echo "usage: $0 A|B OUT_DIR" >&2
+  echo "$USAGE" >&2
   exit 2
   ;;
 esac

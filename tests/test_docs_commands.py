@@ -115,7 +115,7 @@ RULES = (
     Rule(r"^bash bench/gpu_check\.sh B ", "test",
          proof="tests/test_gpu_scripts.py::test_check_b_dry_run_commands_parse"),
     Rule(r"^python -m pytest -q -m gpu$", "test", proof=".ci/run"),
-    Rule(r"^bash bench/run_gpu_suite\.sh ", "test",
+    Rule(r"^bash bench/gpu_check\.sh suite ", "test",
          proof="tests/test_gpu_scripts.py::test_suite_runs_a_part_and_records_its_outcome"),
     Rule(r"^python bench/bench_(gemm_shapes|throughput)\.py ", "help"),
     Rule(r"^bash tools/install_te_offline\.sh ", "test",

@@ -1,7 +1,9 @@
-"""The GPU-side shell scripts: they parse, and tools/install_te_offline.sh refuses an incomplete
-wheel directory before touching TARGET (the rest of both needs a GPU)."""
+"""The GPU-side shell scripts: they parse; tools/install_te_offline.sh refuses an incomplete
+wheel directory before touching TARGET; bench/gpu_check.sh runs each check's exact commands at a
+tiny shape on CPU (dry run), and its suite records each part's outcome."""
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -10,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tools", "install_te_offline.sh")
 
 
-@pytest.mark.parametrize("script", ["tools/install_te_offline.sh", "bench/run_gpu_suite.sh"])
+@pytest.mark.parametrize("script", ["tools/install_te_offline.sh", "bench/gpu_check.sh"])
 def test_scripts_parse(script):
     subprocess.run(["bash", "-n", os.path.join(ROOT, script)], check=True)
 
@@ -60,9 +62,9 @@ def test_suite_runs_a_part_and_records_its_outcome(tmp_path):
     the project importable (it reaches its own 'no CUDA device' check rather than an
     ImportError), logs it, and the summary records the exit status; other parts do not run."""
     out = tmp_path / "suite"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "GPU_CHECK_DRY_RUN")}
     proc = subprocess.run(
-        ["bash", os.path.join(ROOT, "bench", "run_gpu_suite.sh"), str(out), "gemm"],
+        ["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "suite", str(out), "gemm"],
         env={**env, "CUDA_VISIBLE_DEVICES": ""},
         capture_output=True,
         text=True,
@@ -70,9 +72,10 @@ def test_suite_runs_a_part_and_records_its_outcome(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     summary = (out / "summary.txt").read_text().splitlines()
-    assert len(summary) == 1 and summary[0].split()[:2] == ["gemm", "rc=2"]
-    assert "--device cuda: no CUDA device here" in (out / "gemm.log").read_text()
-    assert sorted(p.name for p in out.iterdir()) == ["device.txt", "gemm.log", "summary.txt"]
+    assert len(summary) == 2 and summary[0].split()[:2] == ["gemm", "rc=2"], summary
+    assert summary[1] == "done: 1 runs, 0 succeeded"
+    assert "--device cuda: no CUDA device here" in (out / "check.log").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["check.log", "device.txt", "summary.txt"]
 
 
 def _gpu_check(check, out):
@@ -95,9 +98,15 @@ def test_check_a_dry_run_runs_every_command_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (out / "summary.txt").read_text().splitlines()
     runs = [line.split()[0] for line in summary[:-1]]
-    assert runs == ["tests", "gemm", "1b_fast", "1b_twin_fast", "1b_slow", "1b_twin_profile",
-                    "7b_shape"]  # fmt: skip
+    assert runs == ["collect", "tests", "gemm", "1b_fast", "1b_twin_fast", "1b_slow",
+                    "1b_twin_profile", "7b_shape"]  # fmt: skip
     assert all(" rc=0 " in line for line in summary[:-1]), summary
+    log = (out / "check.log").read_text()
+    # the GPU selection is collected (it can only skip here); its CPU twins really run
+    gpu_selected = re.search(r"(\d+)(?:/\d+)? tests? collected", log)
+    assert gpu_selected and int(gpu_selected.group(1)) >= 10, log[-2000:]
+    ran = re.search(r"(\d+) passed", log)
+    assert ran and int(ran.group(1)) >= 10 and " failed" not in log, log[-2000:]
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8, files
     assert {"check.log", "device.txt", "gemm.jsonl", "profile.txt", "throughput.jsonl"} <= set(
