@@ -23,8 +23,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from bench.process_stats import run_measured  # noqa: E402
+# process_stats.py lies beside this script (its directory is first on sys.path)
+from process_stats import run_measured  # noqa: E402
 
 
 def _make_checkpoint(preset: str, dtype_name: str, root: str) -> None:

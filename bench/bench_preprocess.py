@@ -27,8 +27,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from bench.process_stats import run_measured  # noqa: E402
+# process_stats.py lies beside this script (its directory is first on sys.path)
+from process_stats import run_measured  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 

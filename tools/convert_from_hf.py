@@ -15,8 +15,6 @@ import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from megatron_ext.quiet import quiet_third_party_warnings  # noqa: E402
 
 quiet_third_party_warnings()

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ext.quiet import quiet_third_party_warnings  # noqa: E402
 

@@ -8,11 +8,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ext.quiet import quiet_third_party_warnings  # noqa: E402
 
