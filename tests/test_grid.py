@@ -330,3 +330,14 @@ def test_tiny_grid_interrupted_resumed_and_tabulated(tmp_path):
         assert float(r["val_loss"]) == pytest.approx(final["val_loss"], rel=1e-5)
     assert "Pre-LN+GPAS (`pre_gpas`)" in open(os.path.join(out, "table.md")).read()
     assert os.path.getsize(os.path.join(out, "loss_curves.png")) > 10_000
+
+
+def test_the_grid_reads_runs_without_importing_torch():
+    """Status, runner and table read checkpoint pointers and metrics files through the
+    torch-free modules: polling a grid stays cheap."""
+    code = (
+        "import sys, megatron_ext.grid.table, megatron_ext.grid.runner, megatron_ext.grid.status;"
+        "print(sorted(m for m in ('torch', 'megatron.core') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
