@@ -41,6 +41,7 @@ setup(
         # file the tests use, is installed without its dependencies by run_tests.sh.)
         "test": [
             "pytest",
+            "pytest-xdist",
             "ruff",
             "matplotlib",
             "transformers>=5.0,<6",

@@ -1,16 +1,25 @@
-"""Dataclass configs of the model and its parallel layout, validated in one place.
+"""Dataclass configs of the model and its parallel layout, and the conventions every config
+section of the project follows.
 
-Every check raises :class:`ConfigError` with the command-line flag that sets the offending
-field, so a bad run fails before anything heavy is built.
+A field is declared once, with its type, default and one-line help (:func:`option`); a field
+whose values are a fixed set is typed ``Literal[...]`` (checked by :func:`check_choices`). The
+command line is derived from the fields (``training/arguments.py``: ``micro_batch_size`` →
+``--micro-batch-size``). Every check raises :class:`ConfigError` through :func:`require`, naming
+the flag to change, so a bad run fails before anything heavy is built.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 from megatron_ext.variants import NORM_TYPE_NAMES, NORM_TYPES, LayerStyle, LNSMode, default_post_num
+
+NormTypeName = Literal[NORM_TYPE_NAMES]
+LNSModeName = Literal[tuple(m.value for m in LNSMode)]
 
 
 class ConfigError(ValueError):
@@ -19,42 +28,84 @@ class ConfigError(ValueError):
 
 def flag(field_name: str) -> str:
     """The command-line flag of a config field (``post_num`` → ``--post-num``)."""
-    return "--" + field_name.replace("_", "-")
+    return field_name if field_name.startswith("--") else "--" + field_name.replace("_", "-")
 
 
-def _require(condition: bool, field_name: str, message: str) -> None:
+def require(condition: bool, name: str, message: str) -> None:
+    """Raise ``ConfigError("--flag: message")`` unless ``condition``; ``name`` is a field name
+    or a flag."""
     if not condition:
-        raise ConfigError(f"{flag(field_name)}: {message}")
+        raise ConfigError(f"{flag(name)}: {message}")
+
+
+def option(default=dataclasses.MISSING, help: str = "", *, default_factory=dataclasses.MISSING,
+           unknown: str = ""):  # fmt: skip
+    """A config field with its one-line help (``--help`` shows it). ``unknown`` names what a
+    Literal field's values are, for its error (``unknown norm type 'x'``)."""
+    return dataclasses.field(
+        default=default,
+        default_factory=default_factory,
+        metadata={"help": help, "unknown": unknown},
+    )
+
+
+def choices_of(hint) -> Optional[tuple]:
+    """The values of a ``Literal`` (or ``Optional[Literal]``) field type, else None."""
+    if typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+
+
+def check_choices(section) -> None:
+    """Every Literal field of ``section`` holds one of its values (None where Optional)."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        choices = choices_of(hints[f.name])
+        value = getattr(section, f.name)
+        if choices is None or (value is None and type(None) in typing.get_args(hints[f.name])):
+            continue
+        what = f.metadata.get("unknown")
+        message = f"choose one of {', '.join(map(str, choices))}"
+        require(
+            value in choices, f.name, f"unknown {what} {value!r}; {message}" if what else message
+        )
 
 
 @dataclass
 class ModelConfig:
     """Shape, architecture and init of a Llama-style GPAS model (spec §1, §3, §4)."""
 
-    norm_type: str = "pre_gpas"
+    norm_type: NormTypeName = option("pre_gpas", "architecture (the 11 of the paper's grid)",
+                                     unknown="norm type")  # fmt: skip
     num_layers: int = 12
     hidden_size: int = 512
     num_attention_heads: int = 8
-    num_query_groups: Optional[int] = None  # None: multi-head attention (the reference)
+    num_query_groups: Optional[int] = option(None, "grouped-query attention (default: MHA)")
     ffn_hidden_size: int = 1368
     vocab_size: int = 32000
     make_vocab_size_divisible_by: int = 128
     seq_length: int = 256
-    max_position_embeddings: Optional[int] = None  # None: seq_length
+    max_position_embeddings: Optional[int] = option(None, "default: --seq-length")
     rotary_base: int = 10000
     layernorm_epsilon: float = 1e-6
-    # Mix-LN: number of leading Post-LN layers (None: num_layers // 4).
-    post_num: Optional[int] = None
-    # LNS form: "gamma" (GPAS reference, learnable γ init 1/√(l+1)) or "fixed" (official LNS).
-    lns_mode: str = LNSMode.GAMMA.value
-    # The reference gives deeppost_gpas α but *not* the DeepNorm init; True applies it.
-    deepnorm_init_for_gpas: bool = False
+    post_num: Optional[int] = option(
+        None, "Mix-LN: number of leading Post-LN layers (default num_layers // 4)"
+    )
+    lns_mode: LNSModeName = option(
+        LNSMode.GAMMA.value,
+        "LayerNorm-Scaling form: gamma (reference, learnable γ init) or fixed",
+        unknown="LNS form",
+    )
+    deepnorm_init_for_gpas: bool = option(
+        False, "the DeepNorm init for deeppost_gpas too (the reference gives it only α)"
+    )
     init_method_std: float = 0.02
     embedding_init_std: float = math.sqrt(0.4)
-    # False (reference): linear_proj/linear_fc2 use N(0, σ); True: Megatron's σ/√(2L).
-    scaled_output_init: bool = False
+    scaled_output_init: bool = option(
+        False, "output projections at σ/√(2L) (Megatron's), not σ (the reference's)"
+    )
     untie_embeddings_and_output_weights: bool = True
-    gate_init: float = 0.0
+    gate_init: float = option(0.0, "initial value of every GPAS gate g (c = 1 − SiLU(g))")
 
     @property
     def row(self):
@@ -89,11 +140,7 @@ class ModelConfig:
         return int(math.ceil(self.vocab_size / multiple) * multiple)
 
     def validate(self) -> ModelConfig:
-        _require(
-            self.norm_type in NORM_TYPES,
-            "norm_type",
-            f"unknown norm type {self.norm_type!r}; choose one of {', '.join(NORM_TYPE_NAMES)}",
-        )
+        check_choices(self)
         for name in (
             "num_layers",
             "hidden_size",
@@ -103,38 +150,33 @@ class ModelConfig:
             "seq_length",
             "make_vocab_size_divisible_by",
         ):
-            _require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
-        _require(
+            require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        require(
             self.hidden_size % self.num_attention_heads == 0,
             "num_attention_heads",
             f"hidden size {self.hidden_size} is not divisible by {self.num_attention_heads} heads",
         )
-        _require(
+        require(
             self.num_attention_heads % self.query_groups == 0,
             "num_query_groups",
             f"{self.num_attention_heads} heads are not divisible into {self.query_groups} groups",
         )
-        _require(
+        require(
             self.max_positions >= self.seq_length,
             "max_position_embeddings",
             f"{self.max_positions} is shorter than --seq-length {self.seq_length}",
         )
-        _require(self.layernorm_epsilon > 0, "layernorm_epsilon", "must be positive")
-        _require(self.init_method_std > 0, "init_method_std", "must be positive")
-        _require(self.embedding_init_std > 0, "embedding_init_std", "must be positive")
-        _require(
-            self.lns_mode in tuple(m.value for m in LNSMode),
-            "lns_mode",
-            f"unknown LNS form {self.lns_mode!r}; choose 'gamma' or 'fixed'",
-        )
+        require(self.layernorm_epsilon > 0, "layernorm_epsilon", "must be positive")
+        require(self.init_method_std > 0, "init_method_std", "must be positive")
+        require(self.embedding_init_std > 0, "embedding_init_std", "must be positive")
         if self.post_num is not None:
-            _require(
+            require(
                 self.row.style is LayerStyle.MIX,
                 "post_num",
                 "only applies to the Mix-LN types (post_pre, post_pre_gpas), "
                 f"not {self.norm_type!r}",
             )
-            _require(
+            require(
                 0 <= self.post_num <= self.num_layers,
                 "post_num",
                 f"must be in [0, {self.num_layers}] for {self.num_layers} layers, "
@@ -152,11 +194,18 @@ class ParallelConfig:
     num_layers_per_virtual_pipeline_stage: Optional[int] = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
-    # Data-parallel gradient reduction bucket by bucket during backward (Megatron-LM's flags).
-    overlap_grad_reduce: bool = False
-    # Distributed optimizer: parameter all-gathers bucket by bucket during the next forward.
-    overlap_param_gather: bool = False
-    ddp_bucket_size: Optional[int] = None  # elements per bucket; None: megatron-core's default
+    overlap_grad_reduce: bool = option(
+        False, "reduce data-parallel gradients bucket by bucket during backward"
+    )
+    overlap_param_gather: bool = option(
+        False,
+        "distributed optimizer: all-gather parameters bucket by bucket during the next forward",
+    )
+    ddp_bucket_size: Optional[int] = option(
+        None,
+        "elements per gradient bucket with --overlap-grad-reduce (default: "
+        "megatron-core's, max(40M, 1M × data-parallel size))",
+    )
 
     def virtual_pipeline_model_parallel_size(self, num_layers: int) -> Optional[int]:
         """Model chunks per pipeline stage (interleaved 1F1B), or None without interleaving."""
@@ -167,35 +216,35 @@ class ParallelConfig:
 
     def validate(self, model: ModelConfig, world_size: Optional[int] = None) -> ParallelConfig:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
-        _require(tp >= 1, "tensor_model_parallel_size", f"must be ≥ 1, got {tp}")
-        _require(pp >= 1, "pipeline_model_parallel_size", f"must be ≥ 1, got {pp}")
-        _require(
+        require(tp >= 1, "tensor_model_parallel_size", f"must be ≥ 1, got {tp}")
+        require(pp >= 1, "pipeline_model_parallel_size", f"must be ≥ 1, got {pp}")
+        require(
             model.num_attention_heads % tp == 0,
             "tensor_model_parallel_size",
             f"{model.num_attention_heads} attention heads are not divisible by TP size {tp}",
         )
-        _require(
+        require(
             model.query_groups % tp == 0,
             "tensor_model_parallel_size",
             f"{model.query_groups} query groups are not divisible by TP size {tp}",
         )
-        _require(
+        require(
             model.ffn_hidden_size % tp == 0,
             "tensor_model_parallel_size",
             f"FFN hidden size {model.ffn_hidden_size} is not divisible by TP size {tp}",
         )
-        _require(
+        require(
             model.padded_vocab_size() % tp == 0,
             "make_vocab_size_divisible_by",
             f"the padded vocabulary ({model.padded_vocab_size()}) is not divisible by TP size "
             f"{tp}; use a multiple of {tp}",
         )
-        _require(
+        require(
             model.num_layers % pp == 0,
             "pipeline_model_parallel_size",
             f"{model.num_layers} layers are not divisible by {pp} pipeline stages",
         )
-        _require(
+        require(
             not self.sequence_parallel or tp > 1,
             "sequence_parallel",
             "needs --tensor-model-parallel-size > 1",
@@ -203,34 +252,34 @@ class ParallelConfig:
         if self.num_layers_per_virtual_pipeline_stage is not None:
             per_stage = model.num_layers // pp
             chunk = self.num_layers_per_virtual_pipeline_stage
-            _require(
+            require(
                 pp > 1,
                 "num_layers_per_virtual_pipeline_stage",
                 "needs --pipeline-model-parallel-size > 1",
             )
-            _require(
+            require(
                 chunk > 0 and per_stage % chunk == 0,
                 "num_layers_per_virtual_pipeline_stage",
                 f"{per_stage} layers per pipeline stage are not divisible into chunks of {chunk}",
             )
-        _require(
+        require(
             not self.overlap_param_gather
             or (self.use_distributed_optimizer and self.overlap_grad_reduce),
             "overlap_param_gather",
             "needs --use-distributed-optimizer and --overlap-grad-reduce",
         )
-        _require(
+        require(
             self.ddp_bucket_size is None or self.ddp_bucket_size > 0,
             "ddp_bucket_size",
             f"must be a positive number of elements, got {self.ddp_bucket_size}",
         )
-        _require(
+        require(
             self.ddp_bucket_size is None or self.overlap_grad_reduce,
             "ddp_bucket_size",
             "only applies with --overlap-grad-reduce (without it gradients are reduced at once)",
         )
         if world_size is not None:
-            _require(
+            require(
                 world_size % (tp * pp) == 0,
                 "tensor_model_parallel_size",
                 f"world size {world_size} is not divisible by TP×PP = {tp * pp}",

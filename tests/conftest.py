@@ -4,9 +4,23 @@ import sys
 import pytest
 import torch
 
+from tests import cpu_share
+
 # The project's shell scripts run Python as $PYTHON (default python3): hand them this
 # interpreter, so that `PYTHON=<venv>/bin/python bash run_tests.sh` needs no activated venv.
 os.environ["PYTHON"] = sys.executable
+
+# Under pytest-xdist (run_tests.sh: two workers) each worker and what it starts computes on one
+# thread; a multi-process test takes both cores alone (tests/cpu_share.py).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _share_the_cores(request):
+    with cpu_share.hold(exclusive=request.node.get_closest_marker("exclusive") is not None):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +84,8 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if hasattr(session.config, "workerinput"):
+        return  # an xdist worker: the controller sees every report and decides
     if os.environ.get("GPAS_NO_SKIPS") == "1" and _unexpected_skips:
         print("\nGPAS_NO_SKIPS=1: these tests skipped, which only GPU tests may:")
         for line in _unexpected_skips:

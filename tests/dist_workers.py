@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import traceback
 
@@ -9,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_ext.platform.distributed import free_port
+from tests import cpu_share
 
 
 def _entry(rank, world_size, port, fn, args, kwargs, result_dir):
@@ -34,13 +36,14 @@ def run_ranks(fn, world_size: int, args, tmp_path, kwargs=None) -> list:
     result_dir = str(tmp_path / f"ranks_{fn.__name__}_{free_port()}")
     os.makedirs(result_dir)
     try:
-        mp.start_processes(
-            _entry,
-            args=(world_size, free_port(), fn, args, kwargs or {}, result_dir),
-            nprocs=world_size,
-            join=True,
-            start_method="spawn",
-        )
+        with cpu_share.exclusive() if world_size > 1 else contextlib.nullcontext():
+            mp.start_processes(
+                _entry,
+                args=(world_size, free_port(), fn, args, kwargs or {}, result_dir),
+                nprocs=world_size,
+                join=True,
+                start_method="spawn",
+            )
     except Exception as err:
         errors = [
             open(os.path.join(result_dir, f)).read()

@@ -126,3 +126,53 @@ def test_gate_init_and_scaled_output_init_reach_the_built_model():
         assert std(scaled, out) / std(plain, out) == pytest.approx(shrink, rel=0.05), out
     for inp in ("linear_qkv.weight", "linear_fc1.weight"):
         assert std(scaled, inp) / std(plain, inp) == pytest.approx(1.0, rel=0.05), inp
+
+
+def test_every_choice_field_refuses_an_unknown_value_naming_its_flag():
+    """Generated from the config sections: a Literal field's bad value, from the command line or
+    a YAML file, fails validation with its flag and the accepted values."""
+    import dataclasses
+    import typing
+
+    from megatron_ext.config import choices_of
+    from megatron_ext.training.arguments import SECTIONS, TOP_LEVEL, parse_run_config
+    from megatron_ext.training.run_config import RunConfig
+
+    fields = [(cls, f) for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
+    fields += [(RunConfig, f) for f in dataclasses.fields(RunConfig) if f.name in TOP_LEVEL]
+    checked = []
+    for cls, f in fields:
+        choices = choices_of(typing.get_type_hints(cls)[f.name])
+        if choices is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        cfg = parse_run_config(["--mock-data", "--device", "cpu", flag, "no-such-value"])
+        with pytest.raises(ConfigError, match=rf"^{flag}: .*choose one of {choices[0]}, "):
+            cfg.validate(1)
+        checked.append(f.name)
+    assert {"norm_type", "data_mode", "lr_decay_style", "fp8_recipe", "device"} <= set(checked)
+
+
+def test_flag_types_come_from_the_fields():
+    from megatron_ext.training.arguments import parse_run_config
+
+    cfg = parse_run_config(
+        [
+            "--lr",
+            "3e-4",
+            "--profile-ranks",
+            "0",
+            "3",
+            "--data-path",
+            "0.3",
+            "a",
+            "0.7",
+            "b",
+            "--no-foreach-grad-norm",
+            "--eval-tokens",
+            "1000",
+        ]  # fmt: skip
+    )
+    assert cfg.optim.lr == 3e-4 and cfg.profiling.profile_ranks == [0, 3]
+    assert cfg.data.data_path == ["0.3", "a", "0.7", "b"] and cfg.optim.foreach_grad_norm is False
+    assert cfg.eval.eval_tokens == 1000 and isinstance(cfg.eval.eval_tokens, int)

@@ -13,6 +13,7 @@ the docs, fails.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import pytest
 
 from megatron_ext.platform.distributed import free_port
+from tests import cpu_share
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -288,7 +290,9 @@ def _sbatch_dry_run(env: dict, words: list) -> tuple:
 def _run(argv: list, cwd, env_extra: dict, what: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     env.update(env_extra, OMP_NUM_THREADS="1")
-    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    ranks = "torch.distributed.run" in argv
+    with cpu_share.exclusive() if ranks else contextlib.nullcontext():
+        proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{what}\n$ {shlex.join(argv)}\n{text[-4000:]}"
     return proc.stdout

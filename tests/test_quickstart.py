@@ -60,6 +60,7 @@ def _failure_lines(text: str) -> list:
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive
 def test_first_command_in_an_empty_venv(tmp_path):
     clone, venv = tmp_path / "clone", tmp_path / "venv"
     _copy_project(str(clone))

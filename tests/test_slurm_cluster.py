@@ -26,7 +26,11 @@ PREPROCESS = os.path.join(ROOT, "examples", "slurm", "preprocess_array.sbatch")
 ITERS = 150
 
 _reason = why_unavailable()
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(_reason is not None, reason=str(_reason))]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.exclusive,
+    pytest.mark.skipif(_reason is not None, reason=str(_reason)),
+]
 
 # CPU mode: no GPUs on these nodes, one task per node, one CPU per task.
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]

@@ -106,6 +106,7 @@ def _step_lines(save):
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive
 def test_7b_recipe_flags_train_checkpoint_resume_and_export_at_tiny_shape(tmp_path):
     """The 7B recipe's flags exactly (bf16, TP 2 + sequence parallelism, distributed optimizer
     with overlapped reductions, full recompute, both clips) at a tiny shape on 2 CPU ranks:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -22,9 +22,10 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 
-from megatron_ext.config import ConfigError
+from megatron_ext.config import ConfigError, check_choices, option
 
 DATA_MODES = ("packed", "per-document")
+DataMode = Literal[DATA_MODES]
 
 
 @dataclass
@@ -48,21 +49,24 @@ class DatasetTokenizer:
 class DataConfig:
     """Where the data is and how samples are cut (Megatron-LM's flag names)."""
 
-    data_path: Optional[Sequence[str]] = None  # "p1 p2" or "w1 p1 w2 p2"
+    data_path: Optional[Sequence[str]] = option(
+        None, "dataset prefixes, optionally weighted: 'P1 P2' or 'W1 P1 W2 P2'"
+    )
     train_data_path: Optional[Sequence[str]] = None
     valid_data_path: Optional[Sequence[str]] = None
     test_data_path: Optional[Sequence[str]] = None
     split: str = "969,30,1"
     data_cache_path: Optional[str] = None
     mock_data: bool = False
-    data_mode: str = "packed"
-    pad_id: int = 0  # input id placed on padding in per-document mode (masked out of the loss)
+    data_mode: DataMode = option(
+        "packed", "packed or per-document (the GPAS reference protocol)", unknown="data mode"
+    )
+    pad_id: int = option(
+        0, "per-document mode: input id placed on padding (masked out of the loss)"
+    )
 
     def validate(self) -> DataConfig:
-        if self.data_mode not in DATA_MODES:
-            raise ConfigError(
-                f"--data-mode: unknown {self.data_mode!r}; choose one of {DATA_MODES}"
-            )
+        check_choices(self)
         per_split = any((self.train_data_path, self.valid_data_path, self.test_data_path))
         if not self.mock_data and not self.data_path and not per_split:
             raise ConfigError(

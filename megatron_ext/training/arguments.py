@@ -1,25 +1,27 @@
 """Command line and YAML config → :class:`RunConfig`.
 
 Every config field is a flag of the same name (``micro_batch_size`` → ``--micro-batch-size``),
-which keeps Megatron-LM's names where they exist. ``--model-size`` picks a preset whose fields
-any explicit model flag overrides. ``--config run.yaml`` may set any flag (keys with dashes or
-underscores); the command line overrides the file (``--no-FLAG`` turns a boolean off).
+which keeps Megatron-LM's names where they exist; its type and help come from the field.
+``--model-size`` picks a preset whose fields any explicit model flag overrides.
+``--config run.yaml`` may set any flag (keys with dashes or underscores); the command line
+overrides the file (``--no-FLAG`` turns a boolean off).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import dataclasses
 import os
-from typing import Any, Optional
+import typing
+from typing import Optional
 
 import yaml
 
-from megatron_ext.config import ConfigError, ModelConfig, ParallelConfig
-from megatron_ext.data.datasets import DATA_MODES, DataConfig
+from megatron_ext.config import ConfigError, ModelConfig, ParallelConfig, flag
+from megatron_ext.data.datasets import DataConfig
 from megatron_ext.models.presets import PRESET_NAMES, model_preset
 from megatron_ext.training.run_config import (
-    DEVICES,
     CheckpointConfig,
     EvalConfig,
     FusionConfig,
@@ -29,7 +31,6 @@ from megatron_ext.training.run_config import (
     RunConfig,
     TokenizerConfig,
 )
-from megatron_ext.variants import NORM_TYPE_NAMES
 
 SECTIONS = {
     "model": ModelConfig,
@@ -43,59 +44,36 @@ SECTIONS = {
     "fusion": FusionConfig,
     "profiling": ProfileConfig,
 }
-TOP_LEVEL = {"device": str, "transformer_impl": str, "num_workers": int}
-
-HELP = {
-    "norm_type": f"architecture: {', '.join(NORM_TYPE_NAMES)}",
-    "post_num": "Mix-LN: number of leading Post-LN layers (default num_layers // 4)",
-    "lns_mode": "LayerNorm-Scaling form: gamma (reference, learnable γ init) or fixed",
-    "clip_gate_grad": "joint-norm clip of all GPAS gate gradients, after --clip-grad (0: off)",
-    "freeze_gates": "keep the GPAS gates fixed (e.g. supervised fine-tuning)",
-    "data_mode": f"{' or '.join(DATA_MODES)} (the GPAS reference protocol)",
-    "data_path": "dataset prefixes, optionally weighted: 'P1 P2' or 'W1 P1 W2 P2'",
-    "device": f"{' or '.join(DEVICES)}; cpu runs everything with gloo (CPU emulation)",
-    "metrics_file": "JSONL metrics (default: <save or run dir>/metrics.jsonl)",
-    "telemetry_interval": "every N steps log per-layer residual RMS, GPAS scales, grad norms",
-    "eval_tokens": "per-document mode: evaluate on this many non-pad tokens (default 10M)",
-    "new_wandb_on_resume": "start a new W&B run on resume instead of continuing the old one",
-    "nan_skip_limit": "stop (after saving) when this many steps in a row have NaN/Inf",
-    "fp8_format": "FP8 GEMMs through Transformer Engine: hybrid (E4M3 fwd, E5M2 bwd) or e4m3",
-    "fp8_recipe": "delayed (scales from the amax history) or tensorwise (current scaling)",
-    "fp8_amax_history_len": "delayed scaling: amax history length",
-    "fp8_amax_compute_algo": "delayed scaling: max or most_recent of the history",
-    "recompute_granularity": "full (whole layers) or selective (core attention only)",
-    "overlap_grad_reduce": "reduce data-parallel gradients bucket by bucket during backward",
-    "overlap_param_gather": "distributed optimizer: all-gather parameters bucket by bucket "
-    "during the next forward",
-    "ddp_bucket_size": "elements per gradient bucket with --overlap-grad-reduce "
-    "(default: megatron-core's, max(40M, 1M × data-parallel size))",
-    "bias_swiglu_fusion": "fused SwiGLU (torch.compile); default: on with --device cuda",
-    "bias_dropout_fusion": "fused residual add (torch.compile); default: on with --device cuda",
-    "rope_fusion": "Transformer Engine's fused RoPE; default: on with transformer_engine",
-    "cross_entropy_loss_fusion": "fused cross-entropy (torch.compile; bf16 only); default: off",
-    "profile": "profile iterations --profile-step-start+1 … --profile-step-end on "
-    "--profile-ranks: with --use-pytorch-profiler a Chrome trace and a kernel summary, "
-    "else cudaProfilerStart/Stop for nsys --capture-range=cudaProfilerApi",
-    "use_pytorch_profiler": "--profile with torch.profiler (works on CPU too)",
-    "profile_ranks": "global ranks to profile (default: 0)",
-    "profile_dir": "where traces go (default: <save or run dir>/profile)",
-    "tokenizer_type": "NullTokenizer (with --vocab-size), SentencePieceTokenizer, "
-    "HuggingFaceTokenizer",
-}
+TOP_LEVEL = ("device", "transformer_impl", "num_workers")  # RunConfig's own fields
 
 
-def _kind(annotation: str):
-    """(python type, is list, is bool) of a dataclass field annotation string."""
-    text = str(annotation)
-    if "Sequence" in text or "list" in text:
-        return (int if "int" in text else str), True, False
-    if "bool" in text:
-        return bool, False, True
-    if "float" in text:
-        return float, False, False
-    if "int" in text:
-        return int, False, False
-    return str, False, False
+def _argument(hint) -> dict:
+    """argparse settings of a field from its type: ``--flag/--no-flag`` for a bool, ``nargs``
+    for a list, the element type else (a Literal's values are checked by validation, so that a
+    bad value is one ``error:`` line like every other)."""
+    if typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is bool:  # --flag / --no-flag, so a command line can undo a YAML recipe's true
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(hint) in (list, collections.abc.Sequence):
+        return {"nargs": "+", "type": typing.get_args(hint)[0]}
+    if typing.get_origin(hint) is typing.Literal:
+        return {"type": type(typing.get_args(hint)[0]), "metavar": "{" + ",".join(
+            map(str, typing.get_args(hint))) + "}"}  # fmt: skip
+    return {"type": hint}
+
+
+def _add_fields(group, cls, names=None, section: Optional[str] = None) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        dest = f"{section}.{f.name}" if section else f.name
+        kwargs = _argument(hints[f.name])
+        if "action" not in kwargs:
+            kwargs.setdefault("metavar", f.name.upper())
+        help_text = f.metadata.get("help") or None
+        group.add_argument(flag(f.name), dest=dest, default=None, help=help_text, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,24 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="shape preset; explicit model flags override it",
     )
     for section, cls in SECTIONS.items():
-        group = p.add_argument_group(section)
-        for f in dataclasses.fields(cls):
-            typ, is_list, is_bool = _kind(f.type)
-            flag = "--" + f.name.replace("_", "-")
-            kwargs: dict[str, Any] = dict(
-                dest=f"{section}.{f.name}", default=None, help=HELP.get(f.name)
-            )
-            if is_bool:  # --flag / --no-flag, so a command line can undo a YAML recipe's true
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-            elif is_list:
-                group.add_argument(flag, nargs="+", type=typ, **kwargs)
-            else:
-                group.add_argument(flag, type=typ, **kwargs)
-    group = p.add_argument_group("runtime")
-    for name, typ in TOP_LEVEL.items():
-        group.add_argument(
-            "--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=HELP.get(name)
-        )
+        _add_fields(p.add_argument_group(section), cls, section=section)
+    _add_fields(p.add_argument_group("runtime"), RunConfig, names=TOP_LEVEL)
     return p
 
 

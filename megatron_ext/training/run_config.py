@@ -1,67 +1,98 @@
-"""The configuration of a training run: dataclasses, validated in one place before heavy work."""
+"""The configuration of a training run: one dataclass per section, each field with its type,
+default and help (``megatron_ext/config.py`` says how), validated section by section before
+anything heavy is built."""
 
 from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 from megatron.core.transformer.enums import AttnBackend
 
-from megatron_ext.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_ext.config import (
+    ModelConfig,
+    ParallelConfig,
+    check_choices,
+    option,
+    require,
+)
 from megatron_ext.data.datasets import DataConfig
+from megatron_ext.data.tokenizers import TOKENIZER_TYPES
 
-LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root", "WSD")
-FP8_FORMATS = ("hybrid", "e4m3")
-# delayed: per-tensor scales from an amax history; tensorwise: current (just-in-time) scaling.
-FP8_RECIPES = ("delayed", "tensorwise")
-FP8_AMAX_ALGOS = ("max", "most_recent")
-DEVICES = ("cuda", "cpu")
 ATTENTION_BACKENDS = tuple(b.name for b in AttnBackend)
+LRDecayStyle = Literal["cosine", "linear", "constant", "inverse-square-root", "WSD"]
+FP8Format = Literal["hybrid", "e4m3"]
+# delayed: per-tensor scales from an amax history; tensorwise: current (just-in-time) scaling.
+FP8Recipe = Literal["delayed", "tensorwise"]
+FP8AmaxAlgo = Literal["max", "most_recent"]
+RecomputeGranularity = Literal["full", "selective"]
+RecomputeMethod = Literal["uniform", "block"]
+Device = Literal["cuda", "cpu"]
+TransformerImpl = Literal["local", "transformer_engine"]
+AttentionBackend = Literal[ATTENTION_BACKENDS]
+TokenizerType = Literal[("NullTokenizer", *TOKENIZER_TYPES)]
 
 
 @dataclass
 class TokenizerConfig:
-    tokenizer_type: str = "NullTokenizer"
-    tokenizer_model: Optional[str] = None
-    eod_id: Optional[int] = None
-    # Train on data whose sidecar names another tokenizer (a deliberate choice).
-    override_tokenizer_check: bool = False
+    tokenizer_type: TokenizerType = option(
+        "NullTokenizer",
+        "NullTokenizer (with --vocab-size), SentencePieceTokenizer, HuggingFaceTokenizer",
+    )
+    tokenizer_model: Optional[str] = option(None, "the tokenizer's model file")
+    eod_id: Optional[int] = option(None, "end-of-document id (default: the tokenizer's)")
+    override_tokenizer_check: bool = option(
+        False, "train on data whose description names another tokenizer (a deliberate choice)"
+    )
 
 
 @dataclass
 class OptimConfig:
     micro_batch_size: int = 1
-    global_batch_size: Optional[int] = None  # None: micro batch × data parallel size
+    global_batch_size: Optional[int] = option(None, "default: micro batch × data-parallel size")
     train_iters: int = 1000
     lr: float = 1e-3
-    min_lr: Optional[float] = None  # None: 0.1 × lr (the reference's cosine floor)
+    min_lr: Optional[float] = option(None, "default: 0.1 × lr (the reference's cosine floor)")
     lr_warmup_iters: int = 0
-    lr_decay_iters: Optional[int] = None  # None: train_iters
-    lr_decay_style: str = "cosine"
-    clip_grad: float = 0.0
-    clip_gate_grad: float = 0.0
+    lr_decay_iters: Optional[int] = option(None, "default: --train-iters")
+    lr_decay_style: LRDecayStyle = "cosine"
+    clip_grad: float = option(0.0, "global gradient-norm clip (0: off)")
+    clip_gate_grad: float = option(
+        0.0, "joint-norm clip of all GPAS gate gradients, after --clip-grad (0: off)"
+    )
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     bf16: bool = False
-    fp8_format: Optional[str] = None  # None: no FP8
-    fp8_recipe: str = "delayed"
-    fp8_amax_history_len: int = 1024
-    fp8_amax_compute_algo: str = "max"
+    fp8_format: Optional[FP8Format] = option(
+        None, "FP8 GEMMs through Transformer Engine: hybrid (E4M3 fwd, E5M2 bwd) or e4m3"
+    )
+    fp8_recipe: FP8Recipe = option(
+        "delayed", "delayed (scales from the amax history) or tensorwise (current scaling)"
+    )
+    fp8_amax_history_len: int = option(1024, "delayed scaling: amax history length")
+    fp8_amax_compute_algo: FP8AmaxAlgo = option(
+        "max", "delayed scaling: max or most_recent of the history"
+    )
     fp8_margin: int = 0
-    recompute_granularity: Optional[str] = None
-    recompute_method: Optional[str] = None
+    recompute_granularity: Optional[RecomputeGranularity] = option(
+        None, "full (whole layers) or selective (core attention only)"
+    )
+    recompute_method: Optional[RecomputeMethod] = option(None, "full recompute: uniform or block")
     recompute_num_layers: Optional[int] = None
     seed: int = 42
-    freeze_gates: bool = False
-    nan_skip_limit: int = 10
-    # torch's fused Adam kernel where megatron-core uses torch's optimizer (no TE/Apex);
-    # None: on with --device cuda.
-    use_fused_adam: Optional[bool] = None
-    # gradient norms for clipping without a host sync per parameter (no TE/Apex)
-    foreach_grad_norm: bool = True
+    freeze_gates: bool = option(False, "keep the GPAS gates fixed (e.g. supervised fine-tuning)")
+    nan_skip_limit: int = option(
+        10, "stop (after saving) when this many steps in a row have NaN/Inf"
+    )
+    use_fused_adam: Optional[bool] = option(
+        None, "torch's fused Adam kernel (no TE/Apex); default: on with --device cuda"
+    )
+    foreach_grad_norm: bool = option(
+        True, "gradient norms for clipping without a host sync per parameter (no TE/Apex)"
+    )
 
     def fp8_transformer_config(self) -> dict:
         """TransformerConfig fields of the FP8 settings (empty without --fp8-format)."""
@@ -88,8 +119,9 @@ class OptimConfig:
 class EvalConfig:
     eval_interval: int = 1000
     eval_iters: int = 10
-    # per-document mode: evaluate until this many non-pad tokens (the reference's protocol)
-    eval_tokens: Optional[int] = None
+    eval_tokens: Optional[int] = option(
+        None, "per-document mode: evaluate on this many non-pad tokens (default 10M)"
+    )
 
 
 @dataclass
@@ -99,8 +131,10 @@ class CheckpointConfig:
     save_interval: Optional[int] = None
     keep_last_checkpoints: Optional[int] = None
     exit_interval: Optional[int] = None
-    exit_duration_in_mins: Optional[float] = None
-    finetune: bool = False  # load weights only
+    exit_duration_in_mins: Optional[float] = option(
+        None, "save and exit once the run has trained this long"
+    )
+    finetune: bool = option(False, "load weights only and start at iteration 0")
 
 
 @dataclass
@@ -112,13 +146,23 @@ class FusionConfig:
     Cross-entropy fusion is opt-in as in Megatron-LM, and bf16-only: megatron-core's fused
     kernel rounds the logits' gradient to bf16 whatever the model's precision."""
 
-    bias_swiglu_fusion: Optional[bool] = None
-    bias_dropout_fusion: Optional[bool] = None
-    rope_fusion: Optional[bool] = None
-    cross_entropy_loss_fusion: bool = False
-    # Megatron-LM's flag. With --transformer-impl local: auto = PyTorch's fused SDPA, local =
-    # megatron-core's DotProductAttention; with Transformer Engine any of TE's backends.
-    attention_backend: str = "auto"
+    bias_swiglu_fusion: Optional[bool] = option(
+        None, "fused SwiGLU (torch.compile); default: on with --device cuda"
+    )
+    bias_dropout_fusion: Optional[bool] = option(
+        None, "fused residual add (torch.compile); default: on with --device cuda"
+    )
+    rope_fusion: Optional[bool] = option(
+        None, "Transformer Engine's fused RoPE; default: on with transformer_engine"
+    )
+    cross_entropy_loss_fusion: bool = option(
+        False, "fused cross-entropy (torch.compile; bf16 only); default: off"
+    )
+    attention_backend: AttentionBackend = option(
+        "auto",
+        "with --transformer-impl local: auto (PyTorch SDPA) or local (megatron-core's "
+        "DotProductAttention); with Transformer Engine any of TE's backends",
+    )
 
     def transformer_config(self, device: str, transformer_impl: str) -> dict:
         """TransformerConfig fields, with the defaults resolved for this device and backend."""
@@ -141,12 +185,18 @@ class FusionConfig:
 @dataclass
 class LoggingConfig:
     log_interval: int = 10
-    metrics_file: Optional[str] = None
+    metrics_file: Optional[str] = option(
+        None, "JSONL metrics (default: <save or run dir>/metrics.jsonl)"
+    )
     tensorboard_dir: Optional[str] = None
     wandb_project: Optional[str] = None
     wandb_exp_name: Optional[str] = None
-    new_wandb_on_resume: bool = False
-    telemetry_interval: int = 0
+    new_wandb_on_resume: bool = option(
+        False, "start a new W&B run on resume instead of continuing the old one"
+    )
+    telemetry_interval: int = option(
+        0, "every N steps log per-layer residual RMS, GPAS scales, grad norms"
+    )
 
 
 @dataclass
@@ -154,35 +204,44 @@ class ProfileConfig:
     """A window of profiled iterations, under Megatron-LM's flags and counting: iterations
     ``profile_step_start + 1`` … ``profile_step_end`` (1-based) on ``profile_ranks``."""
 
-    profile: bool = False
-    use_pytorch_profiler: bool = False  # else: cudaProfilerStart/Stop around the window (nsys)
+    profile: bool = option(
+        False,
+        "profile iterations --profile-step-start+1 … --profile-step-end on "
+        "--profile-ranks: with --use-pytorch-profiler a Chrome trace and a kernel summary, "
+        "else cudaProfilerStart/Stop for nsys --capture-range=cudaProfilerApi",
+    )
+    use_pytorch_profiler: bool = option(False, "--profile with torch.profiler (works on CPU too)")
     profile_step_start: int = 10
     profile_step_end: int = 12
-    profile_ranks: list[int] = field(default_factory=lambda: [0])
-    profile_dir: Optional[str] = None  # None: <save or run dir>/profile
+    profile_ranks: list[int] = option(
+        default_factory=lambda: [0], help="global ranks to profile (default: 0)"
+    )
+    profile_dir: Optional[str] = option(
+        None, "where traces go (default: <save or run dir>/profile)"
+    )
 
     def validate(self, device: str, train_iters: int, world_size: int) -> None:
         if not self.profile:
-            _req(not self.use_pytorch_profiler, "--use-pytorch-profiler", "needs --profile")
+            require(not self.use_pytorch_profiler, "--use-pytorch-profiler", "needs --profile")
             return
-        _req(self.profile_step_start >= 0, "--profile-step-start", "must be ≥ 0")
-        _req(
+        require(self.profile_step_start >= 0, "--profile-step-start", "must be ≥ 0")
+        require(
             self.profile_step_end > self.profile_step_start,
             "--profile-step-end",
             f"must be after --profile-step-start {self.profile_step_start}",
         )
-        _req(
+        require(
             self.profile_step_end <= train_iters,
             "--profile-step-end",
             f"{self.profile_step_end} is after the last iteration (--train-iters {train_iters})",
         )
         outside = sorted(r for r in self.profile_ranks if not 0 <= r < world_size)
-        _req(
+        require(
             not outside,
             "--profile-ranks",
             f"rank(s) {outside} do not exist in a world of {world_size} process(es)",
         )
-        _req(
+        require(
             self.use_pytorch_profiler or device == "cuda",
             "--profile",
             "without --use-pytorch-profiler it brackets the window with cudaProfilerStart/Stop "
@@ -202,9 +261,9 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     profiling: ProfileConfig = field(default_factory=ProfileConfig)
-    device: str = "cuda"
-    transformer_impl: str = "local"
-    num_workers: int = 2
+    device: Device = option("cuda", "cpu runs everything with gloo (CPU emulation)")
+    transformer_impl: TransformerImpl = "local"
+    num_workers: int = option(2, "data-loader worker processes per rank")
 
     def data_parallel_size(self, world_size: int) -> int:
         return self.parallel.data_parallel_size(world_size)
@@ -222,115 +281,18 @@ class RunConfig:
         self.model.validate()
         self.parallel.validate(self.model, world_size)
         self.data.validate()
-        o, e, c, lg = self.optim, self.eval, self.checkpoint, self.logging
-        _req(self.device in DEVICES, "--device", f"choose one of {DEVICES}")
-        _req(o.micro_batch_size > 0, "--micro-batch-size", "must be positive")
-        dp = self.data_parallel_size(world_size)
-        gbs = self.global_batch_size(world_size)
-        _req(
-            gbs % (o.micro_batch_size * dp) == 0,
-            "--global-batch-size",
-            f"{gbs} is not a multiple of micro batch {o.micro_batch_size} × data-parallel "
-            f"size {dp}",
-        )
-        _req(o.train_iters > 0, "--train-iters", "must be positive")
-        _req(o.lr >= 0, "--lr", "must be ≥ 0")
-        _req(o.resolved_min_lr <= o.lr, "--min-lr", f"{o.resolved_min_lr} exceeds --lr {o.lr}")
-        _req(
-            0 <= o.lr_warmup_iters < o.resolved_decay_iters,
-            "--lr-warmup-iters",
-            f"must be in [0, --lr-decay-iters={o.resolved_decay_iters}) "
-            "(--lr-decay-iters defaults to --train-iters)",
-        )
-        _req(
-            o.lr_decay_style in LR_DECAY_STYLES,
-            "--lr-decay-style",
-            f"choose one of {LR_DECAY_STYLES}",
-        )
-        _req(o.clip_grad >= 0, "--clip-grad", "must be ≥ 0 (0 disables)")
-        _req(o.clip_gate_grad >= 0, "--clip-gate-grad", "must be ≥ 0 (0 disables)")
-        _req(o.fp8_format in (None, *FP8_FORMATS), "--fp8-format", f"choose one of {FP8_FORMATS}")
-        _req(o.fp8_recipe in FP8_RECIPES, "--fp8-recipe", f"choose one of {FP8_RECIPES}")
-        if o.fp8_format is not None:
-            _req_fp8_shapes(self.model)
-        _req(
-            o.fp8_amax_compute_algo in FP8_AMAX_ALGOS,
-            "--fp8-amax-compute-algo",
-            f"choose one of {FP8_AMAX_ALGOS}",
-        )
-        _req(o.fp8_amax_history_len >= 1, "--fp8-amax-history-len", "must be ≥ 1")
-        _req(o.fp8_margin >= 0, "--fp8-margin", "must be ≥ 0")
-        _req(
-            o.fp8_format is None or self.transformer_impl == "transformer_engine",
-            "--fp8-format",
-            "needs --transformer-impl transformer_engine",
-        )
-        _req(o.fp8_format is None or self.device == "cuda", "--fp8-format", "needs a GPU")
-        _req(o.fp8_format is None or o.bf16, "--fp8-format", "needs --bf16 (FP8 GEMMs, bf16 rest)")
-        _req(
-            o.recompute_granularity in (None, "full", "selective"),
-            "--recompute-granularity",
-            "choose full or selective",
-        )
-        _req(o.nan_skip_limit >= 1, "--nan-skip-limit", "must be ≥ 1")
-        # Logging sinks asked for must be there now, not found missing after an hour.
-        _req(
-            not lg.wandb_project or _installed("wandb"),
-            "--wandb-project",
-            "W&B logging needs the wandb package: pip install wandb",
-        )
-        _req(
-            not lg.tensorboard_dir or _installed("tensorboard"),
-            "--tensorboard-dir",
-            "TensorBoard logging needs the tensorboard package: pip install tensorboard",
-        )
-        _req(e.eval_interval > 0, "--eval-interval", "must be positive")
-        _req(e.eval_iters >= 0, "--eval-iters", "must be ≥ 0")
-        _req(lg.log_interval > 0, "--log-interval", "must be positive")
-        _req(c.save_interval is None or c.save_interval > 0, "--save-interval", "must be positive")
-        _req(c.save_interval is None or c.save is not None, "--save-interval", "needs --save DIR")
-        _req(
-            c.keep_last_checkpoints is None or c.keep_last_checkpoints >= 1,
-            "--keep-last-checkpoints",
-            "must be ≥ 1",
-        )
-        _req(
-            self.transformer_impl in ("local", "transformer_engine"),
-            "--transformer-impl",
-            "choose local or transformer_engine",
-        )
-        _req(
-            not (self.device == "cpu" and self.transformer_impl == "transformer_engine"),
-            "--transformer-impl",
-            "Transformer Engine needs --device cuda",
-        )
-        _req(
-            not self.fusion.rope_fusion
-            or (self.device == "cuda" and self.transformer_impl == "transformer_engine"),
-            "--rope-fusion",
-            "is a Transformer Engine kernel: needs --device cuda and "
-            "--transformer-impl transformer_engine (or pass --no-rope-fusion)",
-        )
-        _req(
-            self.fusion.attention_backend in ATTENTION_BACKENDS,
-            "--attention-backend",
-            f"choose one of {ATTENTION_BACKENDS}",
-        )
-        _req(
-            self.transformer_impl == "transformer_engine"
-            or self.fusion.attention_backend in ("auto", "local"),
-            "--attention-backend",
-            "flash, fused and unfused are Transformer Engine's backends; with "
-            "--transformer-impl local choose auto (PyTorch SDPA) or local",
-        )
-        _req(
-            not self.fusion.cross_entropy_loss_fusion or o.bf16,
-            "--cross-entropy-loss-fusion",
-            "rounds the logits' gradient to bf16: use it with --bf16 only",
-        )
-        self.profiling.validate(self.device, o.train_iters, world_size)
+        for section in (self, self.tokenizer, self.optim, self.fusion):
+            check_choices(section)
+        _check_batch(self, world_size)
+        _check_schedule(self.optim)
+        _check_fp8(self)
+        _check_runtime(self)
+        _check_logging(self.logging, self.eval)
+        _check_checkpoint(self.checkpoint)
+        _check_fusion(self)
+        self.profiling.validate(self.device, self.optim.train_iters, world_size)
         t = self.tokenizer
-        _req(
+        require(
             t.tokenizer_type == "NullTokenizer" or t.tokenizer_model is not None,
             "--tokenizer-model",
             f"required with --tokenizer-type {t.tokenizer_type}",
@@ -338,21 +300,114 @@ class RunConfig:
         return self
 
 
-def _req_fp8_shapes(model: ModelConfig) -> None:
+def _check_batch(cfg: RunConfig, world_size: int) -> None:
+    o = cfg.optim
+    require(o.micro_batch_size > 0, "--micro-batch-size", "must be positive")
+    dp = cfg.data_parallel_size(world_size)
+    gbs = cfg.global_batch_size(world_size)
+    require(
+        gbs % (o.micro_batch_size * dp) == 0,
+        "--global-batch-size",
+        f"{gbs} is not a multiple of micro batch {o.micro_batch_size} × data-parallel size {dp}",
+    )
+
+
+def _check_schedule(o: OptimConfig) -> None:
+    require(o.train_iters > 0, "--train-iters", "must be positive")
+    require(o.lr >= 0, "--lr", "must be ≥ 0")
+    require(o.resolved_min_lr <= o.lr, "--min-lr", f"{o.resolved_min_lr} exceeds --lr {o.lr}")
+    require(
+        0 <= o.lr_warmup_iters < o.resolved_decay_iters,
+        "--lr-warmup-iters",
+        f"must be in [0, --lr-decay-iters={o.resolved_decay_iters}) "
+        "(--lr-decay-iters defaults to --train-iters)",
+    )
+    require(o.clip_grad >= 0, "--clip-grad", "must be ≥ 0 (0 disables)")
+    require(o.clip_gate_grad >= 0, "--clip-gate-grad", "must be ≥ 0 (0 disables)")
+    require(o.nan_skip_limit >= 1, "--nan-skip-limit", "must be ≥ 1")
+
+
+def _check_fp8(cfg: RunConfig) -> None:
+    o = cfg.optim
+    require(o.fp8_amax_history_len >= 1, "--fp8-amax-history-len", "must be ≥ 1")
+    require(o.fp8_margin >= 0, "--fp8-margin", "must be ≥ 0")
+    if o.fp8_format is None:
+        return
+    _check_fp8_shapes(cfg.model)
+    require(
+        cfg.transformer_impl == "transformer_engine",
+        "--fp8-format",
+        "needs --transformer-impl transformer_engine",
+    )
+    require(cfg.device == "cuda", "--fp8-format", "needs a GPU")
+    require(o.bf16, "--fp8-format", "needs --bf16 (FP8 GEMMs, bf16 rest)")
+
+
+def _check_fp8_shapes(model: ModelConfig) -> None:
     """TE's FP8 GEMMs need every weight dimension divisible by 16."""
     sizes = {"--hidden-size": model.hidden_size, "--ffn-hidden-size": model.ffn_hidden_size}
     off = {flag: size for flag, size in sizes.items() if size % 16}
     fixes = ", ".join(f"{flag} {-(-size // 16) * 16}" for flag, size in off.items())
-    _req(
-        not off,
-        "--fp8-format",
-        f"FP8 GEMMs need sizes divisible by 16, got {off}; e.g. {fixes}",
+    require(
+        not off, "--fp8-format", f"FP8 GEMMs need sizes divisible by 16, got {off}; e.g. {fixes}"
     )
 
 
-def _req(condition: bool, flag: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{flag}: {message}")
+def _check_runtime(cfg: RunConfig) -> None:
+    require(
+        not (cfg.device == "cpu" and cfg.transformer_impl == "transformer_engine"),
+        "--transformer-impl",
+        "Transformer Engine needs --device cuda",
+    )
+
+
+def _check_logging(lg: LoggingConfig, e: EvalConfig) -> None:
+    # Logging sinks asked for must be there now, not found missing after an hour.
+    require(
+        not lg.wandb_project or _installed("wandb"),
+        "--wandb-project",
+        "W&B logging needs the wandb package: pip install wandb",
+    )
+    require(
+        not lg.tensorboard_dir or _installed("tensorboard"),
+        "--tensorboard-dir",
+        "TensorBoard logging needs the tensorboard package: pip install tensorboard",
+    )
+    require(lg.log_interval > 0, "--log-interval", "must be positive")
+    require(e.eval_interval > 0, "--eval-interval", "must be positive")
+    require(e.eval_iters >= 0, "--eval-iters", "must be ≥ 0")
+
+
+def _check_checkpoint(c: CheckpointConfig) -> None:
+    require(c.save_interval is None or c.save_interval > 0, "--save-interval", "must be positive")
+    require(c.save_interval is None or c.save is not None, "--save-interval", "needs --save DIR")
+    require(
+        c.keep_last_checkpoints is None or c.keep_last_checkpoints >= 1,
+        "--keep-last-checkpoints",
+        "must be ≥ 1",
+    )
+
+
+def _check_fusion(cfg: RunConfig) -> None:
+    f = cfg.fusion
+    require(
+        not f.rope_fusion
+        or (cfg.device == "cuda" and cfg.transformer_impl == "transformer_engine"),
+        "--rope-fusion",
+        "is a Transformer Engine kernel: needs --device cuda and "
+        "--transformer-impl transformer_engine (or pass --no-rope-fusion)",
+    )
+    require(
+        cfg.transformer_impl == "transformer_engine" or f.attention_backend in ("auto", "local"),
+        "--attention-backend",
+        "flash, fused and unfused are Transformer Engine's backends; with "
+        "--transformer-impl local choose auto (PyTorch SDPA) or local",
+    )
+    require(
+        not f.cross_entropy_loss_fusion or cfg.optim.bf16,
+        "--cross-entropy-loss-fusion",
+        "rounds the logits' gradient to bf16: use it with --bf16 only",
+    )
 
 
 def _installed(package: str) -> bool:

@@ -1,0 +1,52 @@
+"""Sharing the machine's cores between pytest-xdist workers.
+
+Every test holds a shared lock while it runs; a test that needs the cores to itself (several
+rank processes, a whole pipeline of processes) holds it exclusively: it waits for the other
+worker's current test and runs alone, so single-process tests run two at a time and
+multi-process tests never compete with each other. Without xdist this is all a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+_fd = None
+
+
+def _lock_fd() -> int:
+    global _fd
+    if _fd is None:
+        path = os.path.join(tempfile.gettempdir(), f"gpas-tests-{_RUN}.lock")
+        _fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    return _fd
+
+
+@contextlib.contextmanager
+def hold(exclusive: bool):
+    """The lock for one test (shared, or exclusive for one that uses every core)."""
+    if _RUN is None:
+        yield
+        return
+    fcntl.flock(_lock_fd(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    try:
+        yield
+    finally:
+        fcntl.flock(_lock_fd(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def exclusive():
+    """Inside a test: take the cores for a multi-process part (the shared lock is converted,
+    then converted back)."""
+    if _RUN is None:
+        yield
+        return
+    fcntl.flock(_lock_fd(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(_lock_fd(), fcntl.LOCK_SH)
