@@ -185,6 +185,25 @@ class ModelConfig:
         return self
 
 
+#: Model fields that define the architecture: a resumed or fine-tuned run must share them with
+#: its checkpoint, and an imported model is rebuilt from them.
+ARCHITECTURE_FIELDS = (
+    "norm_type",
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "ffn_hidden_size",
+    "vocab_size",
+    "make_vocab_size_divisible_by",
+    "post_num",
+    "lns_mode",
+    "rotary_base",
+    "layernorm_epsilon",
+    "untie_embeddings_and_output_weights",
+)
+
+
 @dataclass
 class ParallelConfig:
     """How the model is split over processes (Megatron-LM's flag names)."""

@@ -195,6 +195,14 @@ def test_hf_llama_to_ours_to_hf_is_the_identity(tmp_path):
     from megatron_ext.training.checkpointing import load_model
 
     cfg = DistCheckpointReader(str(tmp_path / "ours")).model_config()
+    # the printed model flags rebuild exactly the imported architecture
+    from megatron_ext.config import ARCHITECTURE_FIELDS
+    from megatron_ext.training.arguments import parse_run_config
+
+    printed = imported.stderr.split("model flags: ", 1)[1].splitlines()[0].split()
+    rebuilt = parse_run_config(printed).model
+    for name in ARCHITECTURE_FIELDS:
+        assert getattr(rebuilt, name) == getattr(cfg, name), name
     ours = build_cpu_model(cfg)
     load_model([ours], str(tmp_path / "ours"))
     tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))

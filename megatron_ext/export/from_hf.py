@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from megatron_ext.config import ModelConfig, flag
+from megatron_ext.config import ARCHITECTURE_FIELDS, ModelConfig, flag
 from megatron_ext.export import weight_map as wm
 from megatron_ext.export.megatron_model import build_cpu_model, checkpoint_param_names
 from megatron_ext.layers.specs import model_layer_recipes
@@ -137,25 +137,13 @@ class ImportResult:
     def training_flags(self) -> list[str]:
         """The pretrain_gpas.py model flags that rebuild this model."""
         m = asdict(self.model)
-        names = (
-            "norm_type",
-            "num_layers",
-            "hidden_size",
-            "num_attention_heads",
-            "num_query_groups",
-            "ffn_hidden_size",
-            "vocab_size",
-            "make_vocab_size_divisible_by",
-            "max_position_embeddings",
-            "rotary_base",
-            "layernorm_epsilon",
-            "post_num",
-            "lns_mode",
-        )
         flags = []
-        for name in names:
-            if m[name] is not None:
-                flags += [flag(name), str(m[name])]
+        for name in (*ARCHITECTURE_FIELDS, "max_position_embeddings"):
+            value = m[name]
+            if isinstance(value, bool):
+                flags.append(flag(name) if value else "--no-" + flag(name)[2:])
+            elif value is not None:
+                flags += [flag(name), str(value)]
         return flags
 
 

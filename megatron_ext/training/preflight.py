@@ -3,12 +3,13 @@
 Each problem raises :class:`ConfigError` as one line ``<flag or file>: <what is wrong>; <what to
 do>``, which ``pretrain_gpas.py`` prints as ``error: …`` with exit code 2. Nothing here writes.
 
-What may change when a run resumes from a checkpoint, and what may not (``ARCHITECTURE``):
-the parameters' shapes and the function the model computes are fixed by the checkpoint; the
-layout (TP, PP, virtual stages, sequence parallelism, DP, distributed optimizer, overlap),
-batch sizes, learning-rate schedule, iterations, precision, recomputation, fusions, data and
-logging may change (the optimizer state is saved reshardable). Initialisation-only settings
-(init stds, the DeepNorm init, the gate's initial value) are ignored on resume.
+What may change when a run resumes from a checkpoint, and what may not
+(``config.ARCHITECTURE_FIELDS``): the parameters' shapes and the function the model computes
+are fixed by the checkpoint; the layout (TP, PP, virtual stages, sequence parallelism, DP,
+distributed optimizer, overlap), batch sizes, learning-rate schedule, iterations, precision,
+recomputation, fusions, data and logging may change (the optimizer state is saved
+reshardable). Initialisation-only settings (init stds, the DeepNorm init, the gate's initial
+value) are ignored on resume.
 """
 
 from __future__ import annotations
@@ -18,29 +19,13 @@ import logging
 import os
 from typing import Optional
 
-from megatron_ext.config import ConfigError, ModelConfig, flag
+from megatron_ext.config import ARCHITECTURE_FIELDS, ConfigError, ModelConfig, flag
 from megatron_ext.data.dataset_info import DatasetInfo, sidecar_path, tokenizer_fingerprint
 from megatron_ext.data.datasets import DataConfig, parse_blend
 from megatron_ext.data.indexed_writer import bin_path, described_bin_size, idx_path
 
 logger = logging.getLogger("gpas")
 
-#: Model fields a resumed or fine-tuned run must share with its checkpoint.
-ARCHITECTURE = (
-    "norm_type",
-    "num_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "ffn_hidden_size",
-    "vocab_size",
-    "make_vocab_size_divisible_by",
-    "post_num",
-    "lns_mode",
-    "rotary_base",
-    "layernorm_epsilon",
-    "untie_embeddings_and_output_weights",
-)
 _DATA_FLAGS = ("data_path", "train_data_path", "valid_data_path", "test_data_path")
 
 
@@ -155,7 +140,7 @@ def check_checkpoint_architecture(model: ModelConfig, saved: dict, directory: st
     theirs = _resolved(ModelConfig(**{k: v for k, v in saved.items() if k in known}))
     differ = [
         f"{flag(name)} {current[name]} (checkpoint: {theirs[name]})"
-        for name in ARCHITECTURE
+        for name in ARCHITECTURE_FIELDS
         if name in saved and theirs[name] != current[name]
     ]
     if differ:
@@ -166,7 +151,7 @@ def check_checkpoint_architecture(model: ModelConfig, saved: dict, directory: st
 
 
 def _resolved(model: ModelConfig) -> dict:
-    values = {name: getattr(model, name) for name in ARCHITECTURE}
+    values = {name: getattr(model, name) for name in ARCHITECTURE_FIELDS}
     values["num_query_groups"] = model.query_groups
     values["post_num"] = model.resolved_post_num
     return values
