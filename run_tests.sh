@@ -35,5 +35,5 @@ INSTALLED=$(date +%s)
 trap report_time EXIT
 $PY -m ruff check .
 # Two pytest-xdist workers, one thread each; a multi-process test takes both cores alone
-# (tests/cpu_share.py). `bash run_tests.sh -n 0 …` runs in one process.
+# (tests/helpers/cpu_share.py). `bash run_tests.sh -n 0 …` runs in one process.
 GPAS_NO_SKIPS=${GPAS_NO_SKIPS:-1} $PY -m pytest -q -n 2 --dist worksteal "$@"

@@ -16,7 +16,7 @@
 #    7b-shaped model at micro-batches giving each GEMM ≥ 8k tokens (32, 64 × 256), vs bf16.
 # suite: the matrix of bench/RESULTS.md, PARTS (default: all, in this order) of
 #   tests     pytest -m gpu (TE tests skip themselves without Transformer Engine)
-#   tetests   the Transformer Engine tests alone (tests/test_gpu_te.py)
+#   tetests   the Transformer Engine tests alone (tests/gpu/test_gpu_te.py)
 #   overhead  bench/bench_gpas_overhead.py (local spec, fused GPAS kernel)
 #   gemm      the 1b preset's GEMMs at FFN 5461 vs 5472 vs 5504
 #   local     1b preset, local spec (no TE)
@@ -27,7 +27,7 @@
 #             preset with FFN 5504 (FP8 GEMMs need multiples of 16), bf16 vs FP8
 # Results, at most 8 files: OUT_DIR/{device.txt,summary.txt,check.log,throughput.jsonl,
 # gemm.jsonl,profile.txt}. Each run has a time limit; a failing run does not stop the others.
-# The dry run executes the CPU twins of the GPU tests (tests/test_fast_path.py: the fast path
+# The dry run executes the CPU twins of the GPU tests (tests/unit/test_fast_path.py: the fast path
 # against megatron-core's) and collects the GPU selection, which can only skip on CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,7 +50,7 @@ if [[ $DRY == 1 ]]; then  # every command as on the GPU, at a tiny shape on CPU
   GEMM_SHAPE=(--model-size tiny --tokens 64 --repeats 1 --ffn-hidden-sizes 176,192)
   TWIN=(--ffn-hidden-size 192)
   ITERS=(--iters 1 --warmup 0)
-  GPU_TESTS=(tests/test_fast_path.py)
+  GPU_TESTS=(tests/unit/test_fast_path.py)
 else
   DEVICE=(--device cuda)
   ONE_B=(--model-size 1b --micro-batch-size 32 --num-microbatches 4)
@@ -58,7 +58,7 @@ else
   GEMM_SHAPE=(--model-size 1b --ffn-hidden-sizes 5461,5504)
   TWIN=(--ffn-hidden-size 5504)
   ITERS=(--iters 5 --warmup 2)
-  GPU_TESTS=(-m gpu tests --ignore=tests/test_gpu_te.py)
+  GPU_TESTS=(-m gpu tests --ignore=tests/gpu/test_gpu_te.py)
 fi
 
 run() {  # run NAME SECONDS CMD...: output to the one log; outcome to the summary
@@ -114,7 +114,7 @@ A)
   ;;
 B)
   TE=(--transformer-impl transformer_engine)
-  run tetests 180 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu_te.py
+  run tetests 180 "$PYTHON" -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_te.py
   throughput te_1b_twin 150 "${ONE_B[@]}" "${TWIN[@]}" "${TE[@]}" --profile "$OUT/profile.txt"
   for mbs in 32 64; do  # tokens per GEMM: mbs × 256 = 8k, 16k
     throughput "te_7b_bf16_mbs$mbs" 120 "${SEVEN_B[@]}" --micro-batch-size "$mbs" \
@@ -133,7 +133,7 @@ suite)
   M32=(--micro-batch-size 32 --num-microbatches 4)
   SEVEN=(--model-size 7b --num-layers 4)
   has tests && run tests 300 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests
-  has tetests && run tetests 240 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu_te.py
+  has tetests && run tetests 240 "$PYTHON" -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_te.py
   has overhead && run overhead 150 "$PYTHON" bench/bench_gpas_overhead.py --device cuda --bf16 \
     --repeats 30
   has gemm && run gemm 120 "$PYTHON" bench/bench_gemm_shapes.py --model-size 1b \

@@ -4,14 +4,14 @@ import sys
 import pytest
 import torch
 
-from tests import cpu_share
+from tests.helpers import cpu_share
 
 # The project's shell scripts run Python as $PYTHON (default python3): hand them this
 # interpreter, so that `PYTHON=<venv>/bin/python bash run_tests.sh` needs no activated venv.
 os.environ["PYTHON"] = sys.executable
 
 # Under pytest-xdist (run_tests.sh: two workers) each worker and what it starts computes on one
-# thread; a multi-process test takes both cores alone (tests/cpu_share.py).
+# thread; a multi-process test takes both cores alone (tests/helpers/cpu_share.py).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -43,7 +43,7 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, w
 
 @pytest.fixture(scope="session")
 def english_docs():
-    from tests.text_fixtures import english_documents
+    from tests.helpers.text_fixtures import english_documents
 
     docs = english_documents()
     assert len(docs) >= 100
@@ -52,7 +52,7 @@ def english_docs():
 
 @pytest.fixture(scope="session")
 def mistral_model():
-    from tests.text_fixtures import mistral_tokenizer_path
+    from tests.helpers.text_fixtures import mistral_tokenizer_path
 
     path = mistral_tokenizer_path()
     if path is None:
@@ -65,7 +65,7 @@ def mistral_model():
 
 @pytest.fixture(scope="session")
 def hf_tokenizer_dir(english_docs, tmp_path_factory):
-    from tests.text_fixtures import train_hf_tokenizer
+    from tests.helpers.text_fixtures import train_hf_tokenizer
 
     return train_hf_tokenizer(english_docs, str(tmp_path_factory.mktemp("hf_tok")))
 

@@ -3,7 +3,7 @@
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 
 def preprocess_command(inputs, tokenizer_type: str, tokenizer_model: str, *extra: str) -> list:

@@ -27,9 +27,7 @@ from dataclasses import dataclass
 import pytest
 
 from megatron_ext.platform.distributed import free_port
-from tests import cpu_share
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, cpu_share
 
 # The order the sandbox walks the docs in: data before training, training before export.
 DOC_ORDER = (
@@ -76,7 +74,7 @@ class Rule:
 
 RULES = (
     Rule(r"^bash examples/quickstart/run\.sh$", "test",
-         proof="tests/test_quickstart.py::test_first_command_in_an_empty_venv"),
+         proof="tests/integration/test_quickstart.py::test_first_command_in_an_empty_venv"),
     Rule(r"^bash run_tests\.sh", "test", proof=".ci/run"),
     Rule(r"^pip install ", "install"),
     Rule(r"^python tools/preprocess_data\.py .*--output-prefix", "run",
@@ -96,9 +94,9 @@ RULES = (
     Rule(r"^python pretrain_gpas\.py --device cuda", "dry_run"),
     Rule(r"^RECIPE=examples/slurm/recipes/7b_pre_gpas\.yaml .*sbatch", "dry_run"),
     Rule(r"^RECIPE=examples/slurm/recipes/tiny_cpu\.yaml .*sbatch", "test",
-         proof="tests/test_slurm_cluster.py::test_launcher_trains_across_two_nodes_and_checkpoints"),
+         proof="tests/integration/test_slurm_cluster.py::test_launcher_trains_across_two_nodes_and_checkpoints"),
     Rule(r"^INPUT=.*preprocess_array\.sbatch", "test",
-         proof="tests/test_slurm_cluster.py::test_preprocessing_array_job_equals_one_process"),
+         proof="tests/integration/test_slurm_cluster.py::test_preprocessing_array_job_equals_one_process"),
     Rule(r"^python tools/run_grid\.py run --out runs/grid --sizes", "run",
          subs=(("--sizes 71m 130m --seeds 1 2",
                 "--sizes 2x64 --seeds 1 --norm-types pre pre_gpas"),),
@@ -111,17 +109,17 @@ RULES = (
     Rule(r"^python tools/convert_to_hf\.py ", "run"),
     Rule(r"^python tools/convert_from_hf\.py ", "run"),
     Rule(r"^lm_eval ", "test",
-         proof="tests/test_lm_eval.py::test_lm_eval_loglikelihoods_match_our_model"),
+         proof="tests/integration/test_lm_eval.py::test_lm_eval_loglikelihoods_match_our_model"),
     Rule(r"^(GPU_CHECK_DRY_RUN=1 )?bash bench/gpu_check\.sh A ", "test",
-         proof="tests/test_gpu_scripts.py::test_check_a_dry_run_runs_every_command_on_cpu"),
+         proof="tests/integration/test_gpu_scripts.py::test_check_a_dry_run_runs_every_command_on_cpu"),
     Rule(r"^bash bench/gpu_check\.sh B ", "test",
-         proof="tests/test_gpu_scripts.py::test_check_b_dry_run_commands_parse"),
+         proof="tests/integration/test_gpu_scripts.py::test_check_b_dry_run_commands_parse"),
     Rule(r"^python -m pytest -q -m gpu$", "test", proof=".ci/run"),
     Rule(r"^bash bench/gpu_check\.sh suite ", "test",
-         proof="tests/test_gpu_scripts.py::test_suite_runs_a_part_and_records_its_outcome"),
+         proof="tests/integration/test_gpu_scripts.py::test_suite_runs_a_part_and_records_its_outcome"),
     Rule(r"^python bench/bench_(gemm_shapes|throughput)\.py ", "help"),
     Rule(r"^bash tools/install_te_offline\.sh ", "test",
-         proof="tests/test_gpu_scripts.py::test_missing_core_wheel_is_named"),
+         proof="tests/integration/test_gpu_scripts.py::test_missing_core_wheel_is_named"),
 )  # fmt: skip
 
 

@@ -25,9 +25,9 @@ from megatron_ext.grid.runner import LocalGridRunner
 from megatron_ext.grid.spec import GridSpec, size_flags
 from megatron_ext.grid.status import FAILED, FINISHED, INTERRUPTED, PENDING, cell_state
 from megatron_ext.variants import NORM_TYPE_NAMES
-from tests.tool_commands import grid_command
+from tests.helpers import ROOT
+from tests.helpers.tool_commands import grid_command
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_GRID = os.path.join(ROOT, "tools", "run_grid.py")
 GRID_TABLE = os.path.join(ROOT, "tools", "grid_table.py")
 SHARED = ["--mock-data", "--device", "cpu", "--micro-batch-size", "2", "--global-batch-size", "2"]

@@ -1,5 +1,6 @@
-"""Every norm type against the plain-PyTorch re-derivation of the spec (tests/reference_model.py):
-logits and every parameter's gradient, relative tolerance 1e-5 in fp32.
+"""Every norm type against the plain-PyTorch re-derivation of the spec
+(tests/helpers/reference_model.py): logits and every parameter's gradient, relative tolerance
+1e-5 in fp32.
 
 One exception in fp32: a GPAS gate's gradient is a single sum over batch × sequence × hidden of
 ∂L/∂y ⊙ x with heavy cancellation, so the fp32 rounding noise of the upstream gradient (which
@@ -17,8 +18,8 @@ import torch
 from megatron_ext.models.gpt import build_model, build_transformer_config
 from megatron_ext.models.presets import model_preset
 from megatron_ext.variants import NORM_TYPE_NAMES
-from tests import reference_model as ref
 from tests.conftest import assert_rel_close
+from tests.helpers import reference_model as ref
 
 GATES = [0.4, -0.9, 1.6, 0.7]  # 1.6 gives a negative scale c = 1 − SiLU(1.6) ≈ −0.33
 SEQ, BATCH = 16, 2

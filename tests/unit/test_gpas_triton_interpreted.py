@@ -1,7 +1,7 @@
 """The fused Triton GPAS kernels, run by Triton's interpreter on CPU (TRITON_INTERPRET=1, in a
 child process), against the spec's definition x − SiLU(g)·sg(x) differentiated by autograd in
 float64, alone and folded into the residual add (G(α·r + o), α·G(r) + o). On a GPU machine the
-compiled kernels are tested by tests/test_gpu.py.
+compiled kernels are tested by tests/gpu/test_gpu.py.
 """
 
 import importlib.util
@@ -14,9 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.gpas_kernels_interpreted import branch_output, case_inputs
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+from tests.helpers.gpas_kernels_interpreted import branch_output, case_inputs
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
@@ -41,7 +40,13 @@ CASES = [
 def kernel_outputs(tmp_path_factory):
     out = tmp_path_factory.mktemp("triton") / "outputs.pt"
     subprocess.run(
-        [sys.executable, "-m", "tests.gpas_kernels_interpreted", json.dumps(CASES), str(out)],
+        [
+            sys.executable,
+            "-m",
+            "tests.helpers.gpas_kernels_interpreted",
+            json.dumps(CASES),
+            str(out),
+        ],
         env={**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""},
         cwd=ROOT,
         check=True,

@@ -7,8 +7,8 @@ import pytest
 
 from megatron_ext.training.arguments import parse_run_config
 from megatron_ext.training.planning import plan_run
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLURM = os.path.join(ROOT, "examples", "slurm")
 # recipe → the GPU count it is written for (one GPU, one 8-GPU node, 8 nodes)
 RECIPES = {"71m": 1, "130m": 1, "250m": 8, "350m": 8, "1b": 8, "7b_pre": 64, "7b_pre_gpas": 64}

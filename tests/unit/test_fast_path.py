@@ -116,7 +116,7 @@ def test_fused_adam_matches_torch_default_adam():
     from megatron_ext.training.model_setup import unwrap_model, wrap_model
     from megatron_ext.training.optimizer import build_optimizer
     from megatron_ext.training.step import train_step
-    from tests.dist_workers import micro_batches, synthetic_batches
+    from tests.helpers.dist_workers import micro_batches, synthetic_batches
 
     def train(fused):
         cfg = model_preset("tiny", norm_type="pre_gpas")

@@ -10,7 +10,7 @@ from megatron_ext.models.presets import model_preset
 from megatron_ext.training.model_setup import wrap_model
 from megatron_ext.training.optimizer import build_optimizer, optimizer_step
 from megatron_ext.training.step import forward_step
-from tests.dist_workers import micro_batches, synthetic_batches
+from tests.helpers.dist_workers import micro_batches, synthetic_batches
 
 LR = 0.5
 

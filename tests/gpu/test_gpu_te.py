@@ -16,9 +16,8 @@ import torch
 
 from megatron_ext.export.megatron_model import checkpoint_param_names
 from megatron_ext.variants import NORM_TYPE_NAMES
-from tests.tool_commands import preprocess_command
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+from tests.helpers.tool_commands import preprocess_command
 
 pytestmark = [
     pytest.mark.gpu,
@@ -118,7 +117,7 @@ def test_te_spec_matches_local_spec(megatron_cuda, norm_type):
 
 def _write_real_text_dataset(tmp_path):
     """Standard-library docstrings → a byte-level BPE trained on them → an indexed dataset."""
-    from tests.text_fixtures import english_documents, train_hf_tokenizer
+    from tests.helpers.text_fixtures import english_documents, train_hf_tokenizer
 
     docs = english_documents()
     tok_dir = train_hf_tokenizer(docs, str(tmp_path / "tokenizer"))

@@ -15,9 +15,7 @@ import sentencepiece as spm
 
 from megatron_ext.data import indexed_writer
 from megatron_ext.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess
-from tests.tool_commands import preprocess_command
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers.tool_commands import preprocess_command
 
 
 def _compressed(name: str, data: bytes) -> bytes:
@@ -297,7 +295,7 @@ def test_sharded_jobs_then_merge_equal_single_run(tmp_path, english_docs, mistra
 
 
 def test_tokenizer_without_eos_needs_eod_id(tmp_path, english_docs):
-    from tests.text_fixtures import train_hf_tokenizer
+    from tests.helpers.text_fixtures import train_hf_tokenizer
 
     tok_dir = train_hf_tokenizer(english_docs[:50], str(tmp_path / "tok"), with_eos=False)
     _write_shards(str(tmp_path / "in"), english_docs[:5], n=1)

@@ -1,3 +1,6 @@
+"""Model FLOPs per iteration (the MFU numerator) against what a real training step multiplies,
+and the GPU peaks (its denominator)."""
+
 import pytest
 import torch
 

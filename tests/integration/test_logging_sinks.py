@@ -12,10 +12,10 @@ import pytest
 from megatron_ext.config import ConfigError
 from megatron_ext.training import run_config
 from megatron_ext.training.arguments import parse_run_config
-from tests.tool_commands import TINY_CPU_RUN
-from tests.wandb_records import offline_runs
+from tests.helpers import ROOT
+from tests.helpers.tool_commands import TINY_CPU_RUN
+from tests.helpers.wandb_records import offline_runs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = [*TINY_CPU_RUN, "--log-interval", "1", "--eval-interval", "2", "--eval-iters", "1",
         "--telemetry-interval", "2", "--lr", "3e-3", "--lr-warmup-iters", "1"]  # fmt: skip
 

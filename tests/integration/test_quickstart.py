@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 # This machine's pip configuration names package folders that do not exist; pip says so on
 # every install. Those notices are the machine's, not the project's.

@@ -12,11 +12,12 @@ import sys
 import pytest
 import torch
 
-from tests.tool_commands import TINY_CPU_RUN
+from tests.helpers import ROOT
+from tests.helpers.tool_commands import TINY_CPU_RUN
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("lm_eval", reason="pip install lm-eval accelerate (or bash run_tests.sh)")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 TASK_DIR = os.path.join(ROOT, "tests", "data", "lm_eval_task")
 
 

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from tests.dist_workers import run_cli, run_ranks
+from tests.helpers import ROOT
+from tests.helpers.dist_workers import run_cli, run_ranks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 
@@ -128,7 +128,7 @@ def test_resume_is_exact(tmp_path, layout, world):
 
 
 # Resumed under another layout: 3 iterations, then 5 more. Adam ε 1e-6 keeps fp32 rounding of
-# near-zero gradient entries from being amplified by lr/ε (see tests/dist_workers.py).
+# near-zero gradient entries from being amplified by lr/ε (see tests/helpers/dist_workers.py).
 MOVES = {
     "tp1_to_tp2_sp": (({}, 1), (SP2, 2)),
     "tp2_sp_to_tp1": ((SP2, 2), ({}, 1)),

@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 
 from megatron_ext.data.dataset_info import DatasetInfo, sidecar_path
-from tests.dist_workers import run_cli, run_ranks
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+from tests.helpers.dist_workers import run_cli, run_ranks
 
 
 @pytest.fixture(scope="module")

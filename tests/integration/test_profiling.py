@@ -14,9 +14,8 @@ from megatron_ext.config import ConfigError
 from megatron_ext.training.arguments import parse_run_config
 from megatron_ext.training.profiling import IterationProfiler
 from megatron_ext.training.run_config import ProfileConfig
-from tests.dist_workers import run_cli, run_ranks
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+from tests.helpers.dist_workers import run_cli, run_ranks
 
 
 def _cfg(tmp_path, **kw):

@@ -1,8 +1,8 @@
-"""Child process of tests/test_gpas_triton_interpreted.py: runs the fused GPAS kernels under
+"""Child process of tests/unit/test_gpas_triton_interpreted.py: runs the fused GPAS kernels under
 Triton's interpreter, which must be switched on (TRITON_INTERPRET=1) before anything imports
 triton, hence a fresh process.
 
-    TRITON_INTERPRET=1 python -m tests.gpas_kernels_interpreted CASES_JSON OUT.pt
+    TRITON_INTERPRET=1 python -m tests.helpers.gpas_kernels_interpreted CASES_JSON OUT.pt
 """
 
 import json

@@ -2,7 +2,7 @@
 
 Checkpoints of all 11 norm types are trained for two steps under TP=2 and PP=2 with the gates
 moved away from 0 first (layer 1's gate gives a negative scale c). Each export must reproduce
-the logits of our model loaded from the same checkpoint (which tests/test_variants_reference.py
+the logits of our model loaded from the same checkpoint (which tests/unit/test_variants_reference.py
 holds to the plain re-derivation of the spec).
 """
 
@@ -20,10 +20,11 @@ from megatron_ext.export.llama_fold import FoldError
 from megatron_ext.export.to_hf import ExportOptions, export_to_hf
 from megatron_ext.export.verify import verify_export
 from megatron_ext.variants import NORM_TYPE_NAMES
-from tests.dist_workers import run_ranks, train_layout
+from tests.helpers import ROOT
+from tests.helpers.dist_workers import run_ranks, train_layout
 
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # c_l = 1 − SiLU(g_l) ≈ 1.19, −1.0, 1.09, 0.90: away from 1, negative at layer 1
 GATES = [-0.5, 2.25, -0.2, 0.18]
 LAYOUTS = {"tp2": {"tensor_model_parallel_size": 2}, "pp2": {"pipeline_model_parallel_size": 2}}
@@ -288,7 +289,7 @@ def test_llama_fold_is_exact_with_per_norm_epsilon(tmp_path):
     from megatron_ext.export.megatron_model import build_cpu_model, megatron_logits
     from megatron_ext.models.presets import model_preset
     from megatron_ext.training.checkpointing import save_checkpoint
-    from tests.dist_workers import set_gates
+    from tests.helpers.dist_workers import set_gates
 
     cfg = model_preset("tiny4", norm_type="lns_gpas", lns_mode="fixed")
     model = build_cpu_model(cfg)

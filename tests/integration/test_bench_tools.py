@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from bench_gemm_shapes import model_linears, products  # noqa: E402

@@ -17,10 +17,10 @@ import time
 
 import pytest
 
-from tests.slurm_cluster import TERMINAL_STATES, LocalSlurmCluster, why_unavailable
-from tests.tool_commands import grid_command, preprocess_command
+from tests.helpers import ROOT
+from tests.helpers.slurm_cluster import TERMINAL_STATES, LocalSlurmCluster, why_unavailable
+from tests.helpers.tool_commands import grid_command, preprocess_command
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "examples", "slurm", "train.sbatch")
 PREPROCESS = os.path.join(ROOT, "examples", "slurm", "preprocess_array.sbatch")
 ITERS = 150

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from tests.tool_commands import TINY_CPU_RUN
+from tests.helpers import ROOT
+from tests.helpers.tool_commands import TINY_CPU_RUN
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TE_NOTICE = "Transformer Engine and Apex are not installed"
 
 

@@ -8,7 +8,7 @@ from megatron_ext.models.gpt import build_model, build_transformer_config
 from megatron_ext.models.presets import model_preset
 from megatron_ext.training.model_setup import wrap_model
 from megatron_ext.training.optimizer import build_optimizer, gate_main_params
-from tests.dist_workers import micro_batches, synthetic_batches
+from tests.helpers.dist_workers import micro_batches, synthetic_batches
 
 
 def _model(norm_type="pre_gpas", **kw):

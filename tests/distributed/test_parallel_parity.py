@@ -35,7 +35,7 @@ import torch
 
 from megatron_ext.variants import NORM_TYPE_NAMES
 from tests.conftest import assert_rel_close
-from tests.dist_workers import (
+from tests.helpers.dist_workers import (
     GLOBAL_BATCH,
     MICRO_BATCH,
     PARITY_GATES,

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_ext.platform.distributed import free_port
-from tests import cpu_share
+from tests.helpers import cpu_share
 
 
 def _entry(rank, world_size, port, fn, args, kwargs, result_dir):
