@@ -22,7 +22,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 
-from megatron_ext.config import ConfigError, check_choices, option
+from megatron_ext.config import ConfigError, check_choices, option, require
 
 DATA_MODES = ("packed", "per-document")
 DataMode = Literal[DATA_MODES]
@@ -68,16 +68,17 @@ class DataConfig:
     def validate(self) -> DataConfig:
         check_choices(self)
         per_split = any((self.train_data_path, self.valid_data_path, self.test_data_path))
-        if not self.mock_data and not self.data_path and not per_split:
-            raise ConfigError(
-                "--data-path: give a dataset prefix (or --train-data-path …, or "
-                "--mock-data for synthetic data)"
-            )
-        if self.data_path and per_split:
-            raise ConfigError(
-                "--data-path: use either --data-path with --split, or "
-                "--train-data-path/--valid-data-path/--test-data-path, not both"
-            )
+        require(
+            self.mock_data or self.data_path or per_split,
+            "--data-path",
+            "give a dataset prefix (or --train-data-path …, or --mock-data for synthetic data)",
+        )
+        require(
+            not (self.data_path and per_split),
+            "--data-path",
+            "use either --data-path with --split, or "
+            "--train-data-path/--valid-data-path/--test-data-path, not both",
+        )
         for name in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
             parse_blend(getattr(self, name), flag_name=name)
         return self
