@@ -236,20 +236,20 @@ def plot_loss_curves(spec: GridSpec, out: str, smooth: int = 5) -> None:
     lowest, highest = math.inf, -math.inf
     for ax, size in zip(axes[0], spec.sizes, strict=True):
         for norm in ordered_norm_types(spec):
-            curves = [
-                MetricsFile.read(c.metrics_path).train_losses()
+            runs = [
+                MetricsFile.read(c.metrics_path)
                 for c in spec.cells()
                 if (c.size, c.norm_type) == (size, norm) and os.path.isfile(c.metrics_path)
             ]
-            if not curves:
+            if not runs:
                 continue
-            xs, ys = _mean_curve(curves, smooth)
+            xs, ys = _mean_curve([r.train_losses() for r in runs], smooth)
             if not xs:
                 continue
             style = "--" if base_of(norm) else "-"
             color = colors[base_of(norm) or norm]
             ax.plot(xs, ys, style, color=color, label=NORM_TYPES[norm].description, lw=1.4)
-            vx, vy = _mean_curve([c["valid"] for c in curves], 1)
+            vx, vy = _mean_curve([r.validation_losses() for r in runs], 1)
             ax.plot(vx, vy, "o", color=color, ms=4, mfc="none" if base_of(norm) else color)
             finite = [y for y in ys[len(ys) // 5 :] if math.isfinite(y)]
             if finite:

@@ -46,7 +46,8 @@ from tests.helpers.dist_workers import (
     train_layout,
 )
 
-pytestmark = pytest.mark.slow
+# its module fixtures are built once: every test of the file on one xdist worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("parity")]
 
 REL = 1e-5
 # A layout's rounding differs from one process's by a few times the measured noise (itself the

@@ -27,6 +27,7 @@ ITERS = 150
 
 _reason = why_unavailable()
 pytestmark = [
+    pytest.mark.xdist_group("slurm_cluster"),
     pytest.mark.slow,
     pytest.mark.exclusive,
     pytest.mark.skipif(_reason is not None, reason=str(_reason)),
