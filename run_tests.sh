@@ -35,6 +35,7 @@ INSTALLED=$(date +%s)
 trap report_time EXIT
 $PY -m ruff check .
 # Two pytest-xdist workers, one thread each; a multi-process test takes both cores alone
-# (tests/helpers/cpu_share.py); a file whose module fixtures are expensive runs on one worker
-# (its xdist_group). `bash run_tests.sh -n 0 …` runs in one process.
-GPAS_NO_SKIPS=${GPAS_NO_SKIPS:-1} $PY -m pytest -q -n 2 --dist loadgroup "$@"
+# (tests/helpers/cpu_share.py); each file runs on one worker, so its module fixtures (parity
+# runs, export checkpoints, the Slurm cluster) are built once. `bash run_tests.sh -n 0 …` runs
+# in one process.
+GPAS_NO_SKIPS=${GPAS_NO_SKIPS:-1} $PY -m pytest -q -n 2 --dist loadfile "$@"

@@ -17,9 +17,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def _share_the_cores(request):
-    with cpu_share.hold(exclusive=request.node.get_closest_marker("exclusive") is not None):
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """The core-sharing lock around a test's whole protocol, so that the module fixtures its
+    setup builds (a Slurm cluster's first job, an export's checkpoints) are covered too."""
+    with cpu_share.hold(exclusive=item.get_closest_marker("exclusive") is not None):
         yield
 
 

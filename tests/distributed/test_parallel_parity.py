@@ -46,8 +46,7 @@ from tests.helpers.dist_workers import (
     train_layout,
 )
 
-# its module fixtures are built once: every test of the file on one xdist worker
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("parity")]
+pytestmark = pytest.mark.slow
 
 REL = 1e-5
 # A layout's rounding differs from one process's by a few times the measured noise (itself the

@@ -23,8 +23,7 @@ from megatron_ext.variants import NORM_TYPE_NAMES
 from tests.helpers import ROOT
 from tests.helpers.dist_workers import run_ranks, train_layout
 
-# its module fixtures are built once: every test of the file on one xdist worker
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("hf_export")]
+pytestmark = pytest.mark.slow
 
 # c_l = 1 − SiLU(g_l) ≈ 1.19, −1.0, 1.09, 0.90: away from 1, negative at layer 1
 GATES = [-0.5, 2.25, -0.2, 0.18]

@@ -22,9 +22,6 @@ from megatron_ext.data.dataset_info import DatasetInfo, sidecar_path
 from tests.helpers import ROOT
 from tests.helpers.dist_workers import run_cli, run_ranks
 
-# its module fixtures are built once: every test of the file on one xdist worker
-pytestmark = pytest.mark.xdist_group("input_errors")
-
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, english_docs, mistral_model):

@@ -15,8 +15,7 @@ import torch
 from tests.helpers import ROOT
 from tests.helpers.tool_commands import TINY_CPU_RUN
 
-# its module fixtures are built once: every test of the file on one xdist worker
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("lm_eval")]
+pytestmark = pytest.mark.slow
 pytest.importorskip("lm_eval", reason="pip install lm-eval accelerate (or bash run_tests.sh)")
 
 TASK_DIR = os.path.join(ROOT, "tests", "data", "lm_eval_task")

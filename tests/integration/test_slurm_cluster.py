@@ -27,7 +27,6 @@ ITERS = 150
 
 _reason = why_unavailable()
 pytestmark = [
-    pytest.mark.xdist_group("slurm_cluster"),
     pytest.mark.slow,
     pytest.mark.exclusive,
     pytest.mark.skipif(_reason is not None, reason=str(_reason)),

@@ -17,11 +17,7 @@ import torch.nn.functional as F
 from tests.helpers import ROOT
 from tests.helpers.gpas_kernels_interpreted import branch_output, case_inputs
 
-# its module fixtures are built once: every test of the file on one xdist worker
-pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton"),
-    pytest.mark.xdist_group("triton_interpreted"),
-]
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
 # sizes: below one block, several blocks with a ragged end, and (shrunk blocks) more partial
 # sums than the final kernel adds per step
