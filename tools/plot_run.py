@@ -33,11 +33,12 @@ def plot(runs: dict, out: str) -> None:
     )
     ax = axes[0][0]
     for label, r in runs.items():
-        if r.train_losses():
-            xs, ys = zip(*r.train_losses(), strict=True)
+        train, valid = r.train_losses(), r.validation_losses()
+        if train:
+            xs, ys = zip(*train, strict=True)
             (line,) = ax.plot(xs, ys, label=f"{label} train", alpha=0.8)
-            if r.validation_losses():
-                vx, vy = zip(*r.validation_losses(), strict=True)
+            if valid:
+                vx, vy = zip(*valid, strict=True)
                 ax.plot(vx, vy, "o--", color=line.get_color(), label=f"{label} validation")
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
@@ -108,7 +109,8 @@ def main(argv=None) -> int:
             print(f"note: {r.unreadable_note()}", file=sys.stderr)
     plot(runs, args.out)
     for label, r in runs.items():
-        final = r.validation_losses()[-1][1] if r.validation_losses() else None
+        valid = r.validation_losses()
+        final = valid[-1][1] if valid else None
         print(
             f"{label}: {len(r.train_losses())} logged steps, final validation loss "
             f"{final if final is None else f'{final:.4f}'}"

@@ -168,9 +168,10 @@ class StepLogger:
             record.tflops = self.flops / seconds / 1e12 / world
             record.mfu = record.tflops / self.peak if self.peak else None
             record.mem_gib = torch.cuda.max_memory_allocated() / 2**30
-        self.metrics.write(record.as_dict())
+        values = record.as_dict()
+        self.metrics.write(values)
         if self.speaks:
-            logger.info(format_step_line(record.as_dict(), self.cfg.optim.train_iters))
+            logger.info(format_step_line(values, self.cfg.optim.train_iters))
 
 
 def _flatten(record: dict, prefix: str = "") -> dict:

@@ -199,25 +199,16 @@ def test_a_bin_file_cut_short_is_named(capsys, dataset, tmp_path):
     assert not save.exists()
 
 
-def test_a_missing_dataset_prefix_names_the_flag(capsys, tmp_path, dataset):
+@pytest.mark.parametrize("missing", ["--train-data-path", "--test-data-path"])
+def test_a_missing_dataset_prefix_names_the_flag(capsys, tmp_path, dataset, missing):
     save = tmp_path / "run"
     nope = str(tmp_path / "nope")
     argv = _args(save, "--vocab-size", "32000")
     argv.remove("--mock-data")
-    argv += ["--train-data-path", nope, "--valid-data-path", dataset]
+    for flag in ("--train-data-path", "--valid-data-path", "--test-data-path"):
+        argv += [flag, nope if flag == missing else dataset]
     line = _refused(capsys, argv)
-    assert line.startswith(f"error: --train-data-path: {nope}.bin and {nope}.idx not found")
-    assert not save.exists()
-
-
-def test_a_missing_test_data_prefix_names_its_flag(capsys, tmp_path, dataset):
-    save = tmp_path / "run"
-    nope = str(tmp_path / "nope")
-    argv = _args(save, "--vocab-size", "32000")
-    argv.remove("--mock-data")
-    argv += ["--train-data-path", dataset, "--valid-data-path", dataset, "--test-data-path", nope]
-    line = _refused(capsys, argv)
-    assert line.startswith(f"error: --test-data-path: {nope}.bin and {nope}.idx not found")
+    assert line.startswith(f"error: {missing}: {nope}.bin and {nope}.idx not found")
     assert not save.exists()
 
 
