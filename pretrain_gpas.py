@@ -1,69 +1,12 @@
 #!/usr/bin/env python3
 """Pretrain a Llama-style model with GPAS or one of its normalization baselines.
 
-    torchrun --nproc-per-node 8 pretrain_gpas.py --model-size 1b --norm-type pre_gpas \\
-        --data-path data/c4_text_document --tokenizer-type SentencePieceTokenizer \\
-        --tokenizer-model spiece.model --micro-batch-size 32 --global-batch-size 512 \\
-        --train-iters 100000 --lr 5e-4 --lr-warmup-iters 10000 --bf16 --save ckpt --load ckpt
-
-``python pretrain_gpas.py --help`` lists every flag; ``--config run.yaml`` sets any of them.
-``--dry-run [--world-size N]`` prints the resolved layout, parameter count, a memory estimate
-per GPU and the token budget, and refuses an impossible layout, without training.
-``--verbose`` keeps third-party warnings (hidden by default; ``PYTHONWARNINGS`` also keeps them).
+Installed as ``gpas-pretrain`` too; usage and code: ``megatron_ext/cli/pretrain.py``.
 """
 
-from __future__ import annotations
-
-import logging
-import os
 import sys
 
-# Before megatron-core is imported (and in spawned workers, which re-import this module):
-# third-party warnings off unless --verbose or PYTHONWARNINGS asks for them.
-from megatron_ext.quiet import quiet_third_party_warnings
-
-quiet_third_party_warnings()
-
-from megatron_ext.config import ConfigError  # noqa: E402
-from megatron_ext.training.arguments import parse_run_config  # noqa: E402
-from megatron_ext.training.planning import plan_run  # noqa: E402
-from megatron_ext.training.trainer import TrainingStopped, run  # noqa: E402
-
-
-def _configure_logging() -> None:
-    """Our lines (logger ``gpas``, INFO on the logging rank) with a time stamp; megatron-core's
-    own INFO chatter (bucket listings, dataset configs) only from WARNING up."""
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True
-    )
-
-
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    dry_run = "--dry-run" in argv
-    world_size = None
-    if "--world-size" in argv:  # for --dry-run on a machine other than the cluster
-        i = argv.index("--world-size")
-        world_size = int(argv[i + 1])
-        del argv[i : i + 2]
-    argv = [a for a in argv if a not in ("--dry-run", "--verbose")]
-    try:
-        cfg = parse_run_config(argv)
-        if dry_run:
-            ws = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-            for line in plan_run(cfg, ws).lines():
-                print(line)
-            return 0
-        _configure_logging()
-        run(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except TrainingStopped as err:
-        logging.getLogger("gpas").error(str(err))
-        return 3
-    return 0
-
+from megatron_ext.cli.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,6 +29,19 @@ setup(
         "tqdm",
         "tokenizers",  # Hugging Face tokenizer files in preprocessing
     ],
+    entry_points={
+        "console_scripts": [
+            "gpas-pretrain=megatron_ext.cli.pretrain:main",
+            "gpas-preprocess-data=megatron_ext.cli.preprocess_data:main",
+            "gpas-train-tokenizer=megatron_ext.cli.train_tokenizer:main",
+            "gpas-run-grid=megatron_ext.cli.run_grid:main",
+            "gpas-grid-table=megatron_ext.cli.grid_table:main",
+            "gpas-depth-analysis=megatron_ext.cli.depth_analysis:main",
+            "gpas-convert-to-hf=megatron_ext.cli.convert_to_hf:main",
+            "gpas-convert-from-hf=megatron_ext.cli.convert_from_hf:main",
+            "gpas-plot-run=megatron_ext.cli.plot_run:main",
+        ]
+    },
     extras_require={
         # Hugging Face export/import; the modeling code uses the transformers 5 API.
         "hf": ["transformers>=5.0,<6", "safetensors", "tokenizers", "protobuf"],

@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--gigabytes", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from megatron_ext.data.datasets import DataConfig, build_datasets
+    from megatron_ext.config.data import DataConfig
+    from megatron_ext.data.datasets import build_datasets
     from megatron_ext.platform.distributed import ensure_single_process_cpu
     from megatron_ext.training.preflight import check_dataset_files, check_dataset_info
 

@@ -30,7 +30,7 @@ import time
 import torch
 from megatron.core.optimizer import OptimizerConfig
 
-from megatron_ext.config import ParallelConfig
+from megatron_ext.config import FusionConfig, OptimConfig, ParallelConfig
 from megatron_ext.models.gpt import build_model_chunks, build_transformer_config
 from megatron_ext.models.params import count_parameters
 from megatron_ext.models.presets import model_preset
@@ -39,7 +39,6 @@ from megatron_ext.training.flops import device_peak_tflops, flops_per_iteration
 from megatron_ext.training.kernel_profile import device_events, summarize
 from megatron_ext.training.model_setup import wrap_model
 from megatron_ext.training.optimizer import build_optimizer
-from megatron_ext.training.run_config import FusionConfig, OptimConfig
 from megatron_ext.training.step import train_step
 
 

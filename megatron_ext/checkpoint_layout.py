@@ -4,7 +4,9 @@ a save directory without importing torch or megatron-core.
     DIR/iter_0000100/                      one checkpoint (torch_dist format, see
                                            ``training/checkpointing.py``)
     DIR/iter_0000100/rng/                  per-rank RNG states
+    DIR/iter_0000100/manifest.json         its files, sizes and SHA-256 (written last)
     DIR/iter_0000200.tmp/                  a checkpoint being written (or from a crashed save)
+    DIR/iter_0000300.damaged/              one that failed verification, set aside on fall-back
     DIR/latest_checkpointed_iteration.txt  the pointer: the newest complete checkpoint
 
 The pointer moves only after its directory is complete, so it never names a partial one.
@@ -20,6 +22,7 @@ from megatron_ext import fileio
 
 LATEST = "latest_checkpointed_iteration.txt"
 IN_PROGRESS_SUFFIX = ".tmp"
+DAMAGED_SUFFIX = ".damaged"
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 
 
@@ -66,6 +69,28 @@ def saved_iterations(root: str) -> list[int]:
     if not os.path.isdir(root):
         return []
     return sorted(int(m.group(1)) for d in os.listdir(root) if (m := _ITER_DIR.match(d)))
+
+
+def resume_candidates(root: str) -> list[int]:
+    """Iterations to try resuming from, best first: the pointer's, then older complete ones (for
+    a fall-back past a damaged checkpoint). With no pointer, every ``iter_`` directory, newest
+    first (only those a manifest shows complete may be used)."""
+    latest = latest_iteration(root)
+    saved = saved_iterations(root)
+    if latest is None:
+        return saved[::-1]
+    latest_checkpoint_dir(root)  # the pointer must name an existing directory
+    return [latest] + [i for i in reversed(saved) if i < latest]
+
+
+def set_aside(directory: str) -> str:
+    """Rename a damaged checkpoint out of the way (kept for inspection, never pruned)."""
+    target, n = directory + DAMAGED_SUFFIX, 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{directory}{DAMAGED_SUFFIX}{n}"
+    os.replace(directory, target)
+    return target
 
 
 def is_in_progress(path: str) -> bool:

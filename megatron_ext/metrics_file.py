@@ -1,7 +1,8 @@
 """A run's ``metrics.jsonl``: the records the trainer writes and the one reader every tool uses.
 
 One JSON object per line, appended as the run goes: a step record per log interval, a
-validation record per evaluation, a telemetry record per telemetry interval. A resumed run
+validation record per evaluation, a telemetry record per telemetry interval, a spike record per
+loss or grad-norm spike. A resumed run
 repeats the iterations after its last checkpoint (the later record wins), and a run killed
 while writing leaves a line cut short, followed by the resumed run's lines: the reader skips
 such lines and lists them (:attr:`MetricsFile.unreadable`), so every tool treats them alike.
@@ -39,9 +40,10 @@ class StepRecord:
     tflops: Optional[float] = None  # GPU only: per GPU
     mfu: Optional[float] = None
     mem_gib: Optional[float] = None
+    spikes_total: Optional[int] = None  # in the whole run, with spike detection on
 
     _OPTIONAL = ("gate_scale_mean", "gate_scale_min", "gate_scale_max", "gpas_scales",
-                 "tflops", "mfu", "mem_gib")  # fmt: skip
+                 "tflops", "mfu", "mem_gib", "spikes_total")  # fmt: skip
 
     def as_dict(self) -> dict:
         values = dataclasses.asdict(self)
@@ -64,6 +66,22 @@ class ValidationRecord:
 class TelemetryRecord:
     iteration: int
     telemetry: list  # one row per layer (``training/telemetry.py``)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SpikeRecord:
+    """A step whose loss or grad norm left the rolling band (``training/spikes.py``)."""
+
+    iteration: int
+    spike: list  # which of "loss", "grad_norm"
+    spike_loss: Optional[float]
+    spike_grad_norm: Optional[float]
+    spike_sigmas: float  # the largest deviation, in standard deviations
+    spike_skipped: bool  # its update was skipped (--skip-spiky-steps)
+    spikes_total: int
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -109,6 +127,9 @@ class MetricsFile:
 
     def validation_losses(self) -> list[tuple[int, float]]:
         return self._curve("val_loss")
+
+    def spikes(self) -> list[dict]:
+        return [r for r in self.records if r.get("spike")]
 
     def telemetry(self) -> list[tuple[int, list]]:
         return [(r["iteration"], r["telemetry"]) for r in self.records if r.get("telemetry")]

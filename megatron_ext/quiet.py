@@ -33,6 +33,9 @@ def quiet_third_party_warnings(argv: Optional[Sequence[str]] = None) -> bool:
         return False
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("default", module=OURS)
+    # torch's own deprecation of the ShardedTensor megatron-core checkpoints use, raised inside
+    # a torch call that the CPU emulation forwards, so attributed to our module.
+    warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
     # Warnings emitted while interpreter start-up hooks ran (setuptools' distutils hack) are
     # already printed; those raised later by imports are caught by the filters above.
     # Hugging Face's own progress bars and advisories (weight loading, hub) on exports.

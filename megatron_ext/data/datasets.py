@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -22,10 +21,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 
-from megatron_ext.config import ConfigError, check_choices, option, require
-
-DATA_MODES = ("packed", "per-document")
-DataMode = Literal[DATA_MODES]
+from megatron_ext.config.data import DataConfig, parse_blend
 
 
 @dataclass
@@ -43,69 +39,6 @@ class DatasetTokenizer:
     def unique_identifiers(self) -> dict:
         """Part of megatron-core's dataset cache key."""
         return {"class": type(self).__name__, "vocab_size": self.vocab_size, "eod": self.eod}
-
-
-@dataclass
-class DataConfig:
-    """Where the data is and how samples are cut (Megatron-LM's flag names)."""
-
-    data_path: Optional[Sequence[str]] = option(
-        None, "dataset prefixes, optionally weighted: 'P1 P2' or 'W1 P1 W2 P2'"
-    )
-    train_data_path: Optional[Sequence[str]] = None
-    valid_data_path: Optional[Sequence[str]] = None
-    test_data_path: Optional[Sequence[str]] = None
-    split: str = "969,30,1"
-    data_cache_path: Optional[str] = None
-    mock_data: bool = False
-    data_mode: DataMode = option(
-        "packed", "packed or per-document (the GPAS reference protocol)", unknown="data mode"
-    )
-    pad_id: int = option(
-        0, "per-document mode: input id placed on padding (masked out of the loss)"
-    )
-
-    def validate(self) -> DataConfig:
-        check_choices(self)
-        per_split = any((self.train_data_path, self.valid_data_path, self.test_data_path))
-        require(
-            self.mock_data or self.data_path or per_split,
-            "--data-path",
-            "give a dataset prefix (or --train-data-path …, or --mock-data for synthetic data)",
-        )
-        require(
-            not (self.data_path and per_split),
-            "--data-path",
-            "use either --data-path with --split, or "
-            "--train-data-path/--valid-data-path/--test-data-path, not both",
-        )
-        for name in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
-            parse_blend(getattr(self, name), flag_name=name)
-        return self
-
-
-def parse_blend(items: Optional[Sequence[str]], flag_name: str = "data_path"):
-    """Megatron-LM's blend syntax: ``p1 p2`` (equal weights) or ``w1 p1 w2 p2``."""
-    if not items:
-        return None
-    items = list(items)
-    flag = "--" + flag_name.replace("_", "-")
-
-    def is_number(x):
-        try:
-            float(x)
-            return True
-        except ValueError:
-            return False
-
-    if not any(is_number(x) for x in items):
-        return items, None
-    if len(items) % 2 or not all(is_number(x) for x in items[0::2]):
-        raise ConfigError(f"{flag}: expected 'weight prefix' pairs, got {' '.join(items)}")
-    weights = [float(x) for x in items[0::2]]
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ConfigError(f"{flag}: weights must be non-negative with a positive sum")
-    return items[1::2], weights
 
 
 class PerDocumentDataset(MegatronDataset):

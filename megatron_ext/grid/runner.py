@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -27,10 +27,8 @@ from megatron_ext.grid.status import (
 )
 from megatron_ext.metrics_file import last_iteration
 
-ENTRY_POINT = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-    "pretrain_gpas.py",
-)
+#: what each cell runs after the interpreter (the installed ``gpas-pretrain``, from any directory)
+ENTRY_POINT = ("-m", "megatron_ext.cli.pretrain")
 
 
 @dataclass
@@ -63,7 +61,7 @@ class LocalGridRunner:
         threads_per_cell: Optional[int] = None,
         retry_failed: bool = True,
         python: str = sys.executable,
-        entry_point: str = ENTRY_POINT,
+        entry_point: Sequence[str] = ENTRY_POINT,
         say: Callable[[str], None] = print,
         status_every_s: float = 60.0,
     ):
@@ -74,7 +72,7 @@ class LocalGridRunner:
         self.threads = threads_per_cell or max(1, (os.cpu_count() or 1) // parallel)
         self.retry_failed = retry_failed
         self.python = python
-        self.entry_point = entry_point
+        self.entry_point = tuple(entry_point)
         self.say = say
         self.status_every_s = status_every_s
         self._stop_signal: Optional[int] = None
@@ -115,7 +113,7 @@ class LocalGridRunner:
         log = open(log_path, "a", encoding="utf-8")
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1"}
         process = subprocess.Popen(
-            [self.python, self.entry_point, *cell.argv(self.spec.train_args)],
+            [self.python, *self.entry_point, *cell.argv(self.spec.train_args)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,

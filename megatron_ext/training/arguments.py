@@ -18,33 +18,21 @@ from typing import Optional
 
 import yaml
 
-from megatron_ext.config import ConfigError, ModelConfig, ParallelConfig, flag
-from megatron_ext.data.datasets import DataConfig
-from megatron_ext.models.presets import PRESET_NAMES, model_preset
-from megatron_ext.training.run_config import (
-    CheckpointConfig,
-    EvalConfig,
-    FusionConfig,
-    LoggingConfig,
-    OptimConfig,
-    ProfileConfig,
+from megatron_ext.config import (
+    ConfigError,
+    ModelConfig,
     RunConfig,
-    TokenizerConfig,
+    flag,
 )
+from megatron_ext.models.presets import PRESET_NAMES, model_preset
 
+#: RunConfig's sections ({"optim": OptimConfig, …}); each field of each is a flag
 SECTIONS = {
-    "model": ModelConfig,
-    "parallel": ParallelConfig,
-    "data": DataConfig,
-    "tokenizer": TokenizerConfig,
-    "optim": OptimConfig,
-    "eval": EvalConfig,
-    "checkpoint": CheckpointConfig,
-    "logging": LoggingConfig,
-    "fusion": FusionConfig,
-    "profiling": ProfileConfig,
+    f.name: hint
+    for f in dataclasses.fields(RunConfig)
+    if dataclasses.is_dataclass(hint := typing.get_type_hints(RunConfig)[f.name])
 }
-TOP_LEVEL = ("device", "transformer_impl", "num_workers")  # RunConfig's own fields
+TOP_LEVEL = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in SECTIONS)
 
 
 def _argument(hint) -> dict:

@@ -1,18 +1,27 @@
 """The checkpoint manager: when to save (``--save-interval``, the final save, a stop), what to
-keep (``--keep-last-checkpoints``), what to resume from (``--load``, ``--finetune``), and the
-run state saved beside the model and optimizer."""
+keep (``--keep-last-checkpoints``), what to resume from (``--load``, ``--finetune``, past a
+damaged checkpoint), the run state saved beside the model and optimizer, the space a save
+needs, and background writes (``--async-save``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Optional
 
+import torch
+
+from megatron_ext import checkpoint_manifest
+from megatron_ext.checkpoint_layout import checkpoint_dir
+from megatron_ext.checkpoint_manifest import human_bytes
+from megatron_ext.config import CheckpointConfig
+from megatron_ext.run_lock import RunLock, RunLockError
 from megatron_ext.training import checkpointing
+from megatron_ext.training.checkpointing import CheckpointError, PendingSave
 from megatron_ext.training.model_setup import sync_params
-from megatron_ext.training.run_config import CheckpointConfig
 
 logger = logging.getLogger("gpas")
 
@@ -23,8 +32,9 @@ class RunState:
 
     iteration: int = 0
     consumed_samples: int = 0
-    skipped_total: int = 0  # iterations whose update was skipped (non-finite loss or grad norm)
+    skipped_total: int = 0  # iterations whose update was skipped (non-finite, or a spike)
     wandb_run_id: Optional[str] = None
+    spikes: dict = field(default_factory=dict)  # the spike monitor's window and count
 
     def advance(self, global_batch_size: int) -> None:
         self.iteration += 1
@@ -38,24 +48,74 @@ class RunState:
             consumed_samples=saved["consumed_samples"],
             skipped_total=saved.get("skipped_total", 0),
             wandb_run_id=saved.get("wandb_run_id"),
+            spikes=saved.get("spikes") or {},
         )
 
 
+def lock_save_dir(save: Optional[str]) -> Optional[RunLock]:
+    """Collective: take ``--save``'s lock on rank 0 before anything is written there; every
+    rank raises the same :class:`RunLockError` when another run holds it."""
+    if not save:
+        return None
+    lock, outcome = None, None
+    if torch.distributed.get_rank() == 0:
+        lock = RunLock(save)
+        try:
+            outcome = ("taken over", lock.acquire())
+            lock.start_heartbeat()
+        except (RunLockError, OSError) as err:
+            outcome = ("refused", str(err))
+    shared = [outcome]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    kind, message = shared[0]
+    if kind == "refused":
+        raise RunLockError(message)
+    if message:
+        logger.warning(message)
+    return lock
+
+
 class CheckpointManager:
-    def __init__(self, cfg: CheckpointConfig, model, optimizer, scheduler, run_config: dict):
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        model,
+        optimizer,
+        scheduler,
+        run_config: dict,
+        *,
+        bf16: bool = False,
+        lock: Optional[RunLock] = None,
+    ):
         self.cfg = cfg
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.run_config = run_config  # saved with each checkpoint (preflight compares it)
+        self.lock = lock
         self._saved_at: Optional[int] = None
+        self._size: Optional[int] = None  # bytes of the last checkpoint written or loaded
+        self._bf16 = bf16
+        self._pending: Optional[PendingSave] = None
+        self._queue = None
+        if cfg.async_save and cfg.save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
+            self._queue = AsyncCallsQueue()
+
+    # -- resuming ------------------------------------------------------------------------------
     def load(self) -> RunState:
-        """The state to start from: the checkpoint under ``--load`` (weights only with
-        ``--finetune``, which starts at iteration 0), else a fresh one."""
+        """The state to start from: the newest intact checkpoint under ``--load`` (weights only
+        with ``--finetune``, which starts at iteration 0), else a fresh one."""
         c = self.cfg
         if not c.load:
             return RunState()
         saved = checkpointing.load_checkpoint(
-            c.load, self.model, self.optimizer, self.scheduler, load_optimizer=not c.finetune
+            c.load,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            load_optimizer=not c.finetune,
+            on_damaged=c.on_damaged_checkpoint,
+            verify_hashes=c.verify_integrity,
         )
         if saved is None:
             logger.info("--load %s holds no checkpoint yet; starting from scratch", c.load)
@@ -64,6 +124,8 @@ class CheckpointManager:
             return RunState()
         state = RunState.from_saved(saved)
         self._saved_at = state.iteration  # that checkpoint is this iteration's save
+        if c.load == c.save:
+            self._size = _manifest_bytes(c.save, state.iteration)
         logger.info(
             "resumed from iteration %d (%d samples consumed)",
             state.iteration,
@@ -71,29 +133,102 @@ class CheckpointManager:
         )
         return state
 
+    # -- saving --------------------------------------------------------------------------------
+    def check_space(self) -> None:
+        """Before training: refuse a ``--save`` filesystem that cannot hold the next checkpoint."""
+        if self.cfg.save:
+            checkpointing.check_free_space(self.cfg.save, self._expected_bytes(), "a checkpoint")
+
     def after_step(self, state: RunState) -> None:
+        self._finalize(blocking=False)
         if self.cfg.save_interval and state.iteration % self.cfg.save_interval == 0:
             self.save(state)
 
     def at_end(self, state: RunState) -> None:
         """However the run ends (last iteration, a signal, a time limit, too many non-finite
-        steps), its state is saved unless this iteration's checkpoint exists already."""
+        steps), its state is saved unless this iteration's checkpoint exists already, and no
+        background write is left unfinished."""
         if self._saved_at != state.iteration:
             self.save(state)
+        self._finalize(blocking=True)
 
     def save(self, state: RunState) -> None:
         if not self.cfg.save:
             return
+        self._finalize(blocking=True)  # one save at a time: the previous one becomes the latest
+        what = f"checkpoint {state.iteration}"
+        checkpointing.check_free_space(self.cfg.save, self._expected_bytes(), what)
         t0 = time.perf_counter()
         sync_params(self.model)
-        path = checkpointing.save_checkpoint(
+        pending = checkpointing.start_save(
             self.cfg.save,
             state.iteration,
             self.model,
             self.optimizer,
             self.scheduler,
             {**dataclasses.asdict(state), "config": self.run_config},
-            self.cfg.keep_last_checkpoints,
+            keep_last=self.cfg.keep_last_checkpoints,
+            hashed=self.cfg.verify_integrity,
+            async_save=self._queue is not None,
         )
         self._saved_at = state.iteration
-        logger.info("saved checkpoint %s in %.1f s", path, time.perf_counter() - t0)
+        if pending.request is None:
+            self._finished(pending, t0)
+            return
+        pending.request.add_finalize_fn(partial(self._finished, pending, t0))
+        self._queue.schedule_async_request(pending.request)
+        self._pending = pending
+        logger.info(
+            "checkpoint %s: written in the background (training held %.2f s)",
+            pending.final,
+            time.perf_counter() - t0,
+        )
+
+    def close(self) -> None:
+        """At exit, however it happens: finish a background write, release the lock."""
+        try:
+            if self._queue is not None and self._pending is not None:
+                self._finalize(blocking=True)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    # -- internals -----------------------------------------------------------------------------
+    def _finished(self, pending: PendingSave, t0: float) -> None:
+        self._size = pending.finish()
+        logger.info(
+            "saved checkpoint %s in %.1f s (%s)",
+            pending.final,
+            time.perf_counter() - t0,
+            human_bytes(self._size),
+        )
+
+    def _finalize(self, blocking: bool) -> None:
+        """Collective: make a finished background write the latest checkpoint."""
+        if self._queue is None or self._pending is None:
+            return
+        pending = self._pending
+        try:
+            self._queue.maybe_finalize_async_calls(blocking=blocking)
+        except CheckpointError:
+            self._pending = None
+            raise
+        except Exception as err:  # the writer failed on some rank (a full disk, say)
+            self._pending = None
+            pending.discard()
+            raise CheckpointError(
+                f"could not write checkpoint {pending.final}: {checkpointing.one_line(err)}; "
+                f"{pending.intact()}"
+            ) from err
+        if self._queue.get_num_unfinalized_calls() == 0:
+            self._pending = None
+
+    def _expected_bytes(self) -> int:
+        if self._size is None:
+            self._size = checkpointing.estimate_checkpoint_bytes(self.model, self._bf16)
+        return self._size
+
+
+def _manifest_bytes(root: str, iteration: int) -> Optional[int]:
+    manifest = checkpoint_manifest.read(checkpoint_dir(root, iteration))
+    return None if manifest is None else manifest.total_bytes

@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -22,13 +23,20 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from megatron_ext import checkpoint_manifest as manifest_lib
 from megatron_ext.checkpoint_layout import (
     IN_PROGRESS_SUFFIX,
+    LATEST,
     checkpoint_dir,
     latest_checkpoint_dir,
+    latest_iteration,
+    pointer_path,
+    resume_candidates,
     saved_iterations,
+    set_aside,
     write_pointer,
 )
+from megatron_ext.checkpoint_manifest import human_bytes
 from megatron_ext.training.model_setup import unwrap_model
 
 logger = logging.getLogger("gpas")
@@ -118,26 +126,184 @@ def load_model(chunks, directory: str) -> None:
     _load_model_state(chunks, dist_checkpointing.load(_model_sharded_state_dict(chunks), directory))
 
 
-def save_checkpoint(
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message is one line naming the directory
+    or file, what is wrong, and what to do."""
+
+
+def _world() -> tuple[int, int]:
+    if not torch.distributed.is_initialized():
+        return 0, 1
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _gather(value) -> list:
+    """``value`` of every rank (a one-element list when not distributed)."""
+    if not torch.distributed.is_initialized():
+        return [value]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def _agree(error: Optional[BaseException], what: str) -> None:
+    """Collective: raise the same :class:`CheckpointError` on every rank if any rank failed."""
+    causes = [c for c in _gather(None if error is None else one_line(error)) if c]
+    if causes:
+        raise CheckpointError(f"{what}: {causes[0]}")
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _free_bytes(path: str) -> int:
+    while path and not os.path.isdir(path):
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path or ".").free
+
+
+def check_free_space(root: str, needed: int, what: str) -> None:
+    """Collective: refuse with one line giving both numbers when the filesystem of ``root`` has
+    less than ``needed`` bytes free (decided on rank 0, so every rank agrees)."""
+    rank, _ = _world()
+    problem = None
+    if rank == 0:
+        free = _free_bytes(root)
+        if free < needed:
+            problem = (
+                f"--save {root}: {human_bytes(free)} free, {what} needs about "
+                f"{human_bytes(needed)}; free space there (or lower "
+                "--keep-last-checkpoints), or point --save at a larger filesystem"
+            )
+    problem = _gather(problem)[0]
+    if problem:
+        raise CheckpointError(problem)
+
+
+def estimate_checkpoint_bytes(chunks, bf16: bool) -> int:
+    """Collective: a checkpoint's size before the first one exists: each parameter once, with
+    its Adam moments (and fp32 main copy under bf16). The size of the last checkpoint written
+    replaces it from then on."""
+    local = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
+    numel = sum(p.numel() for c in chunks for p in c.parameters())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    total = torch.tensor([local + numel * (12 if bf16 else 8)], dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+        total /= parallel_state.get_data_parallel_world_size()
+    return int(total.item())
+
+
+@dataclass
+class PendingSave:
+    """A checkpoint whose files are written (or being written by an async worker); ``finish``
+    makes it the latest: manifest, rename, pointer, pruning."""
+
+    root: str
+    iteration: int
+    keep_last: Optional[int]
+    hashed: bool
+    request: object = None  # megatron-core AsyncRequest while an async write is under way
+
+    @property
+    def final(self) -> str:
+        return checkpoint_dir(self.root, self.iteration)
+
+    @property
+    def tmp(self) -> str:
+        return self.final + IN_PROGRESS_SUFFIX
+
+    def finish(self) -> int:
+        """Collective; returns the checkpoint's size in bytes."""
+        error, size = None, 0
+        try:
+            size = _write_manifest(self.tmp, self.iteration, self.hashed).total_bytes
+        except Exception as err:  # a full disk while hashing/writing the manifest, say
+            error = err
+        self._agree_or_discard(error)
+        _barrier()
+        if _is_rank0():
+            if os.path.isdir(self.final):
+                shutil.rmtree(self.final)
+            os.replace(self.tmp, self.final)
+            write_pointer(self.root, self.iteration)
+            if self.keep_last:
+                _prune(self.root, self.keep_last, self.iteration)
+        _barrier()
+        return size
+
+    def discard(self) -> None:
+        """Remove the partial directory (rank 0); the previous checkpoint and pointer stay."""
+        if _is_rank0():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _agree_or_discard(self, error: Optional[BaseException]) -> None:
+        try:
+            _agree(error, f"could not write checkpoint {self.final}")
+        except CheckpointError as err:
+            self.discard()
+            raise CheckpointError(f"{err}; {self.intact()}") from error
+
+    def intact(self) -> str:
+        previous = [i for i in saved_iterations(self.root) if i != self.iteration]
+        if not previous:
+            return "no earlier checkpoint exists under --save"
+        return f"the previous checkpoint (iteration {previous[-1]}) and the pointer are intact"
+
+
+def _write_manifest(directory: str, iteration: int, hashed: bool) -> manifest_lib.Manifest:
+    """Collective: every rank describes (and hashes) its share of the files; rank 0 writes."""
+    rank, world = _world()
+    files = _gather(manifest_lib.list_files(directory) if rank == 0 else None)[0]
+    mine = manifest_lib.describe(directory, manifest_lib.shares(files, rank, world), hashed=hashed)
+    entries = {}
+    for part in _gather(mine):
+        entries.update(part)
+    if rank == 0:
+        return manifest_lib.write(directory, entries, hashed=hashed, iteration=iteration)
+    return manifest_lib.Manifest(entries, hashed)
+
+
+def start_save(
     root: str,
     iteration: int,
     chunks,
     optimizer,
     scheduler,
     run_state: dict,
+    *,
     keep_last: Optional[int] = None,
-) -> str:
-    """Atomically save everything needed to resume exactly (collective).
+    hashed: bool = True,
+    async_save: bool = False,
+) -> PendingSave:
+    """Write a checkpoint into ``iter_XXXXXXX.tmp`` (collective). With ``async_save`` the shard
+    files are written by megatron-core's async worker: the returned save's ``request`` is to be
+    scheduled, and ``finish`` called once it is done on every rank."""
+    pending = PendingSave(root, iteration, keep_last, hashed)
+    error = None
+    try:
+        if _is_rank0():
+            shutil.rmtree(pending.tmp, ignore_errors=True)
+            os.makedirs(pending.tmp)
+    except OSError as err:
+        error = err
+    _agree(error, f"could not create {pending.tmp}")
+    error = None
+    try:
+        state = _state_to_save(chunks, optimizer, scheduler, run_state)
+        pending.request = dist_checkpointing.save(state, pending.tmp, async_sharded_save=async_save)
+        if optimizer is not None:
+            os.makedirs(os.path.join(pending.tmp, "rng"), exist_ok=True)
+            torch.save(_rng_state(), os.path.join(pending.tmp, "rng", f"{_rank_tag()}.pt"))
+    except Exception as err:
+        error = err
+    pending._agree_or_discard(error)
+    return pending
 
-    With ``optimizer=None`` only the weights are written (``run_state["weights_only"]`` is set):
-    such a checkpoint starts a run (e.g. one imported from Hugging Face) rather than resuming it.
-    """
-    final = checkpoint_dir(root, iteration)
-    tmp = final + IN_PROGRESS_SUFFIX
-    if _is_rank0():
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
+
+def _state_to_save(chunks, optimizer, scheduler, run_state: dict) -> dict:
     model_sd = _model_sharded_state_dict(chunks)
     state = dict(model_sd)
     if optimizer is not None:
@@ -146,20 +312,30 @@ def save_checkpoint(
     else:
         run_state = dict(run_state, weights_only=True)
     state["run_state"] = run_state
-    dist_checkpointing.save(state, tmp)
-    if optimizer is not None:
-        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-        torch.save(_rng_state(), os.path.join(tmp, "rng", f"{_rank_tag()}.pt"))
-    _barrier()
-    if _is_rank0():
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_pointer(root, iteration)
-        if keep_last:
-            _prune(root, keep_last, iteration)
-    _barrier()
-    return final
+    return state
+
+
+def save_checkpoint(
+    root: str,
+    iteration: int,
+    chunks,
+    optimizer,
+    scheduler,
+    run_state: dict,
+    keep_last: Optional[int] = None,
+    *,
+    hashed: bool = True,
+) -> str:
+    """Save everything needed to resume exactly, and make it the latest (collective).
+
+    With ``optimizer=None`` only the weights are written (``run_state["weights_only"]`` is set):
+    such a checkpoint starts a run (e.g. one imported from Hugging Face) rather than resuming it.
+    """
+    pending = start_save(
+        root, iteration, chunks, optimizer, scheduler, run_state, keep_last=keep_last, hashed=hashed
+    )
+    pending.finish()
+    return pending.final
 
 
 def _prune(root: str, keep_last: int, current: int) -> None:
@@ -210,13 +386,95 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
             sub.optimizer.state[p]["step"] = step.clone()
 
 
+def _verify(directory: str, verify_hashes: bool) -> Optional[list[str]]:
+    """Collective: the problems found in ``directory`` against its manifest (sizes on rank 0,
+    hashes shared by all ranks); None when it has no manifest (an older checkpoint)."""
+    rank, world = _world()
+    verdict = None
+    if rank == 0:
+        try:
+            m = manifest_lib.read(directory)
+            verdict = None if m is None else manifest_lib.size_problems(directory, m)
+        except manifest_lib.DamagedCheckpointError as err:
+            verdict = [str(err)]
+    verdict = _gather(verdict)[0]
+    if verdict or verdict is None or not verify_hashes:
+        return verdict
+    m = manifest_lib.read(directory)
+    if not m.hashed:
+        return []
+    share = manifest_lib.shares(sorted(m.files), rank, world)
+    mine = manifest_lib.hash_problems(directory, m, share)
+    return [p for part in _gather(mine) for p in part]
+
+
+def choose_checkpoint(root: str, *, on_damaged: str = "fallback", verify_hashes: bool = True):
+    """Collective: the checkpoint directory to resume from under ``root`` (None: none there).
+
+    The pointer's checkpoint if it verifies; if it is damaged, ``on_damaged="stop"`` raises one
+    line naming the file, ``"fallback"`` sets it aside (``iter_N.damaged``) and tries the next
+    older one, saying so. Checkpoints without a manifest (older ones) load unverified."""
+    pointer = latest_iteration(root)
+    candidates = resume_candidates(root)
+    for iteration in candidates:
+        directory = checkpoint_dir(root, iteration)
+        problems = _verify(directory, verify_hashes)
+        if problems is None and pointer is None:
+            raise CheckpointError(
+                f"--load {root}: holds {os.path.basename(directory)} but no {LATEST} pointer "
+                "and no manifest to show the checkpoint is complete; if it is, write its "
+                f"iteration into {pointer_path(root)}"
+            )
+        if not problems:
+            if iteration != pointer:
+                logger.warning("resuming from %s (the newest intact checkpoint)", directory)
+                if _is_rank0():
+                    write_pointer(root, iteration)
+            return directory
+        what = f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+        if on_damaged == "stop":
+            raise CheckpointError(
+                f"checkpoint {directory} is damaged: {what}; restore it, or pass "
+                "--on-damaged-checkpoint fallback to resume from the newest intact one"
+            )
+        _barrier()
+        if _is_rank0():
+            aside = set_aside(directory)
+            logger.warning(
+                "checkpoint %s is damaged: %s; set aside as %s, falling back to an older one",
+                directory, what, os.path.basename(aside),
+            )  # fmt: skip
+        _barrier()
+    if candidates:
+        raise CheckpointError(f"--load {root}: no intact checkpoint left to resume from")
+    return None
+
+
 def load_checkpoint(
-    root: str, chunks, optimizer, scheduler, *, load_optimizer: bool = True
+    root: str,
+    chunks,
+    optimizer,
+    scheduler,
+    *,
+    load_optimizer: bool = True,
+    on_damaged: str = "fallback",
+    verify_hashes: bool = True,
 ) -> Optional[dict]:
-    """Restore the latest checkpoint under ``root``; returns its run state (None: none there)."""
-    directory = latest_checkpoint_dir(root)
+    """Restore the newest intact checkpoint under ``root``; returns its run state (None: none
+    there)."""
+    directory = choose_checkpoint(root, on_damaged=on_damaged, verify_hashes=verify_hashes)
     if directory is None:
         return None
+    error, state = None, None
+    try:
+        state = _read_checkpoint(directory, chunks, optimizer, scheduler, load_optimizer)
+    except Exception as err:
+        error = err
+    _agree(error, f"could not read checkpoint {directory}")
+    return state
+
+
+def _read_checkpoint(directory: str, chunks, optimizer, scheduler, load_optimizer: bool) -> dict:
     if read_run_state(directory).get("weights_only") and load_optimizer:
         logger.info("%s holds weights only (no optimizer state); starting from them", directory)
         load_optimizer = False

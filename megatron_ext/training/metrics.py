@@ -136,6 +136,7 @@ class StepLogger:
         self.cfg, self.model, self.metrics = cfg, model, metrics
         self.gbs = global_batch_size
         self.speaks = speaks  # the logging rank prints the line
+        self.spikes_on = cfg.spikes.spike_threshold > 0
         self.flops = flops_per_iteration(
             cfg.model, global_batch_size, cfg.model.seq_length, cfg.model.padded_vocab_size()
         )
@@ -161,6 +162,7 @@ class StepLogger:
             tokens_per_s=self.gbs * self.cfg.model.seq_length / seconds,
             step_time_s=seconds,
             skipped_iterations=state.skipped_total,
+            spikes_total=state.spikes.get("total", 0) if self.spikes_on else None,
             **gate_scale_summary([unwrap_model(c) for c in self.model]),
         )
         if self.cfg.device == "cuda":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,6 +28,7 @@ class StepResult:
     success: bool
     grad_norm: Optional[float]
     gate_grad_norm: Optional[float]
+    rejected: bool = False  # finite, but refused by the caller's gate (a spike)
 
 
 def build_optimizer(
@@ -190,8 +191,14 @@ def _device_of(params: Iterable[torch.Tensor]) -> torch.device:
 
 
 @torch.no_grad()
-def optimizer_step(optimizer, clip_grad: float = 0.0, clip_gate_grad: float = 0.0) -> StepResult:
-    """One update: prepare grads, global clip, gate clip, step. Skips the update on inf/NaN.
+def optimizer_step(
+    optimizer,
+    clip_grad: float = 0.0,
+    clip_gate_grad: float = 0.0,
+    accept: Optional[Callable[[float], bool]] = None,
+) -> StepResult:
+    """One update: prepare grads, global clip, gate clip, step. Skips the update on inf/NaN,
+    and when ``accept`` (given the global grad norm, before clipping) says no.
 
     The megatron optimizer must be built with ``clip_grad=0`` so that clipping happens here, in
     the reference's order.
@@ -202,6 +209,8 @@ def optimizer_step(optimizer, clip_grad: float = 0.0, clip_gate_grad: float = 0.
     if not math.isfinite(grad_norm):
         # NaN/Inf gradients: skip the update (the caller counts and may stop the run).
         return StepResult(False, float(grad_norm), None)
+    if accept is not None and not accept(float(grad_norm)):
+        return StepResult(False, float(grad_norm), None, rejected=True)
     if clip_grad > 0.0:
         for sub in _sub_optimizers(optimizer):
             params = sub.get_parameters()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_ext.config import RunConfig
 from megatron_ext.models.params import count_parameters
-from megatron_ext.training.run_config import RunConfig
 
 
 @dataclass

@@ -20,8 +20,8 @@ import os
 from typing import Optional
 
 from megatron_ext.config import ARCHITECTURE_FIELDS, ConfigError, ModelConfig, flag
+from megatron_ext.config.data import DataConfig, parse_blend
 from megatron_ext.data.dataset_info import DatasetInfo, sidecar_path, tokenizer_fingerprint
-from megatron_ext.data.datasets import DataConfig, parse_blend
 from megatron_ext.data.indexed_writer import bin_path, described_bin_size, idx_path
 
 logger = logging.getLogger("gpas")
@@ -60,6 +60,12 @@ def check_dataset_files(flag_name: str, prefix: str) -> int:
             f"{bin_path(prefix)}: holds {actual:,} bytes but its .idx describes {expected:,} "
             f"({documents:,} documents), the file is {state}; copy it again or preprocess "
             "the data again"
+        )
+    if documents == 0 or expected == 0:
+        what = "no documents" if documents == 0 else f"{documents:,} documents but no tokens"
+        raise ConfigError(
+            f"{flag_name}: {prefix} holds {what}; check the preprocessing input (its JSON key: "
+            "--json-keys) and preprocess again, or drop the prefix"
         )
     return documents
 
@@ -180,6 +186,7 @@ def check_run(cfg, eod_id: int) -> list[str]:
         )
         if info is None:
             undescribed.append(prefix)
+    check_checkpoint_dirs(cfg.checkpoint)
     load = cfg.checkpoint.load
     if load:
         try:
@@ -191,6 +198,30 @@ def check_run(cfg, eod_id: int) -> list[str]:
             if saved:
                 check_checkpoint_architecture(cfg.model, saved, directory)
     return undescribed
+
+
+def check_checkpoint_dirs(c) -> None:
+    """``--save`` and ``--load`` name directories; a ``--load`` other than ``--save`` holds a
+    checkpoint. (``--load`` = ``--save`` with nothing there yet is Megatron's auto-resume
+    convention: a first run starts from scratch.)"""
+    from megatron_ext import checkpoint_layout
+
+    for name, path in (("--save", c.save), ("--load", c.load)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(
+                f"{name}: {path} is a file, not a directory; point {name} at the checkpoint "
+                "directory (the one holding latest_checkpointed_iteration.txt and iter_*)"
+            )
+    if c.load and os.path.abspath(c.load) != os.path.abspath(c.save or ""):
+        holds = os.path.isfile(checkpoint_layout.pointer_path(c.load)) or bool(
+            checkpoint_layout.saved_iterations(c.load)
+        )
+        if not holds:
+            state = "does not exist" if not os.path.exists(c.load) else "holds no checkpoint"
+            raise ConfigError(
+                f"--load: {c.load} {state}; give the directory a run saved into (--save), or "
+                "leave --load out to start from scratch"
+            )
 
 
 class TokenIdError(ConfigError):

@@ -20,8 +20,8 @@ from typing import Optional
 import torch
 
 from megatron_ext import fileio
+from megatron_ext.config import ProfileConfig
 from megatron_ext.training.kernel_profile import device_events, summarize
-from megatron_ext.training.run_config import ProfileConfig
 
 
 class IterationProfiler:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional
@@ -45,10 +45,21 @@ class IterationResult:
     gate_grad_norm: Optional[float]
     update_successful: bool
     num_tokens: int
+    rejected: bool = False  # the update was refused by the caller's gate (a spike)
 
     @property
     def loss_is_finite(self) -> bool:
         return self.loss is None or math.isfinite(self.loss)
+
+    @property
+    def applied(self) -> bool:
+        """The update happened and the loss was finite (the LR schedule advances)."""
+        return self.update_successful and self.loss_is_finite
+
+    @property
+    def non_finite(self) -> bool:
+        """The update was skipped for a NaN/Inf loss or gradient norm."""
+        return not self.rejected and not self.applied
 
 
 def _reduce_loss(loss_reports: Sequence[dict]) -> tuple[Optional[float], int]:
@@ -89,10 +100,15 @@ def train_step(
     micro_batch_size: int,
     clip_grad: float = 0.0,
     clip_gate_grad: float = 0.0,
+    share_loss: bool = False,
+    accept_update: Optional[Callable[[Optional[float], float], bool]] = None,
 ) -> IterationResult:
     """Forward/backward over ``num_microbatches``, then one optimizer update.
 
-    ``data_iterators`` holds one iterator per model chunk (virtual pipeline stage).
+    ``data_iterators`` holds one iterator per model chunk (virtual pipeline stage). With
+    ``share_loss`` every pipeline stage gets the loss (else it is None off the last stage);
+    ``accept_update(loss, grad_norm)`` may refuse the update, and must answer alike on every
+    rank.
     """
     for chunk in model:
         chunk.zero_grad_buffer()
@@ -100,9 +116,16 @@ def train_step(
     reports = _run_schedule(
         data_iterators, model, num_microbatches, seq_length, micro_batch_size, forward_only=False
     )
-    step = optimizer_step(optimizer, clip_grad=clip_grad, clip_gate_grad=clip_gate_grad)
     loss, tokens = _reduce_loss(reports if parallel_state.is_pipeline_last_stage() else [])
-    return IterationResult(loss, step.grad_norm, step.gate_grad_norm, step.success, tokens)
+    if share_loss:
+        loss = _from_last_stage(loss, torch.float64)
+    accept = None if accept_update is None else partial(accept_update, loss)
+    step = optimizer_step(
+        optimizer, clip_grad=clip_grad, clip_gate_grad=clip_gate_grad, accept=accept
+    )
+    return IterationResult(
+        loss, step.grad_norm, step.gate_grad_norm, step.success, tokens, step.rejected
+    )
 
 
 @torch.no_grad()
@@ -134,14 +157,13 @@ def evaluate_loss(
     return loss, _from_last_stage(tokens)
 
 
-def _from_last_stage(value: int) -> int:
-    """Broadcast an integer from the last pipeline stage to all stages."""
+def _from_last_stage(value, dtype=torch.int64):
+    """Broadcast a number from the last pipeline stage to all stages."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return value
-    t = torch.tensor(
-        [value], dtype=torch.int64, device="cuda" if torch.cuda.is_available() else "cpu"
-    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = torch.tensor([0 if value is None else value], dtype=dtype, device=device)
     group = parallel_state.get_pipeline_model_parallel_group()
     last = torch.distributed.get_global_rank(group, torch.distributed.get_world_size(group) - 1)
     torch.distributed.broadcast(t, src=last, group=group)
-    return int(t.item())
+    return int(t.item()) if dtype == torch.int64 else float(t.item())

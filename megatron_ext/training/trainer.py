@@ -15,7 +15,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_ext.config import ConfigError
+from megatron_ext.config import ConfigError, RunConfig
 from megatron_ext.data.dataset_info import SIDECAR_SUFFIX
 from megatron_ext.data.datasets import build_datasets
 from megatron_ext.data.sampler import build_data_loader
@@ -26,14 +26,14 @@ from megatron_ext.models.gpt import build_model_chunks, build_transformer_config
 from megatron_ext.models.params import count_parameters
 from megatron_ext.platform.distributed import init_distributed
 from megatron_ext.training import preflight
-from megatron_ext.training.checkpoint_manager import CheckpointManager, RunState
+from megatron_ext.training.checkpoint_manager import CheckpointManager, RunState, lock_save_dir
 from megatron_ext.training.evaluation import Evaluator
 from megatron_ext.training.metrics import MetricsWriter, StepLogger
 from megatron_ext.training.model_setup import wrap_model
 from megatron_ext.training.optimizer import build_optimizer
 from megatron_ext.training.profiling import IterationProfiler
-from megatron_ext.training.run_config import RunConfig
 from megatron_ext.training.signals import ExitSignalHandler
+from megatron_ext.training.spikes import SpikeMonitor
 from megatron_ext.training.step import train_step
 from megatron_ext.training.stopping import StopPolicy, StopReason
 from megatron_ext.training.telemetry import TelemetryHook
@@ -94,13 +94,22 @@ class Trainer:
             cfg.parallel, device=cfg.device, num_layers=cfg.model.num_layers, seed=cfg.optim.seed
         )
         logger.setLevel(logging.INFO if _is_logging_rank() else logging.WARNING)
+        self.lock = lock_save_dir(cfg.checkpoint.save)  # before anything is written there
         self._build_model_and_optimizer()
         self.checkpoints = CheckpointManager(
-            cfg.checkpoint, self.model, self.optimizer, self.scheduler, dataclasses.asdict(cfg)
+            cfg.checkpoint,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            dataclasses.asdict(cfg),
+            bf16=cfg.optim.bf16,
+            lock=self.lock,
         )
         self.state = self.checkpoints.load()
+        self.checkpoints.check_space()
         self._build_data()
         self._open_metrics()
+        self.spikes = SpikeMonitor(cfg.spikes, self.metrics, self.state.spikes)
         speaks = _is_logging_rank()
         valid = self._valid_iterators if self.valid_ds is not None else None
         self.evaluator = Evaluator(
@@ -277,10 +286,10 @@ class Trainer:
                 self.telemetry.after_step(state.iteration + 1)
                 state.advance(self.gbs)
                 _say(self.profiler.after_iteration(state.iteration))
-                finite = result.update_successful and result.loss_is_finite
-                if finite:
+                if result.applied:
                     self.scheduler.step(increment=1)
-                stop.note_step(finite, state)
+                stop.note_step(not result.non_finite, state)
+                self.spikes.after_step(state, result)
                 self.step_log.after_step(state, result, lr, seconds)
                 self.evaluator.after_step(state.iteration)
                 reason = stop.check(state.iteration)
@@ -305,6 +314,8 @@ class Trainer:
             micro_batch_size=o.micro_batch_size,
             clip_grad=o.clip_grad,
             clip_gate_grad=o.clip_gate_grad,
+            share_loss=self.spikes.enabled,
+            accept_update=self.spikes.accepts if cfg.spikes.skip_spiky_steps else None,
         )
         return result, time.perf_counter() - t0
 
@@ -318,6 +329,20 @@ class Trainer:
                 "state was saved" + (f" under {save}" if save else " (no --save given)")
             )
         logger.info("exiting at iteration %d: %s", self.state.iteration, reason.message)
+
+    def close(self) -> None:
+        """However the run ends (an input error mid-run included): a background checkpoint
+        write finished, the metrics sinks closed, the ``--save`` lock released."""
+        checkpoints, lock = getattr(self, "checkpoints", None), getattr(self, "lock", None)
+        try:
+            if checkpoints is not None:
+                checkpoints.close()  # releases the lock
+            elif lock is not None:
+                lock.release()
+        finally:
+            metrics = getattr(self, "metrics", None)
+            if metrics is not None:
+                metrics.close()
 
 
 def _say(message: Optional[str]) -> None:
@@ -334,6 +359,4 @@ def run(cfg: RunConfig) -> int:
         trainer.setup()
         return trainer.train()
     finally:
-        metrics = getattr(trainer, "metrics", None)
-        if metrics is not None:
-            metrics.close()
+        trainer.close()

@@ -75,8 +75,8 @@ def test_fused_residual_gpas_matches_reference(dtype, after_add, alpha):
 def test_profiler_window_sees_the_gpu_kernels(tmp_path):
     """--use-pytorch-profiler on CUDA: the summary counts device kernels (a cuBLAS GEMM), not
     host-side operators, and only for the window's iterations."""
+    from megatron_ext.config import ProfileConfig
     from megatron_ext.training.profiling import IterationProfiler
-    from megatron_ext.training.run_config import ProfileConfig
 
     cfg = ProfileConfig(
         profile=True,

@@ -477,6 +477,6 @@ def _plain_gradients(cfg, tc, weights: dict, mbs, dtype) -> dict:
 
 def run_cli(argv: list) -> int:
     """Run pretrain_gpas.py's main in this (spawned) rank."""
-    import pretrain_gpas
+    from megatron_ext.cli import pretrain as pretrain_gpas
 
     return pretrain_gpas.main(list(argv))

@@ -143,7 +143,7 @@ def _fake_runner(tmp_path, spec, **kwargs):
     script = tmp_path / "fake_trainer.py"
     script.write_text(FAKE_TRAINER)
     lines = []
-    runner = LocalGridRunner(spec, entry_point=str(script), say=lines.append, **kwargs)
+    runner = LocalGridRunner(spec, entry_point=[str(script)], say=lines.append, **kwargs)
     return runner, lines
 
 
@@ -332,11 +332,18 @@ def test_tiny_grid_interrupted_resumed_and_tabulated(tmp_path):
     assert os.path.getsize(os.path.join(out, "loss_curves.png")) > 10_000
 
 
-def test_the_grid_reads_runs_without_importing_torch():
-    """Status, runner and table read checkpoint pointers and metrics files through the
-    torch-free modules: polling a grid stays cheap."""
+@pytest.mark.parametrize(
+    "modules",
+    [
+        # polling a grid stays cheap: pointers and metrics files through the torch-free modules
+        "megatron_ext.grid.table, megatron_ext.grid.runner, megatron_ext.grid.status",
+        # a run's configuration can be built and validated anywhere (a login node, a notebook)
+        "megatron_ext.config",
+    ],
+)
+def test_imports_without_torch(modules):
     code = (
-        "import sys, megatron_ext.grid.table, megatron_ext.grid.runner, megatron_ext.grid.status;"
+        f"import sys, {modules};"
         "print(sorted(m for m in ('torch', 'megatron.core') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

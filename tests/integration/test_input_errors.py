@@ -71,7 +71,7 @@ def _args(save, *extra, data=None, tokenizer=None, iters=2):
 
 def _refused(capsys, argv) -> str:
     """Run the CLI in this process; it must refuse with exit 2 and one error line."""
-    import pretrain_gpas
+    from megatron_ext.cli import pretrain as pretrain_gpas
 
     assert pretrain_gpas.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -307,3 +307,61 @@ def test_a_tokenizer_vocabulary_that_tp_cannot_split_is_refused_before_building(
     line = _refused(capsys, argv)
     assert line.startswith("error: --make-vocab-size-divisible-by: ") and "513" in line
     assert not (tmp_path / "run").exists()
+
+
+# --- what --save and --load name, and datasets with nothing in them ----------------------------
+
+
+def test_a_pointer_naming_a_missing_checkpoint_is_one_line(capsys, checkpoint, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(checkpoint, moved)
+    (moved / "latest_checkpointed_iteration.txt").write_text("5")
+    before = _listing(moved)
+    line = _refused(capsys, _args(moved, "--norm-type", "pre", "--model-size", "tiny4"))
+    assert line.startswith(f"error: --load: {moved}/latest_checkpointed_iteration.txt names ")
+    assert "iteration 5, but" in line and "iter_0000005 is missing" in line
+    assert _listing(moved) == before
+
+
+@pytest.mark.parametrize("flag", ["--load", "--save"])
+def test_a_checkpoint_flag_naming_a_file_is_refused(capsys, tmp_path, flag):
+    """A --load file used to train from scratch silently and write a checkpoint."""
+    afile = tmp_path / "model.pt"
+    afile.write_bytes(b"weights")
+    save = tmp_path / "run"
+    argv = _args(save)
+    argv[argv.index(flag) + 1] = str(afile)
+    line = _refused(capsys, argv)
+    assert line.startswith(f"error: {flag}: {afile} is a file, not a directory")
+    assert not save.exists() and afile.read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize("state", ["missing", "empty"])
+def test_a_load_other_than_save_must_hold_a_checkpoint(capsys, tmp_path, state):
+    """--load = --save with nothing there is a first run (Megatron's auto-resume convention);
+    a --load elsewhere holding nothing is a typo that would silently train from scratch."""
+    load, save = tmp_path / "pretrained", tmp_path / "run"
+    if state == "empty":
+        load.mkdir()
+    argv = _args(save)
+    argv[argv.index("--load") + 1] = str(load)
+    what = "does not exist" if state == "missing" else "holds no checkpoint"
+    assert _refused(capsys, argv).startswith(f"error: --load: {load} {what}")
+    assert not save.exists()
+
+
+@pytest.mark.parametrize("lengths", [[], [0, 0, 0]], ids=["no_documents", "no_tokens"])
+def test_a_dataset_with_nothing_in_it_is_one_line(capsys, tmp_path, lengths):
+    from megatron_ext.data.indexed_writer import bin_path, idx_path, write_index
+
+    prefix = str(tmp_path / "empty_text_document")
+    open(bin_path(prefix), "wb").close()
+    write_index(idx_path(prefix), np.uint16, np.array(lengths, dtype=np.int32))
+    save = tmp_path / "run"
+    argv = _args(save)
+    argv.remove("--mock-data")
+    argv += ["--data-path", prefix, "--split", "100,0,0"]
+    line = _refused(capsys, argv)
+    what = "no documents" if not lengths else "3 documents but no tokens"
+    assert line.startswith(f"error: --data-path: {prefix} holds {what}")
+    assert not save.exists()

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from megatron_ext.config import ConfigError
-from megatron_ext.training import run_config
+from megatron_ext.config import run as run_config
 from megatron_ext.training.arguments import parse_run_config
 from tests.helpers import ROOT
 from tests.helpers.tool_commands import TINY_CPU_RUN

@@ -10,10 +10,9 @@ import sys
 import pytest
 import torch
 
-from megatron_ext.config import ConfigError
+from megatron_ext.config import ConfigError, ProfileConfig
 from megatron_ext.training.arguments import parse_run_config
 from megatron_ext.training.profiling import IterationProfiler
-from megatron_ext.training.run_config import ProfileConfig
 from tests.helpers import ROOT
 from tests.helpers.dist_workers import run_cli, run_ranks
 

@@ -106,6 +106,13 @@ def test_first_command_in_an_empty_venv(tmp_path):
     assert proc.stdout.count("    depth: ") == 2
     assert re.search(r"elapsed: \d+m\d\ds", proc.stdout)
 
+    # the install put the commands on the venv's PATH; they run from any directory
+    help_ = subprocess.run(
+        [str(venv / "bin" / "gpas-pretrain"), "--help"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert help_.returncode == 0 and help_.stdout.startswith("usage: gpas-pretrain"), help_.stderr
+
 
 def test_failure_lines_are_recognised():
     text = (

@@ -1,5 +1,5 @@
 """pretrain_gpas.py end to end on CPU: exact resume (also with PP=2 and the distributed
-optimizer), resume under another TP size, crash-safe checkpoints, SIGTERM, the LR schedule,
+optimizer and async saves), resume under another layout, SIGTERM, the LR schedule,
 non-finite steps, the metrics file and configuration errors."""
 
 import json
@@ -13,73 +13,10 @@ import time
 import pytest
 
 from tests.helpers import ROOT
+from tests.helpers.cli_runs import STEP_KEYS, base_args, losses, spawn, step_metrics
 from tests.helpers.dist_workers import run_cli, run_ranks
 
 pytestmark = pytest.mark.slow
-
-
-def base_args(save, iters=6, **extra):
-    args = [
-        "--device",
-        "cpu",
-        "--model-size",
-        "tiny4",
-        "--norm-type",
-        "pre_gpas",
-        "--mock-data",
-        "--vocab-size",
-        "512",
-        "--micro-batch-size",
-        "1",
-        "--global-batch-size",
-        "4",
-        "--train-iters",
-        str(iters),
-        "--lr",
-        "3e-3",
-        "--lr-warmup-iters",
-        "2",
-        "--clip-grad",
-        "1.0",
-        "--clip-gate-grad",
-        "0.01",
-        "--log-interval",
-        "1",
-        "--eval-interval",
-        "100",
-        "--eval-iters",
-        "1",
-        "--seed",
-        "7",
-        "--num-workers",
-        "0",
-        "--save",
-        save,
-        "--load",
-        save,
-    ]
-    for k, v in extra.items():
-        flag = "--" + k.replace("_", "-")
-        args += [flag] if v is True else [flag, str(v)]
-    return args
-
-
-def losses(metrics_path):
-    return step_metrics(metrics_path)["lm_loss"]
-
-
-STEP_KEYS = ("lm_loss", "grad_norm", "gate_grad_norm")
-
-
-def step_metrics(metrics_path) -> dict:
-    """{key: {iteration: value}} of the per-step loss, gradient norm and gate gradient norm."""
-    out = {k: {} for k in STEP_KEYS}
-    for line in open(metrics_path):
-        r = json.loads(line)
-        if "lm_loss" in r:
-            for k in STEP_KEYS:
-                out[k][r["iteration"]] = r[k]
-    return out
 
 
 def _run(tmp_path, argv, world=1):
@@ -109,8 +46,18 @@ VPP2 = {"pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stag
             },
             2,
         ),
+        # checkpoints written in the background, finalized across both ranks
+        ({"use_distributed_optimizer": True, "async_save": True, "save_interval": 2}, 2),
     ],
-    ids=["single", "pp2", "vpp2", "tp2_sp", "dp2_distopt", "dp2_distopt_overlap"],
+    ids=[
+        "single",
+        "pp2",
+        "vpp2",
+        "tp2_sp",
+        "dp2_distopt",
+        "dp2_distopt_overlap",
+        "dp2_distopt_async_save",
+    ],
 )
 def test_resume_is_exact(tmp_path, layout, world):
     straight = str(tmp_path / "straight")
@@ -165,21 +112,9 @@ def test_resume_under_another_layout(tmp_path, move):
             assert b[key][it] == pytest.approx(a[key][it], rel=1e-5), (key, it)
 
 
-def _spawn(args, **kw):
-    return subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "pretrain_gpas.py"), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        cwd=ROOT,
-        **kw,
-    )
-
-
 def test_sigterm_saves_and_exits_then_resumes(tmp_path):
     save = str(tmp_path / "run")
-    proc = _spawn(base_args(save, iters=400))
+    proc = spawn(base_args(save, iters=400))
     deadline = time.time() + 120
     metrics = os.path.join(save, "metrics.jsonl")
     while time.time() < deadline and not (os.path.exists(metrics) and len(losses(metrics)) >= 3):
@@ -190,7 +125,7 @@ def test_sigterm_saves_and_exits_then_resumes(tmp_path):
     assert "exiting at iteration" in out and "signal SIGTERM" in out
     saved = int(open(os.path.join(save, "latest_checkpointed_iteration.txt")).read())
     assert saved >= 3 and saved == max(losses(metrics))
-    resumed = _spawn(base_args(save, iters=saved + 2))
+    resumed = spawn(base_args(save, iters=saved + 2))
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert f"resumed from iteration {saved}" in out
@@ -200,36 +135,12 @@ def test_sigterm_saves_and_exits_then_resumes(tmp_path):
 def test_exit_duration_stops_saves_and_says_why(tmp_path):
     """--exit-duration-in-mins 0: the limit has passed after the first iteration."""
     save = str(tmp_path / "run")
-    proc = _spawn(base_args(save, iters=50) + ["--exit-duration-in-mins", "0"])
+    proc = spawn(base_args(save, iters=50) + ["--exit-duration-in-mins", "0"])
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "exiting at iteration 1: time limit reached" in out
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read() == "1"
     assert "validation at" not in out  # a run stopped early is not evaluated
-
-
-def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
-    save = str(tmp_path / "run")
-    proc = _spawn(base_args(save, iters=400, save_interval=1))
-    deadline = time.time() + 120
-    killed_in_save = False
-    while time.time() < deadline:
-        entries = os.listdir(save) if os.path.isdir(save) else []
-        if (
-            any(e.endswith(".tmp") and e.startswith("iter_") for e in entries)
-            and "latest_checkpointed_iteration.txt" in entries
-        ):
-            os.killpg(proc.pid, signal.SIGKILL)
-            killed_in_save = True
-            break
-        time.sleep(0.002)
-    proc.wait()
-    assert killed_in_save
-    latest = int(open(os.path.join(save, "latest_checkpointed_iteration.txt")).read())
-    resumed = _spawn(base_args(save, iters=latest + 3))
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out
-    assert f"resumed from iteration {latest}" in out
 
 
 def test_lr_schedule_matches_reference(tmp_path):

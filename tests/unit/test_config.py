@@ -134,9 +134,8 @@ def test_every_choice_field_refuses_an_unknown_value_naming_its_flag():
     import dataclasses
     import typing
 
-    from megatron_ext.config import choices_of
+    from megatron_ext.config import RunConfig, choices_of
     from megatron_ext.training.arguments import SECTIONS, TOP_LEVEL, parse_run_config
-    from megatron_ext.training.run_config import RunConfig
 
     fields = [(cls, f) for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
     fields += [(RunConfig, f) for f in dataclasses.fields(RunConfig) if f.name in TOP_LEVEL]
@@ -176,3 +175,12 @@ def test_flag_types_come_from_the_fields():
     assert cfg.optim.lr == 3e-4 and cfg.profiling.profile_ranks == [0, 3]
     assert cfg.data.data_path == ["0.3", "a", "0.7", "b"] and cfg.optim.foreach_grad_norm is False
     assert cfg.eval.eval_tokens == 1000 and isinstance(cfg.eval.eval_tokens, int)
+
+
+def test_attention_backend_choices_are_megatron_cores():
+    """The configuration spells the backend names to stay torch-free; they must be the enum's."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    from megatron_ext.config.run import ATTENTION_BACKENDS
+
+    assert ATTENTION_BACKENDS == tuple(b.name for b in AttnBackend)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from megatron_ext.config import ConfigError
-from megatron_ext.data.datasets import DataConfig, build_datasets, parse_blend
+from megatron_ext.config.data import DataConfig, parse_blend
+from megatron_ext.data.datasets import build_datasets
 from megatron_ext.data.indexed_writer import IndexedDatasetWriter
 from megatron_ext.data.sampler import PretrainingBatchSampler, build_data_loader
 

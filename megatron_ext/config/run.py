@@ -1,6 +1,6 @@
 """The configuration of a training run: one dataclass per section, each field with its type,
-default and help (``megatron_ext/config.py`` says how), validated section by section before
-anything heavy is built."""
+default and help (``fields.py`` says how), validated section by section before anything heavy is
+built."""
 
 from __future__ import annotations
 
@@ -8,19 +8,14 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from megatron.core.transformer.enums import AttnBackend
-
-from megatron_ext.config import (
-    ModelConfig,
-    ParallelConfig,
-    check_choices,
-    option,
-    require,
-)
-from megatron_ext.data.datasets import DataConfig
+from megatron_ext.config.data import DataConfig
+from megatron_ext.config.fields import check_choices, option, require
+from megatron_ext.config.model import ModelConfig, ParallelConfig
 from megatron_ext.data.tokenizers import TOKENIZER_TYPES
 
-ATTENTION_BACKENDS = tuple(b.name for b in AttnBackend)
+# The names of megatron-core's AttnBackend enum (a unit test keeps them equal), spelled here so
+# that the configuration imports neither torch nor megatron-core.
+ATTENTION_BACKENDS = ("flash", "fused", "unfused", "local", "auto")
 LRDecayStyle = Literal["cosine", "linear", "constant", "inverse-square-root", "WSD"]
 FP8Format = Literal["hybrid", "e4m3"]
 # delayed: per-tensor scales from an amax history; tensorwise: current (just-in-time) scaling.
@@ -32,6 +27,7 @@ Device = Literal["cuda", "cpu"]
 TransformerImpl = Literal["local", "transformer_engine"]
 AttentionBackend = Literal[ATTENTION_BACKENDS]
 TokenizerType = Literal[("NullTokenizer", *TOKENIZER_TYPES)]
+DamagedPolicy = Literal["fallback", "stop"]
 
 
 @dataclass
@@ -135,6 +131,31 @@ class CheckpointConfig:
         None, "save and exit once the run has trained this long"
     )
     finetune: bool = option(False, "load weights only and start at iteration 0")
+    async_save: bool = option(
+        False, "write checkpoints in a background process while training continues"
+    )
+    verify_integrity: bool = option(
+        True, "SHA-256 of each checkpoint file in its manifest, checked on load (sizes always are)"
+    )
+    on_damaged_checkpoint: DamagedPolicy = option(
+        "fallback",
+        "a damaged latest checkpoint: fallback (set it aside, resume from the newest intact "
+        "one) or stop",
+    )
+
+
+@dataclass
+class SpikeConfig:
+    """Loss and gradient-norm spikes against a rolling window (OLMo-core's rule). Logged and
+    counted always; skipped only on request (the paper's runs did not skip)."""
+
+    spike_threshold: float = option(
+        6.0,
+        "a step whose loss or grad norm is this many standard deviations above the window's "
+        "mean is a spike (0: off)",
+    )
+    spike_window: int = option(128, "steps in the rolling window")
+    skip_spiky_steps: bool = option(False, "skip the update of a spiky step, as for NaN/Inf")
 
 
 @dataclass
@@ -178,8 +199,14 @@ class FusionConfig:
                 self.rope_fusion, on_gpu and transformer_impl == "transformer_engine"
             ),
             "cross_entropy_loss_fusion": self.cross_entropy_loss_fusion,
-            "attention_backend": AttnBackend[self.attention_backend],
+            "attention_backend": _attn_backend(self.attention_backend),
         }
+
+
+def _attn_backend(name: str):
+    from megatron.core.transformer.enums import AttnBackend
+
+    return AttnBackend[name]
 
 
 @dataclass
@@ -258,6 +285,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    spikes: SpikeConfig = field(default_factory=SpikeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     profiling: ProfileConfig = field(default_factory=ProfileConfig)
@@ -281,7 +309,7 @@ class RunConfig:
         self.model.validate()
         self.parallel.validate(self.model, world_size)
         self.data.validate()
-        for section in (self, self.tokenizer, self.optim, self.fusion):
+        for section in (self, self.tokenizer, self.optim, self.fusion, self.checkpoint):
             check_choices(section)
         _check_batch(self, world_size)
         _check_schedule(self.optim)
@@ -289,6 +317,7 @@ class RunConfig:
         _check_runtime(self)
         _check_logging(self.logging, self.eval)
         _check_checkpoint(self.checkpoint)
+        _check_spikes(self.spikes)
         _check_fusion(self)
         self.profiling.validate(self.device, self.optim.train_iters, world_size)
         t = self.tokenizer
@@ -385,6 +414,16 @@ def _check_checkpoint(c: CheckpointConfig) -> None:
         c.keep_last_checkpoints is None or c.keep_last_checkpoints >= 1,
         "--keep-last-checkpoints",
         "must be ≥ 1",
+    )
+
+
+def _check_spikes(s: SpikeConfig) -> None:
+    require(s.spike_threshold >= 0, "--spike-threshold", "must be ≥ 0 (0 turns detection off)")
+    require(s.spike_window >= 8, "--spike-window", "must be at least 8 steps")
+    require(
+        s.spike_threshold > 0 or not s.skip_spiky_steps,
+        "--skip-spiky-steps",
+        "needs spike detection (--spike-threshold > 0)",
     )
 
 
