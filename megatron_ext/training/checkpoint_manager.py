@@ -195,12 +195,18 @@ class CheckpointManager:
 
     # -- internals -----------------------------------------------------------------------------
     def _finished(self, pending: PendingSave, t0: float) -> None:
+        t_finish = time.perf_counter()
         self._size = pending.finish()
+        done = time.perf_counter()
+        background = ""
+        if pending.request is not None:  # the manifest and rename held training, not the write
+            background = f"; finalizing held training {done - t_finish:.2f} s"
         logger.info(
-            "saved checkpoint %s in %.1f s (%s)",
+            "saved checkpoint %s in %.1f s (%s%s)",
             pending.final,
-            time.perf_counter() - t0,
+            done - t0,
             human_bytes(self._size),
+            background,
         )
 
     def _finalize(self, blocking: bool) -> None:
