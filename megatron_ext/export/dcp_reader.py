@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorSt
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megatron_ext import checkpoint_manifest
 from megatron_ext.checkpoint_layout import is_in_progress, latest_checkpoint_dir
 from megatron_ext.config import ModelConfig
 from megatron_ext.training.checkpointing import read_run_state
@@ -48,6 +49,15 @@ def resolve_checkpoint_dir(path: str) -> str:
                 f"{path} is not a complete torch_dist checkpoint: {name} is missing "
                 "(pass the --save directory or one of its iter_XXXXXXX directories)"
             )
+    try:
+        manifest = checkpoint_manifest.read(path)
+        problems = checkpoint_manifest.size_problems(path, manifest) if manifest else []
+    except checkpoint_manifest.DamagedCheckpointError as err:
+        problems = [str(err)]
+    if problems:
+        raise CheckpointError(
+            f"{path} is damaged: {problems[0]}; restore the file or pass an older iter_XXXXXXX"
+        )
     return path
 
 

@@ -35,6 +35,7 @@ DOC_ORDER = (
     "docs/quickstart.md",
     "docs/data.md",
     "docs/training.md",
+    "docs/checkpoints.md",
     "docs/architectures.md",
     "docs/export_and_eval.md",
     "docs/grid.md",
@@ -117,7 +118,7 @@ RULES = (
     Rule(r"^python -m pytest -q -m gpu$", "test", proof=".ci/run"),
     Rule(r"^bash bench/gpu_check\.sh suite ", "test",
          proof="tests/integration/test_gpu_scripts.py::test_suite_runs_a_part_and_records_its_outcome"),
-    Rule(r"^python bench/bench_(gemm_shapes|throughput)\.py ", "help"),
+    Rule(r"^python bench/bench_(gemm_shapes|throughput|checkpoint)\.py ", "help"),
     Rule(r"^bash tools/install_te_offline\.sh ", "test",
          proof="tests/integration/test_gpu_scripts.py::test_missing_core_wheel_is_named"),
 )  # fmt: skip

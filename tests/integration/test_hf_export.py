@@ -112,6 +112,12 @@ def test_missing_and_partial_checkpoints_are_named(checkpoints, tmp_path):
     os.replace(iteration_dir, str(iteration_dir) + ".tmp")
     with pytest.raises(CheckpointError, match="names iteration 2"):
         DistCheckpointReader(str(partial))
+    truncated = tmp_path / "truncated"
+    shutil.copytree(checkpoints / "tp2" / "pre", truncated)
+    with open(truncated / "iter_0000002" / victim, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match=f"is damaged: .*{re.escape(victim)}: 100 bytes"):
+        DistCheckpointReader(str(truncated))
 
 
 def test_existing_output_is_kept_without_overwrite(checkpoints, tmp_path):
