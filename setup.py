@@ -33,6 +33,7 @@ setup(
         "console_scripts": [
             "gpas-pretrain=megatron_ext.cli.pretrain:main",
             "gpas-preprocess-data=megatron_ext.cli.preprocess_data:main",
+            "gpas-preprocess-sft=megatron_ext.cli.preprocess_sft:main",
             "gpas-train-tokenizer=megatron_ext.cli.train_tokenizer:main",
             "gpas-run-grid=megatron_ext.cli.run_grid:main",
             "gpas-grid-table=megatron_ext.cli.grid_table:main",

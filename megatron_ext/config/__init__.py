@@ -23,6 +23,7 @@ from megatron_ext.config.run import (
     OptimConfig,
     ProfileConfig,
     RunConfig,
+    SFTConfig,
     SpikeConfig,
     TokenizerConfig,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "ParallelConfig",
     "ProfileConfig",
     "RunConfig",
+    "SFTConfig",
     "SpikeConfig",
     "TokenizerConfig",
     "check_choices",

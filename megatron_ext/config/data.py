@@ -8,7 +8,7 @@ from typing import Literal, Optional
 
 from megatron_ext.config.fields import ConfigError, check_choices, option, require
 
-DATA_MODES = ("packed", "per-document")
+DATA_MODES = ("packed", "per-document", "sft")
 DataMode = Literal[DATA_MODES]
 
 
@@ -26,7 +26,10 @@ class DataConfig:
     data_cache_path: Optional[str] = None
     mock_data: bool = False
     data_mode: DataMode = option(
-        "packed", "packed or per-document (the GPAS reference protocol)", unknown="data mode"
+        "packed",
+        "packed, per-document (the GPAS reference protocol) or sft (one fine-tuning example "
+        "per sample, with its loss mask; --sft selects it)",
+        unknown="data mode",
     )
     pad_id: int = option(
         0, "per-document mode: input id placed on padding (masked out of the loss)"

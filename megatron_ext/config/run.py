@@ -28,6 +28,7 @@ TransformerImpl = Literal["local", "transformer_engine"]
 AttentionBackend = Literal[ATTENTION_BACKENDS]
 TokenizerType = Literal[("NullTokenizer", *TOKENIZER_TYPES)]
 DamagedPolicy = Literal["fallback", "stop"]
+LisaMode = Literal["uniform"]
 
 
 @dataclass
@@ -79,7 +80,9 @@ class OptimConfig:
     recompute_method: Optional[RecomputeMethod] = option(None, "full recompute: uniform or block")
     recompute_num_layers: Optional[int] = None
     seed: int = 42
-    freeze_gates: bool = option(False, "keep the GPAS gates fixed (e.g. supervised fine-tuning)")
+    freeze_gates: Optional[bool] = option(
+        None, "keep the GPAS gates fixed; default: on with --sft, off otherwise"
+    )
     nan_skip_limit: int = option(
         10, "stop (after saving) when this many steps in a row have NaN/Inf"
     )
@@ -142,6 +145,23 @@ class CheckpointConfig:
         "a damaged latest checkpoint: fallback (set it aside, resume from the newest intact "
         "one) or stop",
     )
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning (the paper's second stage): SFT data, epochs, LISA."""
+
+    sft: bool = option(
+        False, "fine-tune on SFT data (--data-mode sft); the GPAS gates are frozen by default"
+    )
+    epochs: Optional[int] = option(
+        None, "train this many passes over the training split (sets --train-iters)"
+    )
+    lisa_layers: int = option(
+        0, "LISA: decoder layers trained at a time, sampled every --lisa-interval steps (0: all)"
+    )
+    lisa_interval: int = option(20, "LISA: steps between samplings")
+    lisa_mode: LisaMode = option("uniform", "LISA: how layers are sampled")
 
 
 @dataclass
@@ -286,12 +306,19 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     spikes: SpikeConfig = field(default_factory=SpikeConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     profiling: ProfileConfig = field(default_factory=ProfileConfig)
     device: Device = option("cuda", "cpu runs everything with gloo (CPU emulation)")
     transformer_impl: TransformerImpl = "local"
     num_workers: int = option(2, "data-loader worker processes per rank")
+
+    @property
+    def gates_frozen(self) -> bool:
+        """--freeze-gates as given, else frozen exactly under --sft."""
+        o = self.optim
+        return self.sft.sft if o.freeze_gates is None else o.freeze_gates
 
     def data_parallel_size(self, world_size: int) -> int:
         return self.parallel.data_parallel_size(world_size)
@@ -309,7 +336,7 @@ class RunConfig:
         self.model.validate()
         self.parallel.validate(self.model, world_size)
         self.data.validate()
-        for section in (self, self.tokenizer, self.optim, self.fusion, self.checkpoint):
+        for section in (self, self.tokenizer, self.optim, self.fusion, self.checkpoint, self.sft):
             check_choices(section)
         _check_batch(self, world_size)
         _check_schedule(self.optim)
@@ -318,6 +345,7 @@ class RunConfig:
         _check_logging(self.logging, self.eval)
         _check_checkpoint(self.checkpoint)
         _check_spikes(self.spikes)
+        _check_sft(self)
         _check_fusion(self)
         self.profiling.validate(self.device, self.optim.train_iters, world_size)
         t = self.tokenizer
@@ -415,6 +443,24 @@ def _check_checkpoint(c: CheckpointConfig) -> None:
         "--keep-last-checkpoints",
         "must be ≥ 1",
     )
+
+
+def _check_sft(cfg: RunConfig) -> None:
+    s = cfg.sft
+    require(
+        not s.sft or cfg.data.data_mode == "sft" or cfg.data.mock_data,
+        "--data-mode",
+        f"--sft reads SFT datasets (tools/preprocess_sft.py): use --data-mode sft, not "
+        f"{cfg.data.data_mode}",
+    )
+    require(cfg.data.data_mode != "sft" or s.sft, "--sft", "--data-mode sft is for --sft runs")
+    require(s.epochs is None or s.epochs >= 1, "--epochs", "must be at least 1")
+    require(
+        0 <= s.lisa_layers <= cfg.model.num_layers,
+        "--lisa-layers",
+        f"must be in [0, {cfg.model.num_layers}] (the model's layers)",
+    )
+    require(s.lisa_interval >= 1, "--lisa-interval", "must be at least 1")
 
 
 def _check_spikes(s: SpikeConfig) -> None:

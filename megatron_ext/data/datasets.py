@@ -22,6 +22,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 
 from megatron_ext.config.data import DataConfig, parse_blend
+from megatron_ext.data.sft import mask_prefix
 
 
 @dataclass
@@ -91,6 +92,34 @@ class PerDocumentDataset(MegatronDataset):
         }
 
 
+class SFTDataset(PerDocumentDataset):
+    """One fine-tuning example per sample (``--data-mode sft``): its tokens (ending in EOD) and
+    the loss mask written beside them (``data/sft.py``), right-padded; an example longer than the
+    sequence keeps its first ``seq_length + 1`` tokens. Each epoch visits every example once,
+    in an order set by the seed."""
+
+    def __init__(self, dataset, dataset_path, indices, num_samples, index_split, config):
+        super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.masks = IndexedDataset(mask_prefix(dataset_path))
+
+    def __getitem__(self, idx):
+        document = self._document(int(idx))
+        ids = self.dataset.get(document)[: self.seq_length + 1].astype(np.int64)
+        mask = self.masks.get(document)[: self.seq_length + 1]
+        sample = np.full(self.seq_length + 1, self.pad_id, dtype=np.int64)
+        sample[: len(ids)] = ids
+        loss_mask = np.zeros(self.seq_length, dtype=np.float32)
+        loss_mask[: len(ids) - 1] = mask[1:]  # label j is token j + 1
+        return {
+            "tokens": torch.from_numpy(sample[:-1].copy()),
+            "labels": torch.from_numpy(sample[1:].copy()),
+            "loss_mask": torch.from_numpy(loss_mask),
+            "position_ids": torch.arange(self.seq_length, dtype=torch.int64),
+        }
+
+
 def _gpt_config(data: DataConfig, seq_length: int, seed: int, tokenizer: DatasetTokenizer):
     config = GPTDatasetConfig(
         random_seed=seed,
@@ -134,6 +163,8 @@ def build_datasets(
         cls = MockGPTDataset
     elif data.data_mode == "per-document":
         cls = PerDocumentDataset
+    elif data.data_mode == "sft":
+        cls = SFTDataset
     else:
         cls = GPTDataset
     return BlendedMegatronDatasetBuilder(cls, list(num_samples), is_built_on_rank, config).build()

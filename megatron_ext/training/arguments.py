@@ -119,6 +119,8 @@ def parse_run_config(argv: Optional[list] = None) -> RunConfig:
 def run_config_from_values(values: dict, model_size: Optional[str] = None) -> RunConfig:
     """Build a RunConfig from {"section.field": value} (None = not given)."""
     sections = {}
+    if values.get("sft.sft") and values.get("data.data_mode") is None:
+        values = {**values, "data.data_mode": "sft"}  # --sft reads SFT datasets
     for section, cls in SECTIONS.items():
         given = {f.name: values.get(f"{section}.{f.name}") for f in dataclasses.fields(cls)}
         given = {k: v for k, v in given.items() if v is not None}

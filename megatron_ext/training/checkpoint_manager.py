@@ -22,6 +22,7 @@ from megatron_ext.run_lock import RunLock, RunLockError
 from megatron_ext.training import checkpointing
 from megatron_ext.training.checkpointing import CheckpointError, PendingSave
 from megatron_ext.training.model_setup import sync_params
+from megatron_ext.training.optimizer import common_adam_step
 
 logger = logging.getLogger("gpas")
 
@@ -35,6 +36,7 @@ class RunState:
     skipped_total: int = 0  # iterations whose update was skipped (non-finite, or a spike)
     wandb_run_id: Optional[str] = None
     spikes: dict = field(default_factory=dict)  # the spike monitor's window and count
+    lisa: dict = field(default_factory=dict)  # LISA: updates each layer sat out
 
     def advance(self, global_batch_size: int) -> None:
         self.iteration += 1
@@ -49,6 +51,7 @@ class RunState:
             skipped_total=saved.get("skipped_total", 0),
             wandb_run_id=saved.get("wandb_run_id"),
             spikes=saved.get("spikes") or {},
+            lisa=saved.get("lisa") or {},
         )
 
 
@@ -160,17 +163,18 @@ class CheckpointManager:
         checkpointing.check_free_space(self.cfg.save, self._expected_bytes(), what)
         t0 = time.perf_counter()
         sync_params(self.model)
-        pending = checkpointing.start_save(
-            self.cfg.save,
-            state.iteration,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            {**dataclasses.asdict(state), "config": self.run_config},
-            keep_last=self.cfg.keep_last_checkpoints,
-            hashed=self.cfg.verify_integrity,
-            async_save=self._queue is not None,
-        )
+        with common_adam_step(self.optimizer):
+            pending = checkpointing.start_save(
+                self.cfg.save,
+                state.iteration,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                {**dataclasses.asdict(state), "config": self.run_config},
+                keep_last=self.cfg.keep_last_checkpoints,
+                hashed=self.cfg.verify_integrity,
+                async_save=self._queue is not None,
+            )
         self._saved_at = state.iteration
         if pending.request is None:
             self._finished(pending, t0)

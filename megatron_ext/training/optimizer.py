@@ -150,6 +150,69 @@ def _model_to_main_pairs(sub) -> list[tuple[torch.nn.Parameter, torch.nn.Paramet
     return [(p, p) for group in sub.optimizer.param_groups for p in group["params"]]
 
 
+def _drop_grads(optimizer, frozen: set) -> None:
+    """No gradient for the main parameters (or shards) of the model parameters in ``frozen``."""
+    for sub in _sub_optimizers(optimizer):
+        for model, main in _model_to_main_pairs(sub):
+            if model in frozen:
+                main.grad = None
+
+
+def _adam_states(optimizer) -> list[dict]:
+    return [st for sub in _sub_optimizers(optimizer) for st in sub.optimizer.state.values()]
+
+
+@contextlib.contextmanager
+def common_adam_step(optimizer):
+    """megatron-core saves one Adam step for all parameters, but those LISA left out have taken
+    fewer: save under the largest (the step of the parameters that always train), then put
+    each parameter's own back. A resume restores them with :func:`set_adam_steps`."""
+    states = [st for st in _adam_states(optimizer) if "step" in st]
+    own = [st["step"] for st in states]
+    if own:
+        top = max(own, key=float)
+        for st in states:
+            st["step"] = top.clone() if torch.is_tensor(top) else top
+    try:
+        yield
+    finally:
+        for st, step in zip(states, own, strict=True):
+            st["step"] = step
+
+
+def init_adam_state(optimizer) -> None:
+    """Create every parameter's Adam state (step 0, zero moments) now, as torch's Adam would at
+    its first update: a layer LISA has not sampled yet still has a state to checkpoint."""
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    for sub in _sub_optimizers(optimizer):
+        inner = sub.optimizer
+        for group in inner.param_groups:
+            on_device = group.get("fused") or group.get("capturable")
+            for p in group["params"]:
+                if inner.state.get(p):
+                    continue
+                inner.state[p] = {
+                    "step": torch.zeros(
+                        (), dtype=_get_scalar_dtype(), device=p.device if on_device else "cpu"
+                    ),  # fmt: skip
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
+
+
+def set_adam_steps(optimizer, behind: dict) -> None:
+    """Set the Adam step of each model parameter in ``behind`` to the common step minus its
+    value (updates it sat out), after a checkpoint load gave every parameter the common one."""
+    for sub in _sub_optimizers(optimizer):
+        for model, main in _model_to_main_pairs(sub):
+            missed = behind.get(model, 0)
+            st = sub.optimizer.state.get(main)
+            if missed and st is not None and "step" in st:
+                step = st["step"]
+                st["step"] = step - missed if torch.is_tensor(step) else step - missed
+
+
 def gate_main_params(optimizer) -> list[torch.nn.Parameter]:
     """The optimizer's main parameters (or shards) of the GPAS gates held by this rank."""
     return [
@@ -196,15 +259,20 @@ def optimizer_step(
     clip_grad: float = 0.0,
     clip_gate_grad: float = 0.0,
     accept: Optional[Callable[[float], bool]] = None,
+    frozen: Optional[set] = None,
 ) -> StepResult:
     """One update: prepare grads, global clip, gate clip, step. Skips the update on inf/NaN,
-    and when ``accept`` (given the global grad norm, before clipping) says no.
+    and when ``accept`` (given the global grad norm, before clipping) says no. Model parameters
+    in ``frozen`` (LISA's inactive layers) lose their gradients first: the norm leaves them out
+    and the step skips them, Adam moments included.
 
     The megatron optimizer must be built with ``clip_grad=0`` so that clipping happens here, in
     the reference's order.
     """
     if optimizer.prepare_grads():
         return StepResult(False, None, None)
+    if frozen:
+        _drop_grads(optimizer, frozen)
     grad_norm = optimizer.get_grad_norm()
     if not math.isfinite(grad_norm):
         # NaN/Inf gradients: skip the update (the caller counts and may stop the run).

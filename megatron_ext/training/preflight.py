@@ -73,19 +73,58 @@ def check_dataset_files(flag_name: str, prefix: str) -> int:
 _SPLIT_NAMES = ("train", "validation", "test")
 
 
-def check_split_sizes(prefix: str, num_documents: int, split: str) -> None:
-    """Every split ``--split`` gives a share holds a document (megatron-core 0.16.1 loops
-    forever building an empty split: its epoch count never reaches the tokens asked for)."""
+def check_loss_mask(flag_name: str, prefix: str, documents: int) -> None:
+    """An SFT dataset's loss mask is there and covers the same examples."""
+    from megatron_ext.data.sft import mask_prefix
+
+    masks = mask_prefix(prefix)
+    if not os.path.isfile(idx_path(masks)):
+        raise ConfigError(
+            f"{flag_name}: {prefix} has no loss mask ({idx_path(masks)} not found): --sft reads "
+            "datasets written by tools/preprocess_sft.py"
+        )
+    if check_dataset_files(flag_name, masks) != documents:
+        raise ConfigError(
+            f"{flag_name}: {masks} does not describe the examples of {prefix}; preprocess the "
+            "data again with tools/preprocess_sft.py"
+        )
+
+
+def _split_bounds(split: str) -> list:
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix,
         parse_and_normalize_split,
     )
 
-    for name, bounds in zip(
-        _SPLIT_NAMES,
-        convert_split_vector_to_split_matrix(parse_and_normalize_split(split)),
-        strict=True,
-    ):
+    return convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+
+
+def train_examples(data: DataConfig) -> int:
+    """Examples (documents) in the training split, as megatron-core cuts it: for ``--epochs``."""
+    per_split = bool(data.train_data_path)
+    if per_split:
+        blend = parse_blend(data.train_data_path, "train_data_path")
+    else:
+        blend = parse_blend(data.data_path)
+        bounds = _split_bounds(data.split)[0] or (0.0, 0.0)
+    if blend is None or blend[1] is not None:
+        raise ConfigError(
+            "--epochs: counts the examples of unweighted dataset prefixes; with a weighted blend "
+            "or mock data give --train-iters"
+        )
+    total = 0
+    for prefix in blend[0]:
+        n = described_bin_size(prefix)[0]
+        if not per_split:
+            n = int(round(bounds[1] * float(n))) - int(round(bounds[0] * float(n)))
+        total += n
+    return total
+
+
+def check_split_sizes(prefix: str, num_documents: int, split: str) -> None:
+    """Every split ``--split`` gives a share holds a document (megatron-core 0.16.1 loops
+    forever building an empty split: its epoch count never reaches the tokens asked for)."""
+    for name, bounds in zip(_SPLIT_NAMES, _split_bounds(split), strict=True):
         if bounds is None:
             continue
         begin = int(round(bounds[0] * float(num_documents)))
@@ -175,6 +214,8 @@ def check_run(cfg, eod_id: int) -> list[str]:
     fingerprint = tokenizer_fingerprint(t.tokenizer_model) if checked else None  # hashed once
     for flag_name, prefix in dataset_prefixes(cfg.data):
         documents = check_dataset_files(flag_name, prefix)
+        if cfg.data.data_mode == "sft":
+            check_loss_mask(flag_name, prefix, documents)
         if flag_name == "--data-path":
             check_split_sizes(prefix, documents, cfg.data.split)
         info = check_dataset_info(

@@ -102,13 +102,14 @@ def train_step(
     clip_gate_grad: float = 0.0,
     share_loss: bool = False,
     accept_update: Optional[Callable[[Optional[float], float], bool]] = None,
+    frozen: Optional[set] = None,
 ) -> IterationResult:
     """Forward/backward over ``num_microbatches``, then one optimizer update.
 
     ``data_iterators`` holds one iterator per model chunk (virtual pipeline stage). With
     ``share_loss`` every pipeline stage gets the loss (else it is None off the last stage);
     ``accept_update(loss, grad_norm)`` may refuse the update, and must answer alike on every
-    rank.
+    rank; parameters in ``frozen`` are not updated (LISA).
     """
     for chunk in model:
         chunk.zero_grad_buffer()
@@ -121,7 +122,7 @@ def train_step(
         loss = _from_last_stage(loss, torch.float64)
     accept = None if accept_update is None else partial(accept_update, loss)
     step = optimizer_step(
-        optimizer, clip_grad=clip_grad, clip_gate_grad=clip_gate_grad, accept=accept
+        optimizer, clip_grad=clip_grad, clip_gate_grad=clip_gate_grad, accept=accept, frozen=frozen
     )
     return IterationResult(
         loss, step.grad_norm, step.gate_grad_norm, step.success, tokens, step.rejected

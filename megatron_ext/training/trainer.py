@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import time
 from typing import Optional
@@ -28,6 +29,7 @@ from megatron_ext.platform.distributed import init_distributed
 from megatron_ext.training import preflight
 from megatron_ext.training.checkpoint_manager import CheckpointManager, RunState, lock_save_dir
 from megatron_ext.training.evaluation import Evaluator
+from megatron_ext.training.lisa import LayerActivation
 from megatron_ext.training.metrics import MetricsWriter, StepLogger
 from megatron_ext.training.model_setup import wrap_model
 from megatron_ext.training.optimizer import build_optimizer
@@ -69,6 +71,20 @@ def _vocab_and_eod(cfg: RunConfig) -> tuple[int, int]:
     return tok.vocab_size, tok.eod
 
 
+def _epoch_iters(cfg: RunConfig, world_size: int) -> int:
+    """The iterations that cover the training split --epochs times (the last batch completed
+    from the next epoch's order)."""
+    epochs = cfg.sft.epochs
+    examples = preflight.train_examples(cfg.data)
+    gbs = cfg.global_batch_size(world_size)
+    iters = max(1, math.ceil(epochs * examples / gbs))
+    logger.info(
+        "--epochs %d: %d training examples, global batch %d: %d iterations",
+        epochs, examples, gbs, iters,
+    )  # fmt: skip
+    return iters
+
+
 class Trainer:
     """Builds the run from its configuration, then trains; the components own their policies:
     checkpoints (:class:`CheckpointManager`), validation (:class:`Evaluator`), the step log
@@ -78,11 +94,18 @@ class Trainer:
         self.world_size = _world_size()
         cfg.validate(self.world_size)
         vocab, self.eod = _vocab_and_eod(cfg)
-        # The run's configuration, with the tokenizer's vocabulary; the caller's is not changed.
+        # The run's configuration, with the tokenizer's vocabulary (then the iterations --epochs
+        # gives); the caller's is not changed.
         self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
         self.cfg.validate(self.world_size)
         # Files against flags, before anything is built or written.
         self.undescribed_data = preflight.check_run(self.cfg, self.eod)
+        if cfg.sft.epochs is not None:
+            iters = _epoch_iters(self.cfg, self.world_size)
+            self.cfg = dataclasses.replace(
+                self.cfg, optim=dataclasses.replace(self.cfg.optim, train_iters=iters)
+            )
+            self.cfg.validate(self.world_size)
         self.gbs = self.cfg.global_batch_size(self.world_size)
         self.num_micro = self.cfg.num_microbatches(self.world_size)
         self.state = RunState()
@@ -110,6 +133,10 @@ class Trainer:
         self._build_data()
         self._open_metrics()
         self.spikes = SpikeMonitor(cfg.spikes, self.metrics, self.state.spikes)
+        self.layer_activation = LayerActivation(
+            cfg.sft, self.model, cfg.model.num_layers, cfg.optim.seed, self.metrics, self.state.lisa
+        )
+        self.layer_activation.prepare(self.optimizer)
         speaks = _is_logging_rank()
         valid = self._valid_iterators if self.valid_ds is not None else None
         self.evaluator = Evaluator(
@@ -144,7 +171,7 @@ class Trainer:
         chunks = build_model_chunks(
             cfg.model, self.tf_config, seed=o.seed, transformer_impl=cfg.transformer_impl
         )
-        if o.freeze_gates:
+        if cfg.gates_frozen:
             frozen = sum(freeze_gates(c) for c in chunks)
             logger.info("froze %d GPAS gates", frozen)
         if cfg.device == "cuda":
@@ -282,7 +309,8 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.telemetry.before_step(state.iteration + 1)
                 self.profiler.before_iteration(state.iteration)
-                result, seconds = self._train_step()
+                frozen = self.layer_activation.before_step(state.iteration)
+                result, seconds = self._train_step(frozen)
                 self.telemetry.after_step(state.iteration + 1)
                 state.advance(self.gbs)
                 _say(self.profiler.after_iteration(state.iteration))
@@ -290,6 +318,7 @@ class Trainer:
                     self.scheduler.step(increment=1)
                 stop.note_step(not result.non_finite, state)
                 self.spikes.after_step(state, result)
+                self.layer_activation.after_step(state, result)
                 self.step_log.after_step(state, result, lr, seconds)
                 self.evaluator.after_step(state.iteration)
                 reason = stop.check(state.iteration)
@@ -302,7 +331,7 @@ class Trainer:
         self._report(reason)
         return state.iteration
 
-    def _train_step(self):
+    def _train_step(self, frozen: Optional[set]):
         cfg, o = self.cfg, self.cfg.optim
         t0 = time.perf_counter()
         result = train_step(
@@ -316,6 +345,7 @@ class Trainer:
             clip_gate_grad=o.clip_gate_grad,
             share_loss=self.spikes.enabled,
             accept_update=self.spikes.accepts if cfg.spikes.skip_spiky_steps else None,
+            frozen=frozen,
         )
         return result, time.perf_counter() - t0
 
