@@ -1,0 +1,139 @@
+"""SFT data: the Alpaca and chat templates, the loss mask of hand-built records against the
+expected token positions, bad records named, and the training sample built from it."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from megatron_ext.data import sft
+from megatron_ext.data.tokenizers import build_tokenizer
+
+RECORD = {
+    "instruction": "Which is a mammal?\n\nAnswer1: shark Answer2: whale",
+    "input": "",
+    "output": "the correct answer is answer2",
+    "answer": "answer2",
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(mistral_model):
+    return build_tokenizer("SentencePieceTokenizer", mistral_model)
+
+
+def test_alpaca_template_both_branches():
+    assert sft.alpaca_prompt("Q?") == (
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nQ?\n\n### Response:\n"
+    )
+    assert sft.alpaca_prompt("Q?", "ctx") == (
+        "Below is an instruction that describes a task, paired with an input that provides "
+        "further context. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nQ?\n\n### Input:\nctx\n\n### Response:\n"
+    )
+
+
+def test_loss_mask_covers_the_response_and_the_eod(tokenizer):
+    """Expected positions re-derived by hand: the prompt's own tokens are 0, the rest of the
+    whole text's tokens are 1, and so is the closing EOD."""
+    ids, mask = sft.tokenize(tokenizer, sft.to_example(RECORD, "r"), loss_on_prompt=False)
+    prompt = sft.alpaca_prompt(RECORD["instruction"])
+    whole = tokenizer.encode_batch([prompt + RECORD["output"]])[0]
+    n_prompt = len(tokenizer.encode_batch([prompt])[0])
+    assert ids.tolist() == [*whole, tokenizer.eod]
+    assert mask.tolist() == [0] * n_prompt + [1] * (len(whole) - n_prompt) + [1]
+    decoded = tokenizer._impl.decode([int(i) for i, m in zip(ids, mask, strict=True) if m])
+    assert decoded == "the correct answer is answer2"
+
+    _, everywhere = sft.tokenize(tokenizer, sft.to_example(RECORD, "r"), loss_on_prompt=True)
+    assert everywhere.tolist() == [1] * len(ids)
+
+
+def test_chat_records_train_on_assistant_turns_only(tokenizer):
+    record = {"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "content": "6"},
+    ]}  # fmt: skip
+    ids, mask = sft.tokenize(tokenizer, sft.to_example(record, "r"), loss_on_prompt=False)
+    trained = tokenizer._impl.decode([int(i) for i, m in zip(ids, mask, strict=True) if m])
+    assert trained.split() == ["4", "6"]
+    assert mask[-1] == 1 and ids[-1] == tokenizer.eod
+
+
+@pytest.mark.parametrize(
+    "record,message",
+    [
+        ({"input": "", "output": "x"}, "record 1: field 'instruction' is missing"),
+        ({"instruction": 3, "output": "x"}, "record 1: field 'instruction' holds int"),
+        ({"instruction": "q", "input": None, "output": "x"}, "record 1: field 'input' holds"),
+        ({"messages": [{"role": "bot", "content": "x"}]}, "message 0: field 'role' is 'bot'"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "no assistant message"),
+    ],
+)
+def test_a_bad_record_is_named_and_nothing_is_written(tokenizer, tmp_path, record, message):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([RECORD, record]))
+    with pytest.raises(sft.SFTDataError) as err:
+        sft.write_sft_dataset([str(path)], tokenizer, str(tmp_path / "out" / "sft"))
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+def test_json_array_and_json_lines_give_the_same_dataset(tokenizer, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    records = [dict(RECORD, output=f"the correct answer is answer{i % 2 + 1}") for i in range(5)]
+    (tmp_path / "a.json").write_text(json.dumps(records))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    for name in ("a.json", "b.jsonl"):
+        sft.write_sft_dataset([str(tmp_path / name)], tokenizer, str(tmp_path / name[0]))
+    for prefix in ("", ".loss_mask"):
+        a, b = (
+            IndexedDataset(str(tmp_path / "a") + prefix),
+            IndexedDataset(str(tmp_path / "b") + prefix),
+        )
+        assert len(a) == len(b) == 5
+        assert all(np.array_equal(a[i], b[i]) for i in range(5))
+
+
+def test_long_examples_are_truncated_or_dropped_and_counted(tokenizer, tmp_path):
+    long = dict(RECORD, output="word " * 200)
+    no_room = dict(RECORD, instruction="question " * 200)
+    (tmp_path / "d.json").write_text(json.dumps([RECORD, long, no_room]))
+    cut = sft.write_sft_dataset([str(tmp_path / "d.json")], tokenizer, str(tmp_path / "t"),
+                                seq_length=64)  # fmt: skip
+    assert (cut.examples, cut.truncated, cut.dropped_no_response) == (2, 2, 1)
+    dropped = sft.write_sft_dataset([str(tmp_path / "d.json")], tokenizer, str(tmp_path / "d"),
+                                    seq_length=64, long_examples="drop")  # fmt: skip
+    assert (dropped.examples, dropped.dropped_long) == (1, 2)
+
+
+def test_the_training_sample_shifts_the_mask_onto_the_labels(tokenizer, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_ext.config.data import DataConfig
+    from megatron_ext.data.datasets import build_datasets
+
+    (tmp_path / "d.json").write_text(json.dumps([RECORD] * 4))
+    prefix = str(tmp_path / "sft")
+    sft.write_sft_dataset([str(tmp_path / "d.json")], tokenizer, prefix)
+    seq = 96
+    train, _, _ = build_datasets(
+        DataConfig(data_path=[prefix], split="100,0,0", data_mode="sft"),
+        seq_length=seq, seed=1, vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod,
+        num_samples=[4, 0, 0],
+    )  # fmt: skip
+    tokens_ds, masks_ds = IndexedDataset(prefix), IndexedDataset(prefix + ".loss_mask")
+    ids, mask = tokens_ds[0].copy(), masks_ds[0].copy()  # copies: the views die with the mmap
+    sample = train[0]
+    n = len(ids)
+    assert sample["tokens"][:n].tolist() == ids.tolist()
+    assert sample["labels"][: n - 1].tolist() == ids[1:].tolist()
+    assert sample["loss_mask"].tolist() == [float(m) for m in mask[1:]] + [0.0] * (seq - n + 1)
+    # each epoch visits every example once
+    assert sorted(train._document(i) for i in range(4)) == [0, 1, 2, 3]
