@@ -38,6 +38,7 @@ setup(
             "gpas-run-grid=megatron_ext.cli.run_grid:main",
             "gpas-grid-table=megatron_ext.cli.grid_table:main",
             "gpas-depth-analysis=megatron_ext.cli.depth_analysis:main",
+            "gpas-downstream-eval=megatron_ext.cli.downstream_eval:main",
             "gpas-convert-to-hf=megatron_ext.cli.convert_to_hf:main",
             "gpas-convert-from-hf=megatron_ext.cli.convert_from_hf:main",
             "gpas-plot-run=megatron_ext.cli.plot_run:main",

@@ -134,6 +134,11 @@ class CheckpointConfig:
         None, "save and exit once the run has trained this long"
     )
     finetune: bool = option(False, "load weights only and start at iteration 0")
+    pretrained_checkpoint: Optional[str] = option(
+        None,
+        "start from these weights (iteration 0) while --load holds no checkpoint yet, resume "
+        "from --load once it does (a preempted fine-tuning job continues)",
+    )
     async_save: bool = option(
         False, "write checkpoints in a background process while training continues"
     )

@@ -109,19 +109,18 @@ class CheckpointManager:
         """The state to start from: the newest intact checkpoint under ``--load`` (weights only
         with ``--finetune``, which starts at iteration 0), else a fresh one."""
         c = self.cfg
-        if not c.load:
+        saved = self._load(c.load, weights_only=c.finetune) if c.load else None
+        if saved is None and c.pretrained_checkpoint:
+            logger.info(
+                "--load %s holds no checkpoint yet; starting from the weights of "
+                "--pretrained-checkpoint %s",
+                c.load, c.pretrained_checkpoint,
+            )  # fmt: skip
+            self._load(c.pretrained_checkpoint, weights_only=True)
             return RunState()
-        saved = checkpointing.load_checkpoint(
-            c.load,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            load_optimizer=not c.finetune,
-            on_damaged=c.on_damaged_checkpoint,
-            verify_hashes=c.verify_integrity,
-        )
         if saved is None:
-            logger.info("--load %s holds no checkpoint yet; starting from scratch", c.load)
+            if c.load:
+                logger.info("--load %s holds no checkpoint yet; starting from scratch", c.load)
             return RunState()
         if c.finetune:
             return RunState()
@@ -135,6 +134,17 @@ class CheckpointManager:
             state.consumed_samples,
         )
         return state
+
+    def _load(self, root: str, *, weights_only: bool) -> Optional[dict]:
+        return checkpointing.load_checkpoint(
+            root,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            load_optimizer=not weights_only,
+            on_damaged=self.cfg.on_damaged_checkpoint,
+            verify_hashes=self.cfg.verify_integrity,
+        )
 
     # -- saving --------------------------------------------------------------------------------
     def check_space(self) -> None:

@@ -178,7 +178,9 @@ def check_dataset_info(
     return info
 
 
-def check_checkpoint_architecture(model: ModelConfig, saved: dict, directory: str) -> None:
+def check_checkpoint_architecture(
+    model: ModelConfig, saved: dict, directory: str, flag_name: str = "--load"
+) -> None:
     """Every architecture field of the command line equals the checkpoint's."""
     current = _resolved(model)
     known = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -190,7 +192,7 @@ def check_checkpoint_architecture(model: ModelConfig, saved: dict, directory: st
     ]
     if differ:
         raise ConfigError(
-            f"--load: {directory} holds another architecture: {', '.join(differ)}; use the "
+            f"{flag_name}: {directory} holds another architecture: {', '.join(differ)}; use the "
             "checkpoint's values, or a new --load/--save directory for a new model"
         )
 
@@ -228,16 +230,23 @@ def check_run(cfg, eod_id: int) -> list[str]:
         if info is None:
             undescribed.append(prefix)
     check_checkpoint_dirs(cfg.checkpoint)
-    load = cfg.checkpoint.load
-    if load:
+    for flag_name, root in (
+        ("--load", cfg.checkpoint.load),
+        ("--pretrained-checkpoint", cfg.checkpoint.pretrained_checkpoint),
+    ):
+        if not root:
+            continue
         try:
-            directory = checkpoint_layout.latest_checkpoint_dir(load)
+            directory = checkpoint_layout.latest_checkpoint_dir(root)
         except (FileNotFoundError, ValueError) as err:
-            raise ConfigError(f"{err}; point --load at a complete checkpoint") from err
+            raise ConfigError(f"{err}; point {flag_name} at a complete checkpoint") from err
         if directory is not None:
-            saved = checkpointing.read_run_state(directory).get("config", {}).get("model")
+            try:
+                saved = checkpointing.read_run_state(directory).get("config", {}).get("model")
+            except Exception:  # a damaged checkpoint: loading names the file and falls back
+                saved = None
             if saved:
-                check_checkpoint_architecture(cfg.model, saved, directory)
+                check_checkpoint_architecture(cfg.model, saved, directory, flag_name)
     return undescribed
 
 
@@ -247,6 +256,10 @@ def check_checkpoint_dirs(c) -> None:
     convention: a first run starts from scratch.)"""
     from megatron_ext import checkpoint_layout
 
+    if c.pretrained_checkpoint and not os.path.isdir(c.pretrained_checkpoint):
+        raise ConfigError(
+            f"--pretrained-checkpoint: no checkpoint directory at {c.pretrained_checkpoint}"
+        )
     for name, path in (("--save", c.save), ("--load", c.load)):
         if path and os.path.exists(path) and not os.path.isdir(path):
             raise ConfigError(

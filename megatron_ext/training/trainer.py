@@ -71,18 +71,13 @@ def _vocab_and_eod(cfg: RunConfig) -> tuple[int, int]:
     return tok.vocab_size, tok.eod
 
 
-def _epoch_iters(cfg: RunConfig, world_size: int) -> int:
+def _epoch_iters(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     """The iterations that cover the training split --epochs times (the last batch completed
     from the next epoch's order)."""
     epochs = cfg.sft.epochs
     examples = preflight.train_examples(cfg.data)
     gbs = cfg.global_batch_size(world_size)
-    iters = max(1, math.ceil(epochs * examples / gbs))
-    logger.info(
-        "--epochs %d: %d training examples, global batch %d: %d iterations",
-        epochs, examples, gbs, iters,
-    )  # fmt: skip
-    return iters
+    return max(1, math.ceil(epochs * examples / gbs)), examples
 
 
 class Trainer:
@@ -100,8 +95,9 @@ class Trainer:
         self.cfg.validate(self.world_size)
         # Files against flags, before anything is built or written.
         self.undescribed_data = preflight.check_run(self.cfg, self.eod)
+        self.train_examples = None
         if cfg.sft.epochs is not None:
-            iters = _epoch_iters(self.cfg, self.world_size)
+            iters, self.train_examples = _epoch_iters(self.cfg, self.world_size)
             self.cfg = dataclasses.replace(
                 self.cfg, optim=dataclasses.replace(self.cfg.optim, train_iters=iters)
             )
@@ -173,7 +169,8 @@ class Trainer:
         )
         if cfg.gates_frozen:
             frozen = sum(freeze_gates(c) for c in chunks)
-            logger.info("froze %d GPAS gates", frozen)
+            if frozen:
+                logger.info("froze %d GPAS gates", frozen)
         if cfg.device == "cuda":
             chunks = [c.cuda() for c in chunks]
         self.model = wrap_model(chunks, self.tf_config, cfg.parallel)
@@ -211,6 +208,11 @@ class Trainer:
 
     def _log_setup(self) -> None:
         cfg = self.cfg
+        if self.train_examples is not None:
+            logger.info(
+                "--epochs %d: %d training examples, global batch %d: %d iterations",
+                cfg.sft.epochs, self.train_examples, self.gbs, cfg.optim.train_iters,
+            )  # fmt: skip
         if self.undescribed_data:
             logger.warning(
                 "%s: no %s description (made before sidecars existed): the tokenizer cannot "

@@ -1,0 +1,1 @@
+"""Downstream evaluation of trained models with lm-evaluation-harness."""
