@@ -145,3 +145,27 @@ def test_7b_recipe_flags_train_checkpoint_resume_and_export_at_tiny_shape(tmp_pa
     )
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert "verify passed" in exported.stderr
+
+
+def test_the_sft_recipe_plans_the_papers_second_stage(tmp_path):
+    recipe = os.path.join(SLURM, "recipes", "sft_1b.yaml")
+    cfg = parse_run_config(["--config", recipe, "--mock-data", "--save", str(tmp_path)])
+    assert cfg.sft.sft and cfg.gates_frozen
+    assert (cfg.sft.epochs, cfg.optim.lr, cfg.sft.lisa_layers, cfg.sft.lisa_interval) == (
+        4, 3e-4, 4, 3,
+    )  # fmt: skip
+    assert plan_run(cfg, 8).world_size == 8
+
+
+def test_the_sft_pipeline_submits_data_then_sft_then_the_table(tmp_path):
+    script = os.path.join(ROOT, "examples", "sft", "slurm", "pipeline.sh")
+    subprocess.run(["bash", "-n", script], check=True)
+    env = dict(os.environ, DRY_RUN="1", CS170K="cs.json", TOKENIZER="t.model", OUT=str(tmp_path))
+    proc = subprocess.run(["bash", script], env=env, capture_output=True, text=True, check=True)
+    jobs = [x for x in proc.stderr.splitlines() if x.startswith("sbatch ")]
+    assert len(jobs) == 4
+    assert "tools/preprocess_sft.py" in jobs[0] and "--loss-on-prompt" in jobs[0]
+    for job, norm in zip(jobs[1:3], ("pre", "pre_gpas"), strict=True):
+        assert "--dependency=afterok:" in job and f"--norm-type {norm}" in job
+        assert f"--pretrained-checkpoint runs/1b_{norm}/checkpoints" in job
+    assert "tools/downstream_eval.py" in jobs[3] and jobs[3].count("--model ") == 2
