@@ -18,7 +18,6 @@ Results are printed and appended to ``bench/results/checkpoint.jsonl``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -29,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from process_stats import append_result
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results", "checkpoint.jsonl")
 
@@ -36,12 +37,6 @@ RESULTS = os.path.join(ROOT, "bench", "results", "checkpoint.jsonl")
 # fp32 Adam moments per parameter, as ``estimate_checkpoint_bytes`` counts them.
 PARAMS_7B = 6.74e9
 BYTES_7B = PARAMS_7B * (2 + 12)
-
-
-def _commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                         text=True)  # fmt: skip
-    return out.stdout.strip() or "unknown"
 
 
 def _timed(fn, *args, **kwargs):
@@ -137,11 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-stall", action="store_true")
     p.add_argument("--workdir", default=None, help="where to write (default: a temp dir)")
     args = p.parse_args(argv)
-    result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "commit": _commit(),
-        "machine": f"{platform.node()} ({os.cpu_count()} CPUs)",
-    }
+    result = {"machine": f"{platform.node()} ({os.cpu_count()} CPUs)"}
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
         if not args.skip_manifest:
             m = result["manifest"] = bench_manifest(args.gigabytes, workdir)
@@ -163,10 +154,7 @@ def main(argv=None) -> int:
                 print(f"  {mode:5s}: median {r['stall_median_s']:.2f} s held "
                       f"(each: {', '.join(f'{x:.2f}' for x in r['stall_s'])}); "
                       f"median step {r['median_step_ms']:.0f} ms")  # fmt: skip
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(result) + "\n")
-    print(f"appended to {os.path.relpath(RESULTS, ROOT)}")
+    append_result(RESULTS, result)
     return 0
 
 

@@ -19,12 +19,10 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
-from process_stats import run_measured
+from process_stats import append_result, run_measured
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results", "sft.jsonl")
@@ -72,10 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--lisa-layers", type=int, default=2)
     p.add_argument("--iters", type=int, default=20)
     args = p.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip()  # fmt: skip
-    result = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "args": vars(args),
-              "machine": f"{platform.node()} ({os.cpu_count()} CPUs)"}  # fmt: skip
+    result = {"args": vars(args), "machine": f"{platform.node()} ({os.cpu_count()} CPUs)"}
     with tempfile.TemporaryDirectory() as tmp:
         runs = []
         for k in (0, args.lisa_layers):
@@ -92,10 +87,7 @@ def main(argv=None) -> int:
         print(f"  {what:18s}: {r['median_step_s'] * 1e3:8.1f} ms/step, "
               f"{r['tokens_per_s']:10,.0f} tokens/s, {mem}")  # fmt: skip
     print(f"  LISA / full: {lisa['tokens_per_s'] / full['tokens_per_s']:.3f}× tokens/s")
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(result) + "\n")
-    print(f"appended to {os.path.relpath(RESULTS, ROOT)}")
+    append_result(RESULTS, result)
     return 0
 
 

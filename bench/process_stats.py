@@ -35,3 +35,19 @@ def run_measured(
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed:\n{output[-4000:]}")
     return seconds, peak, output
+
+
+def append_result(path: str, result: dict) -> None:
+    """One JSON line per run in ``bench/results/…jsonl``, stamped with the date and commit."""
+    import datetime
+    import json
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    stamped = {"date": datetime.date.today().isoformat(), "commit": commit or "unknown", **result}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(stamped) + "\n")
+    print(f"appended to {os.path.relpath(path, root)}")
