@@ -137,3 +137,48 @@ def test_the_training_sample_shifts_the_mask_onto_the_labels(tokenizer, tmp_path
     assert sample["loss_mask"].tolist() == [float(m) for m in mask[1:]] + [0.0] * (seq - n + 1)
     # each epoch visits every example once
     assert sorted(train._document(i) for i in range(4)) == [0, 1, 2, 3]
+
+
+def test_an_examples_losses_do_not_depend_on_the_others_in_its_batch(tokenizer, tmp_path):
+    """One example per sample (no packing): its per-token losses in a batch with others are
+    those it has alone, on a real (randomly initialised) model."""
+    import torch
+
+    from megatron_ext.config.data import DataConfig
+    from megatron_ext.data.datasets import build_datasets
+    from megatron_ext.export.megatron_model import build_cpu_model, megatron_logits
+    from megatron_ext.models.presets import model_preset
+
+    records = [dict(RECORD, output=f"the correct answer is answer{i}", instruction=q)
+               for i, q in enumerate(["Is ice cold?", "Which is larger, a cat or a car?",
+                                      "What is two plus two?"])]  # fmt: skip
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    prefix = str(tmp_path / "sft")
+    sft.write_sft_dataset([str(tmp_path / "d.json")], tokenizer, prefix)
+    seq = 96
+    train, _, _ = build_datasets(
+        DataConfig(data_path=[prefix], split="100,0,0", data_mode="sft"),
+        seq_length=seq, seed=1, vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod,
+        num_samples=[3, 0, 0],
+    )  # fmt: skip
+    samples = [train[i] for i in range(3)]
+    cfg = model_preset("tiny", norm_type="pre_gpas", vocab_size=tokenizer.vocab_size,
+                       seq_length=seq)  # fmt: skip
+    model = build_cpu_model(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+
+    def token_losses(batch):
+        tokens = torch.stack([s["tokens"] for s in batch])
+        labels = torch.stack([s["labels"] for s in batch])
+        mask = torch.stack([s["loss_mask"] for s in batch])
+        logits = megatron_logits(model, tokens, cfg.padded_vocab_size())
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+        return ce * mask
+
+    alone = token_losses([samples[0]])[0]
+    together = token_losses([samples[1], samples[0], samples[2]])[1]
+    assert samples[0]["loss_mask"].sum() > 5
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
