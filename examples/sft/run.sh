@@ -22,6 +22,16 @@ RECORDS=${RECORDS:-400}
 PY=${PYTHON:-python3}
 step() { echo; echo "== $1  [$(( $(date +%s) - START ))s]"; }
 
+step "0/5 install (only what is missing)"
+if $PY tools/check_env.py missing torch; then
+  $PY -m pip install --quiet "torch==2.13.0"
+fi
+if $PY tools/check_env.py missing megatron_ext megatron.core sentencepiece transformers \
+    safetensors lm_eval accelerate; then
+  $PY -m pip install --quiet -e ".[hf,eval]"
+fi
+echo "ready: $($PY tools/check_env.py versions)"
+
 step "1/5 data: a corpus to pretrain on, SFT records, a held-out task"
 $PY examples/quickstart/prepare_corpus.py --out "$OUT/corpus" >/dev/null
 $PY tools/train_tokenizer.py --input "$OUT/corpus/train.jsonl" --vocab-size "$VOCAB" \
