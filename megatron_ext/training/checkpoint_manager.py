@@ -235,11 +235,7 @@ class CheckpointManager:
             raise
         except Exception as err:  # the writer failed on some rank (a full disk, say)
             self._pending = None
-            pending.discard()
-            raise CheckpointError(
-                f"could not write checkpoint {pending.final}: {checkpointing.one_line(err)}; "
-                f"{pending.intact()}"
-            ) from err
+            raise pending.failure(checkpointing.one_line(err)) from err
         if self._queue.get_num_unfinalized_calls() == 0:
             self._pending = None
 

@@ -11,10 +11,12 @@ under a different TP / PP / DP layout (the per-rank RNG states are then re-seede
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -146,11 +148,22 @@ def _gather(value) -> list:
     return out
 
 
-def _agree(error: Optional[BaseException], what: str) -> None:
-    """Collective: raise the same :class:`CheckpointError` on every rank if any rank failed."""
+@contextlib.contextmanager
+def _agreed(fail: Callable[[str], CheckpointError]):
+    """Collective: run the block on every rank; if it raised on any rank, raise ``fail(cause)``
+    (the first failing rank's cause, in one line) on every rank, so none is left waiting."""
+    error = None
+    try:
+        yield
+    except Exception as err:
+        error = err
     causes = [c for c in _gather(None if error is None else one_line(error)) if c]
     if causes:
-        raise CheckpointError(f"{what}: {causes[0]}")
+        raise fail(causes[0]) from error
+
+
+def _failed(what: str) -> Callable[[str], CheckpointError]:
+    return lambda cause: CheckpointError(f"{what}: {cause}")
 
 
 def one_line(error: BaseException) -> str:
@@ -217,12 +230,8 @@ class PendingSave:
 
     def finish(self) -> int:
         """Collective; returns the checkpoint's size in bytes."""
-        error, size = None, 0
-        try:
+        with _agreed(self.failure):  # a full disk while writing the manifest, say
             size = _write_manifest(self.tmp, self.iteration, self.hashed).total_bytes
-        except Exception as err:  # a full disk while hashing/writing the manifest, say
-            error = err
-        self._agree_or_discard(error)
         _barrier()
         if _is_rank0():
             if os.path.isdir(self.final):
@@ -239,12 +248,11 @@ class PendingSave:
         if _is_rank0():
             shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def _agree_or_discard(self, error: Optional[BaseException]) -> None:
-        try:
-            _agree(error, f"could not write checkpoint {self.final}")
-        except CheckpointError as err:
-            self.discard()
-            raise CheckpointError(f"{err}; {self.intact()}") from error
+    def failure(self, cause: str) -> CheckpointError:
+        """The write failed (on some rank): the partial directory goes, the error says what
+        is left."""
+        self.discard()
+        return CheckpointError(f"could not write checkpoint {self.final}: {cause}; {self.intact()}")
 
     def intact(self) -> str:
         previous = [i for i in saved_iterations(self.root) if i != self.iteration]
@@ -282,24 +290,16 @@ def start_save(
     files are written by megatron-core's async worker: the returned save's ``request`` is to be
     scheduled, and ``finish`` called once it is done on every rank."""
     pending = PendingSave(root, iteration, keep_last, hashed)
-    error = None
-    try:
+    with _agreed(_failed(f"could not create {pending.tmp}")):
         if _is_rank0():
             shutil.rmtree(pending.tmp, ignore_errors=True)
             os.makedirs(pending.tmp)
-    except OSError as err:
-        error = err
-    _agree(error, f"could not create {pending.tmp}")
-    error = None
-    try:
+    with _agreed(pending.failure):
         state = _state_to_save(chunks, optimizer, scheduler, run_state)
         pending.request = dist_checkpointing.save(state, pending.tmp, async_sharded_save=async_save)
         if optimizer is not None:
             os.makedirs(os.path.join(pending.tmp, "rng"), exist_ok=True)
             torch.save(_rng_state(), os.path.join(pending.tmp, "rng", f"{_rank_tag()}.pt"))
-    except Exception as err:
-        error = err
-    pending._agree_or_discard(error)
     return pending
 
 
@@ -390,19 +390,17 @@ def _verify(directory: str, verify_hashes: bool) -> Optional[list[str]]:
     """Collective: the problems found in ``directory`` against its manifest (sizes on rank 0,
     hashes shared by all ranks); None when it has no manifest (an older checkpoint)."""
     rank, world = _world()
-    verdict = None
-    if rank == 0:
-        try:
-            m = manifest_lib.read(directory)
-            verdict = None if m is None else manifest_lib.size_problems(directory, m)
-        except manifest_lib.DamagedCheckpointError as err:
-            verdict = [str(err)]
-    verdict = _gather(verdict)[0]
-    if verdict or verdict is None or not verify_hashes:
+    m = None
+    try:
+        m = manifest_lib.read(directory)
+        verdict = None if m is None else []
+        if m is not None and rank == 0:
+            verdict = manifest_lib.size_problems(directory, m)
+    except manifest_lib.DamagedCheckpointError as err:
+        verdict = [str(err)]
+    verdict = _gather(verdict)[0]  # rank 0's, for every rank
+    if verdict or verdict is None or not verify_hashes or m is None or not m.hashed:
         return verdict
-    m = manifest_lib.read(directory)
-    if not m.hashed:
-        return []
     share = manifest_lib.shares(sorted(m.files), rank, world)
     mine = manifest_lib.hash_problems(directory, m, share)
     return [p for part in _gather(mine) for p in part]
@@ -465,12 +463,8 @@ def load_checkpoint(
     directory = choose_checkpoint(root, on_damaged=on_damaged, verify_hashes=verify_hashes)
     if directory is None:
         return None
-    error, state = None, None
-    try:
+    with _agreed(_failed(f"could not read checkpoint {directory}")):
         state = _read_checkpoint(directory, chunks, optimizer, scheduler, load_optimizer)
-    except Exception as err:
-        error = err
-    _agree(error, f"could not read checkpoint {directory}")
     return state
 
 

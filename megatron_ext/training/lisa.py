@@ -56,6 +56,7 @@ class LayerActivation:
         self.layers = decoder_layer_params(chunks)
         self._interval: Optional[int] = None
         self.active: list[int] = list(range(num_layers))
+        self._frozen: set = set()  # this interval's inactive parameters
         # per layer: optimizer updates it sat out (its Adam step is behind by that many)
         self.missed = list((saved or {}).get("missed_updates", [0] * num_layers))
 
@@ -91,10 +92,12 @@ class LayerActivation:
         if interval != self._interval:
             self._interval = interval
             self.active = sample_layers(self.seed, interval, self.num_layers, self.cfg.lisa_layers)
+            self._frozen = {
+                p for layer, params in self.layers.items() if layer not in self.active
+                for p in params
+            }  # fmt: skip
             self._report(iteration + 1)
-        return {
-            p for layer, params in self.layers.items() if layer not in self.active for p in params
-        }  # fmt: skip
+        return self._frozen
 
     def _report(self, iteration: int) -> None:
         logger.info(

@@ -113,21 +113,27 @@ def test_long_examples_are_truncated_or_dropped_and_counted(tokenizer, tmp_path)
     assert (dropped.examples, dropped.dropped_long) == (1, 2)
 
 
-def test_the_training_sample_shifts_the_mask_onto_the_labels(tokenizer, tmp_path):
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
+def _sft_train_split(tokenizer, tmp_path, records, seq):
+    """(prefix, training split) of ``records`` preprocessed, one sample per record."""
     from megatron_ext.config.data import DataConfig
     from megatron_ext.data.datasets import build_datasets
 
-    (tmp_path / "d.json").write_text(json.dumps([RECORD] * 4))
+    (tmp_path / "d.json").write_text(json.dumps(records))
     prefix = str(tmp_path / "sft")
     sft.write_sft_dataset([str(tmp_path / "d.json")], tokenizer, prefix)
-    seq = 96
     train, _, _ = build_datasets(
         DataConfig(data_path=[prefix], split="100,0,0", data_mode="sft"),
         seq_length=seq, seed=1, vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod,
-        num_samples=[4, 0, 0],
+        num_samples=[len(records), 0, 0],
     )  # fmt: skip
+    return prefix, train
+
+
+def test_the_training_sample_shifts_the_mask_onto_the_labels(tokenizer, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    seq = 96
+    prefix, train = _sft_train_split(tokenizer, tmp_path, [RECORD] * 4, seq)
     tokens_ds, masks_ds = IndexedDataset(prefix), IndexedDataset(prefix + ".loss_mask")
     ids, mask = tokens_ds[0].copy(), masks_ds[0].copy()  # copies: the views die with the mmap
     sample = train[0]
@@ -144,23 +150,14 @@ def test_an_examples_losses_do_not_depend_on_the_others_in_its_batch(tokenizer, 
     those it has alone, on a real (randomly initialised) model."""
     import torch
 
-    from megatron_ext.config.data import DataConfig
-    from megatron_ext.data.datasets import build_datasets
     from megatron_ext.export.megatron_model import build_cpu_model, megatron_logits
     from megatron_ext.models.presets import model_preset
 
     records = [dict(RECORD, output=f"the correct answer is answer{i}", instruction=q)
                for i, q in enumerate(["Is ice cold?", "Which is larger, a cat or a car?",
                                       "What is two plus two?"])]  # fmt: skip
-    (tmp_path / "d.json").write_text(json.dumps(records))
-    prefix = str(tmp_path / "sft")
-    sft.write_sft_dataset([str(tmp_path / "d.json")], tokenizer, prefix)
     seq = 96
-    train, _, _ = build_datasets(
-        DataConfig(data_path=[prefix], split="100,0,0", data_mode="sft"),
-        seq_length=seq, seed=1, vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod,
-        num_samples=[3, 0, 0],
-    )  # fmt: skip
+    _, train = _sft_train_split(tokenizer, tmp_path, records, seq)
     samples = [train[i] for i in range(3)]
     cfg = model_preset("tiny", norm_type="pre_gpas", vocab_size=tokenizer.vocab_size,
                        seq_length=seq)  # fmt: skip
