@@ -49,7 +49,9 @@ setup(
         "hf": ["transformers>=5.0,<6", "safetensors", "tokenizers", "protobuf"],
         "wandb": ["wandb"],
         "tensorboard": ["tensorboard"],
-        "eval": ["lm-eval", "accelerate"],  # lm-evaluation-harness on exports
+        # lm-evaluation-harness pinned: its task prompts and metrics change between releases, and
+        # the downstream table names the version it ran
+        "eval": ["lm-eval==0.4.13", "accelerate"],
         "zst": ["zstandard"],  # .zst inputs to preprocessing
         "plot": ["matplotlib"],
         # Everything the test suite imports. (mistral-common, whose real SentencePiece model
@@ -65,7 +67,7 @@ setup(
             "protobuf",
             "wandb",
             "tensorboard",
-            "lm-eval",
+            "lm-eval==0.4.13",
             "accelerate",
             "zstandard",
         ],

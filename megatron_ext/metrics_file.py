@@ -41,9 +41,10 @@ class StepRecord:
     mfu: Optional[float] = None
     mem_gib: Optional[float] = None
     spikes_total: Optional[int] = None  # in the whole run, with spike detection on
+    no_loss_iterations: Optional[int] = None  # in the whole run: batches no token had loss in
 
     _OPTIONAL = ("gate_scale_mean", "gate_scale_min", "gate_scale_max", "gpas_scales",
-                 "tflops", "mfu", "mem_gib", "spikes_total")  # fmt: skip
+                 "tflops", "mfu", "mem_gib", "spikes_total", "no_loss_iterations")  # fmt: skip
 
     def as_dict(self) -> dict:
         values = dataclasses.asdict(self)

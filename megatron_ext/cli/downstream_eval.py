@@ -7,7 +7,9 @@ checkpoints), the paper's commonsense tasks and few-shot setting by default.
 
 Writes ``OUT/downstream.md`` and ``OUT/downstream.csv`` (task × model: acc / acc_norm, and the
 average), lm-eval's own results under ``OUT/raw/<model>/`` and checkpoint exports under
-``OUT/exports/<model>/``. Run again to resume: finished models are not evaluated twice.
+``OUT/exports/<model>/``. Run again to resume: a model already evaluated with the same
+checkpoint and settings (tasks, shots, limit, dtype, lm-eval version) is not evaluated twice;
+anything else is. Relative paths are taken from the directory you run it in.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from megatron_ext.evaluation.downstream import (  # noqa: E402
     EvalSettings,
     build_table,
     evaluate,
+    lm_eval_version,
     parse_models,
 )
 
@@ -58,12 +61,13 @@ def main(argv=None) -> int:
         include_path=args.include_path,
     )
     try:
+        version = lm_eval_version()
         models = parse_models(args.model)
-        results = {m.name: evaluate(m, args.out, settings, cwd=args.include_path) for m in models}
+        results = {m.name: evaluate(m, args.out, settings, version=version) for m in models}
     except DownstreamError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    table = build_table(settings.tasks, results)
+    table = build_table(settings.tasks, results, settings, version)
     md, csv_path = table.write(args.out)
     print(table.markdown())
     print(f"wrote {md} and {csv_path}")

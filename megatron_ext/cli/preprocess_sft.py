@@ -1,9 +1,14 @@
 """Tokenize supervised fine-tuning data (Commonsense170K's JSON array, JSON lines of the same
-fields, or chat records with ``messages``) into an indexed dataset with a per-token loss mask.
+fields, chat records with ``messages``, or LMFlow's ``text_only`` / ``text2text`` files) into an
+indexed dataset with a per-token loss mask: one example per sequence, or packed into blocks.
 
     python tools/preprocess_sft.py --input commonsense_170k.json \\
         --tokenizer-type SentencePieceTokenizer --tokenizer-model spiece.model \\
         --output-prefix data/cs170k --seq-length 256 --loss-on-prompt
+
+    # the GPAS authors' recipe (LMFlow): every token trained, 512-token blocks
+    python tools/preprocess_sft.py --input commonsense_170k.json --template llm-adapters \\
+        --loss-on-prompt --pack --seq-length 512 ... --output-prefix data/cs170k_packed512
 
 Writes ``PREFIX.bin/.idx`` (tokens), ``PREFIX.loss_mask.bin/.idx`` (1 where the loss counts)
 and ``PREFIX.meta.json``. Train on it with ``pretrain_gpas.py --sft --data-path PREFIX``.
@@ -18,7 +23,12 @@ from megatron_ext.quiet import quiet_third_party_warnings
 
 quiet_third_party_warnings()
 
-from megatron_ext.data.sft import SFTDataError, write_sft_dataset  # noqa: E402
+from megatron_ext.data.sft import (  # noqa: E402
+    PACK_GROUP,
+    TEMPLATES,
+    SFTDataError,
+    write_sft_dataset,
+)
 from megatron_ext.data.tokenizers import (  # noqa: E402
     TOKENIZER_TYPES,
     TokenizerError,
@@ -39,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--long-examples", choices=("truncate", "drop"), default="truncate")
     p.add_argument(
+        "--template", choices=tuple(TEMPLATES), default="alpaca",
+        help="how an instruction record is rendered: the Alpaca prompt as written, or exactly as "
+        "LLM-Adapters' finetune.py renders it (its indentation and trailing spaces included)",
+    )  # fmt: skip
+    p.add_argument(
+        "--pack", action="store_true",
+        help="concatenate the examples and cut them into blocks of --seq-length tokens (LMFlow's "
+        f"group texts: per {PACK_GROUP} examples, the tail that fills no block is dropped)",
+    )  # fmt: skip
+    p.add_argument(
         "--loss-on-prompt", action="store_true",
         help="loss on every token (the paper's recipe); default: the response only",
     )  # fmt: skip
@@ -57,6 +77,8 @@ def main(argv=None) -> int:
             seq_length=args.seq_length,
             long_examples=args.long_examples,
             loss_on_prompt=args.loss_on_prompt,
+            template=args.template,
+            pack=args.pack,
         )
     except (SFTDataError, TokenizerError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

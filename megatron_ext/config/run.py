@@ -28,7 +28,6 @@ TransformerImpl = Literal["local", "transformer_engine"]
 AttentionBackend = Literal[ATTENTION_BACKENDS]
 TokenizerType = Literal[("NullTokenizer", *TOKENIZER_TYPES)]
 DamagedPolicy = Literal["fallback", "stop"]
-LisaMode = Literal["uniform"]
 
 
 @dataclass
@@ -166,7 +165,6 @@ class SFTConfig:
         0, "LISA: decoder layers trained at a time, sampled every --lisa-interval steps (0: all)"
     )
     lisa_interval: int = option(20, "LISA: steps between samplings")
-    lisa_mode: LisaMode = option("uniform", "LISA: how layers are sampled")
 
 
 @dataclass

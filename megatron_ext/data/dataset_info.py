@@ -54,6 +54,7 @@ class DatasetInfo:
     tokens: int
     tool_version: str
     format_version: int = FORMAT_VERSION
+    sft: Optional[dict] = None  # SFT data: how it was cut ({"seq_length": …, "packed": …})
 
     def write(self, prefix: str) -> None:
         """Write ``<prefix>.meta.json`` via a temporary name, so a reader never sees half."""

@@ -22,7 +22,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 
 from megatron_ext.config.data import DataConfig, parse_blend
-from megatron_ext.data.sft import mask_prefix
+from megatron_ext.data.sft import loss_tokens_kept, mask_prefix
 
 
 @dataclass
@@ -96,13 +96,24 @@ class SFTDataset(PerDocumentDataset):
     """One fine-tuning example per sample (``--data-mode sft``): its tokens (ending in EOD) and
     the loss mask written beside them (``data/sft.py``), right-padded; an example longer than the
     sequence keeps its first ``seq_length + 1`` tokens. Each epoch visits every example once,
-    in an order set by the seed."""
+    in an order set by the seed; examples that would keep no token with loss are left out
+    (preflight counts them)."""
 
     def __init__(self, dataset, dataset_path, indices, num_samples, index_split, config):
         super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         self.masks = IndexedDataset(mask_prefix(dataset_path))
+        kept = loss_tokens_kept(dataset_path, self.seq_length)[self.indices] > 0
+        if not kept.any():
+            raise ValueError(
+                f"{dataset_path}: no example of the {index_split.name} split keeps a token with "
+                f"loss within --seq-length {self.seq_length}"
+            )
+        self.indices = self.indices[kept]
+        self.num_docs = len(self.indices)
+        if num_samples is None:
+            self.length = self.num_docs
 
     def __getitem__(self, idx):
         document = self._document(int(idx))

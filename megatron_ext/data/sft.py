@@ -1,23 +1,29 @@
 """Supervised fine-tuning data: instruction records → token ids with a per-token loss mask.
 
 Inputs: Commonsense170K's one JSON array (records with ``instruction``, ``input``, ``output``,
-``answer``), JSON lines of the same fields, or chat records (``messages``: ``role`` and
-``content``). An instruction record is rendered with the Alpaca template (the ``### Input:``
-branch when ``input`` is non-empty), as the code that built Commonsense170K did; a chat record
-with a plain role-tagged template. The loss mask is 1 on the response (assistant turns) and the
-closing EOD, 0 on the prompt; ``loss_on_prompt`` makes it 1 everywhere (the paper's recipe).
+``answer``), JSON lines of the same fields, chat records (``messages``: ``role`` and
+``content``), and LMFlow's dataset files (``{"type": "text_only", "instances": [{"text": …}]}``,
+trained on every token, and ``{"type": "text2text", "instances": [{"input": …, "output": …}]}``,
+the input a prompt). An instruction record is rendered with a named template (``TEMPLATES``):
+``alpaca``, the Alpaca prompt as written, or ``llm-adapters``, the prompt exactly as the code
+that built Commonsense170K writes it (16 spaces of indentation inside it and trailing spaces
+after the header, from an indented triple-quoted f-string). A chat record gets a plain
+role-tagged template. The loss mask is 1 on the response (assistant turns) and the closing EOD,
+0 on the prompt; ``loss_on_prompt`` makes it 1 everywhere (the paper's recipe).
 
 The output is two megatron-core indexed datasets with the same document boundaries: the tokens
 at ``PREFIX`` and the mask (uint8) at ``PREFIX.loss_mask``, plus the tokenizer sidecar. One
-example is one sample at training time (``--data-mode sft``): no example shares a sequence, so
-its per-token losses are those it would have alone.
+document is one sample at training time (``--data-mode sft``), right-padded: either one example
+(no example shares a sequence, so its per-token losses are those it would have alone) or, with
+``pack``, one block of ``seq_length`` tokens cut from the examples concatenated, as LMFlow's
+"group texts" does (see :func:`pack_blocks`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -38,6 +44,10 @@ ALPACA_HEADER_WITH_INPUT = (
 )
 CHAT_ROLES = ("system", "user", "assistant")
 LongExamples = Literal["truncate", "drop"]
+LMFLOW_TYPES = ("text_only", "text2text")
+#: LMFlow's group_texts_batch_size: examples concatenated at a time; each group's tail that
+#: does not fill a block is dropped
+PACK_GROUP = 1000
 
 
 class SFTDataError(ValueError):
@@ -58,6 +68,26 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
     return f"{ALPACA_HEADER}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 
 
+_INDENT = " " * 16  # LLM-Adapters' generate_prompt: its f-string lines are indented 16 spaces
+
+
+def llm_adapters_prompt(instruction: str, input_text: str = "") -> str:
+    """The prompt as LLM-Adapters' finetune.py (which built Commonsense170K) renders it, up to
+    the response: the header ends in one space (with input) or two (without), every following
+    line, blank ones included, starts with 16 spaces, and so does the response."""
+    lines = [f"### Instruction:\n{_INDENT}{instruction}\n{_INDENT}\n"]
+    if input_text:
+        header = ALPACA_HEADER_WITH_INPUT + " "
+        lines.append(f"{_INDENT}### Input:\n{_INDENT}{input_text}\n{_INDENT}\n")
+    else:
+        header = ALPACA_HEADER + "  "
+    return f"{header}\n\n{_INDENT}" + "".join(lines) + f"{_INDENT}### Response:\n{_INDENT}"
+
+
+TEMPLATES = {"alpaca": alpaca_prompt, "llm-adapters": llm_adapters_prompt}
+Template = Literal["alpaca", "llm-adapters"]
+
+
 @dataclass(frozen=True)
 class Example:
     """An example as text segments, each trained on (response) or not (prompt)."""
@@ -65,16 +95,20 @@ class Example:
     segments: tuple  # ((text, trained), ...)
 
 
-def read_records(path: str) -> list:
-    """The records of ``path``: one JSON array, or JSON lines."""
+def read_records(path: str) -> tuple[list, str]:
+    """The records of ``path`` and what to call one in a message: one JSON array (``record``),
+    an LMFlow dataset object (``instance``), or JSON lines (``record``)."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    if text.lstrip().startswith("["):
+    head = text.lstrip()[:1]
+    if head in ("[", "{") and not _is_json_lines(text):
         try:
-            records = json.loads(text)
+            value = json.loads(text)
         except ValueError as err:
-            raise SFTDataError(f"{path}: not a valid JSON array ({err})") from err
-        return records
+            raise SFTDataError(f"{path}: not valid JSON ({err})") from err
+        if isinstance(value, list):
+            return value, "record"
+        return _lmflow_instances(value, path), "instance"
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -83,7 +117,36 @@ def read_records(path: str) -> list:
             records.append(json.loads(line))
         except ValueError as err:
             raise SFTDataError(f"{path}: line {number} is not JSON ({err})") from err
-    return records
+    return records, "record"
+
+
+def _is_json_lines(text: str) -> bool:
+    """More than one non-blank line, the first a JSON value by itself."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) < 2:
+        return False
+    try:
+        json.loads(lines[0])
+    except ValueError:
+        return False
+    return True
+
+
+def _lmflow_instances(value, path: str) -> list:
+    """LMFlow's ``{"type": …, "instances": […]}``, each instance tagged with the type."""
+    if not isinstance(value, dict) or "instances" not in value:
+        raise SFTDataError(
+            f"{path}: a JSON object must be an LMFlow dataset with \"type\" and \"instances\""
+        )
+    kind = value.get("type")
+    if kind not in LMFLOW_TYPES:
+        raise SFTDataError(
+            f"{path}: LMFlow dataset type {kind!r} is not supported; use one of {LMFLOW_TYPES}"
+        )
+    instances = value["instances"]
+    if not isinstance(instances, list):
+        raise SFTDataError(f"{path}: \"instances\" must be a list")
+    return [{"__lmflow__": kind, "instance": x} for x in instances]
 
 
 def _string(record, key: str, where: str, *, required: bool = True) -> str:
@@ -97,16 +160,30 @@ def _string(record, key: str, where: str, *, required: bool = True) -> str:
     return value
 
 
-def to_example(record, where: str) -> Example:
-    """An instruction record (Alpaca template) or a chat record (``messages``)."""
+def to_example(record, where: str, template: Template = "alpaca") -> Example:
+    """An instruction record (rendered with ``template``), a chat record (``messages``) or an
+    LMFlow instance (``text_only``: trained on every token; ``text2text``: input as prompt)."""
+    if isinstance(record, dict) and "__lmflow__" in record:
+        return _lmflow_example(record["__lmflow__"], record["instance"], where)
     if not isinstance(record, dict):
         raise SFTDataError(f"{where}: a record must be a JSON object, not {type(record).__name__}")
     if "messages" in record:
         return _chat_example(record["messages"], where)
-    prompt = alpaca_prompt(
+    prompt = TEMPLATES[template](
         _string(record, "instruction", where), _string(record, "input", where, required=False)
     )
     return Example(((prompt, False), (_string(record, "output", where), True)))
+
+
+def _lmflow_example(kind: str, instance, where: str) -> Example:
+    if not isinstance(instance, dict):
+        raise SFTDataError(
+            f"{where}: an instance must be a JSON object, not {type(instance).__name__}"
+        )
+    if kind == "text_only":
+        return Example(((_string(instance, "text", where), True),))
+    return Example(((_string(instance, "input", where), False),
+                    (_string(instance, "output", where), True)))  # fmt: skip
 
 
 def _chat_example(messages, where: str) -> Example:
@@ -158,29 +235,109 @@ def tokenize(tokenizer, example: Example, *, loss_on_prompt: bool) -> tuple[np.n
 @dataclass
 class SFTSummary:
     output_prefix: str
-    examples: int = 0
-    tokens: int = 0
+    examples: int = 0  # examples written (packed: examples read into blocks)
+    tokens: int = 0  # tokens written
     trained_tokens: int = 0
     truncated: int = 0
     dropped_long: int = 0
     dropped_no_response: int = 0  # the prompt alone fills the sequence
+    blocks: Optional[int] = None  # packed: blocks written
+    remainder_tokens: int = 0  # packed: tokens of each group's tail that filled no block
     inputs: list = field(default_factory=list)
 
+    def nothing_kept(self) -> str:
+        where = ", ".join(self.inputs)
+        if self.blocks is not None and self.examples:
+            return (
+                f"{where}: the {self.examples:,} examples hold {self.remainder_tokens:,} tokens, "
+                "not enough for one block of --seq-length per group of "
+                f"{PACK_GROUP} examples; nothing was written: use a shorter --seq-length"
+            )
+        read = self.dropped_long + self.dropped_no_response
+        if read == 0:
+            return f"{where}: holds no records; nothing was written"
+        return (
+            f"{where}: none of the {read:,} examples was kept "
+            f"({self.dropped_long:,} longer than --seq-length and --long-examples drop, "
+            f"{self.dropped_no_response:,} with no response token within --seq-length); nothing "
+            "was written: give a longer --seq-length, or --long-examples truncate"
+        )
+
     def lines(self) -> list[str]:
+        share = f"{self.trained_tokens / max(self.tokens, 1):.1%}"
+        if self.blocks is not None:
+            return [
+                f"{self.output_prefix}: {self.examples:,} examples packed into {self.blocks:,} "
+                f"blocks, {self.tokens:,} tokens ({self.trained_tokens:,} with loss, {share})",
+                f"dropped: {self.remainder_tokens:,} tokens, the tails of the groups of "
+                f"{PACK_GROUP} examples that filled no block (as LMFlow's group texts)",
+            ]
         return [
             f"{self.output_prefix}: {self.examples:,} examples, {self.tokens:,} tokens "
-            f"({self.trained_tokens:,} with loss, {self.trained_tokens / max(self.tokens, 1):.1%})",
+            f"({self.trained_tokens:,} with loss, {share})",
             f"longer than the sequence: {self.truncated:,} truncated, {self.dropped_long:,} "
             f"dropped; no response token within the sequence: {self.dropped_no_response:,} "
             "dropped",
         ]
 
 
-def examples_of(paths: Sequence[str]) -> Iterator[Example]:
+def examples_of(paths: Sequence[str], template: Template = "alpaca") -> Iterator[Example]:
     """Every example of every file, validated (an error names the file, record and field)."""
     for path in paths:
-        for index, record in enumerate(read_records(path)):
-            yield to_example(record, f"{path}: record {index}")
+        records, noun = read_records(path)
+        for index, record in enumerate(records):
+            yield to_example(record, f"{path}: {noun} {index}", template)
+
+
+def pack_blocks(
+    tokenized: Iterable[tuple[np.ndarray, np.ndarray]],
+    block: int,
+    summary: SFTSummary,
+    group: int = PACK_GROUP,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """LMFlow's "group texts": ``group`` tokenized examples at a time are concatenated and cut
+    into blocks of ``block`` tokens; the tail of each group that does not fill a block is
+    dropped (a group with fewer tokens than a block gives none). Counts into ``summary``."""
+    pending: list = []
+
+    def cut():
+        ids = np.concatenate([i for i, _ in pending])
+        mask = np.concatenate([m for _, m in pending])
+        pending.clear()
+        full = len(ids) // block * block
+        summary.remainder_tokens += len(ids) - full
+        for start in range(0, full, block):
+            yield ids[start : start + block], mask[start : start + block]
+
+    for item in tokenized:
+        pending.append(item)
+        summary.examples += 1
+        if len(pending) == group:
+            yield from cut()
+    if pending:
+        yield from cut()
+
+
+def _cut_examples(
+    tokenized: Iterable[tuple[np.ndarray, np.ndarray]],
+    seq_length: Optional[int],
+    long_examples: LongExamples,
+    summary: SFTSummary,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """One example per document: cut (or dropped) to ``seq_length + 1`` tokens, and dropped
+    when no token with loss is left."""
+    for ids, mask in tokenized:
+        if seq_length is not None and len(ids) > seq_length + 1:
+            if long_examples == "drop":
+                summary.dropped_long += 1
+                continue
+            summary.truncated += 1
+            ids, mask = ids[: seq_length + 1], mask[: seq_length + 1]
+        if not mask[1:].any():
+            summary.dropped_no_response += 1
+            continue
+        summary.examples += 1
+        yield ids, mask
 
 
 def write_sft_dataset(
@@ -191,37 +348,40 @@ def write_sft_dataset(
     seq_length: Optional[int] = None,
     long_examples: LongExamples = "truncate",
     loss_on_prompt: bool = False,
+    template: Template = "alpaca",
+    pack: bool = False,
     tool_version: str = "preprocess_sft",
 ) -> SFTSummary:
-    """Tokenize every record into ``output_prefix`` (+ ``.loss_mask``). All records are checked
-    before anything is written, so a bad record leaves no output."""
-    examples = list(examples_of(paths))
+    """Tokenize every record into ``output_prefix`` (+ ``.loss_mask``): one example per
+    document, or with ``pack`` blocks of ``seq_length`` tokens. All records are checked before
+    anything is written, and nothing is written when nothing would be kept."""
+    if pack and not seq_length:
+        raise SFTDataError("--pack: give --seq-length, the length of a block")
+    examples = list(examples_of(paths, template))
     if tokenizer.eod is None:
         raise SFTDataError(f"--tokenizer-model: {tokenizer.path} has no end-of-document token")
-    summary = SFTSummary(output_prefix, inputs=list(paths))
-    dtype = token_dtype(tokenizer.vocab_size)
-    tokens_out = IndexedDatasetWriter(output_prefix, dtype)
+    summary = SFTSummary(output_prefix, inputs=list(paths), blocks=0 if pack else None)
+    tokenized = (tokenize(tokenizer, e, loss_on_prompt=loss_on_prompt) for e in examples)
+    if pack:
+        documents = pack_blocks(tokenized, seq_length, summary)
+    else:
+        documents = _cut_examples(tokenized, seq_length, long_examples, summary)
+    tokens_out = IndexedDatasetWriter(output_prefix, token_dtype(tokenizer.vocab_size))
     masks_out = IndexedDatasetWriter(mask_prefix(output_prefix), np.uint8)
-    max_id = -1
+    max_id, written = -1, 0
     try:
-        for example in examples:
-            ids, mask = tokenize(tokenizer, example, loss_on_prompt=loss_on_prompt)
-            if seq_length is not None and len(ids) > seq_length + 1:
-                if long_examples == "drop":
-                    summary.dropped_long += 1
-                    continue
-                summary.truncated += 1
-                ids, mask = ids[: seq_length + 1], mask[: seq_length + 1]
-            if not mask[1:].any():
-                summary.dropped_no_response += 1
-                continue
+        for ids, mask in documents:
             length = np.array([len(ids)], dtype=np.int32)
             tokens_out.add_documents(ids, length)
             masks_out.add_documents(mask, length)
-            summary.examples += 1
+            written += 1
             summary.tokens += len(ids)
             summary.trained_tokens += int(mask[1:].sum())
             max_id = max(max_id, int(ids.max()))
+        if pack:
+            summary.blocks = written
+        if written == 0:
+            raise SFTDataError(summary.nothing_kept())
         masks_out.finalize()
         tokens_out.finalize()
     except BaseException:
@@ -234,11 +394,34 @@ def write_sft_dataset(
         tokenizer.vocab_size,
         tokenizer.eod,
         max_id,
-        summary.examples,
+        written,
         summary.tokens,
         tool_version,
+        sft={"seq_length": seq_length, "packed": pack, "template": template,
+             "loss_on_prompt": loss_on_prompt},  # fmt: skip
     ).write(output_prefix)
     return summary
+
+
+def loss_tokens_kept(prefix: str, seq_length: int) -> np.ndarray:
+    """Per example of the SFT dataset at ``prefix``: how many tokens with loss it keeps when
+    training cuts it to ``seq_length + 1`` tokens (the first token is never a label). An example
+    with none teaches nothing: its response falls past the window."""
+    from megatron_ext.data.indexed_writer import bin_path, idx_path, read_index
+
+    masks = mask_prefix(prefix)
+    _, lengths = read_index(idx_path(masks))
+    lengths = lengths.astype(np.int64)
+    if len(lengths) == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    begin = starts + 1
+    end = starts + np.minimum(lengths, seq_length + 1)
+    flat = np.memmap(bin_path(masks), dtype=np.uint8, mode="r")
+    padded = np.concatenate([flat, np.zeros(1, dtype=np.uint8)])  # reduceat needs end < len
+    bounds = np.stack([begin, end], axis=1).reshape(-1)
+    sums = np.add.reduceat(padded, bounds, dtype=np.int64)[::2]
+    return np.where(end > begin, sums, 0)
 
 
 def mask_exists(prefix: str) -> bool:

@@ -3,26 +3,35 @@ lm-evaluation-harness, as markdown and CSV.
 
 Each model is a Hugging Face export (a directory with ``config.json``) or a training checkpoint
 (exported first, ``--target gpas``). lm-eval runs once per model in its own process (memory is
-returned between models) and writes its ``results_*.json`` under ``OUT/raw/<name>/``; a model
-whose results are there already is not evaluated again, so an interrupted table resumes. The
-table holds, per task, ``acc`` and ``acc_norm`` where the task defines it, and the average of
-``acc`` over the tasks.
+returned between models) and writes its ``results_*.json`` under
+``OUT/raw/<name>/<request key>/``. The request key is a hash of everything that changes a
+number: the model's identity (the checkpoint's manifest, or the export's file contents), the
+tasks, the shots, ``--limit``, the dtype, the seed, the include-path's task files and
+lm-evaluation-harness's version; a result is reused only when its key matches, so an interrupted
+table resumes and a changed setting or a retrained model is evaluated again (older results stay
+in their own folders). Exports of checkpoints are cached the same way.
+
+The table holds ``acc`` and ``acc_norm`` (where the task defines it) per task, and two averages
+over the tasks: of ``acc``, and of ``acc_norm`` where the task has it (``acc`` elsewhere). A
+model missing a task gets no average. lm-eval's version, the shots and any ``--limit`` head the
+table.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import io
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from megatron_ext import fileio
+from megatron_ext import checkpoint_layout, checkpoint_manifest, fileio
 
 #: the commonsense tasks the GPAS paper's fine-tuning code evaluates (5-shot)
 PAPER_TASKS = (
@@ -30,6 +39,8 @@ PAPER_TASKS = (
     "openbookqa",
 )  # fmt: skip
 PAPER_FEWSHOT = 5
+REQUEST_FILE = "request.json"
+SOURCE_FILE = "gpas_source.json"  # in an export made here: the checkpoint it came from
 
 
 class DownstreamError(RuntimeError):
@@ -39,7 +50,7 @@ class DownstreamError(RuntimeError):
 @dataclass(frozen=True)
 class Model:
     name: str
-    path: str
+    path: str  # absolute: lm-eval runs in the include-path's directory
 
     @property
     def is_export(self) -> bool:
@@ -55,13 +66,24 @@ def parse_models(items: Sequence[str]) -> list[Model]:
             name, path = os.path.basename(os.path.normpath(item)), item
         if not os.path.isdir(path):
             raise DownstreamError(f"--model {item}: no directory at {path}")
-        models.append(Model(name, path))
+        models.append(Model(name, os.path.abspath(path)))
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise DownstreamError(
             f"--model: two models share a name ({', '.join(names)}); use name=path"
         )
     return models
+
+
+def lm_eval_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lm_eval")
+    except PackageNotFoundError as err:
+        raise DownstreamError(
+            "lm-evaluation-harness is not installed: pip install -e '.[eval]'"
+        ) from err
 
 
 @dataclass
@@ -75,6 +97,71 @@ class EvalSettings:
     include_path: Optional[str] = None  # a directory of extra task YAMLs
     seed: int = 1234
 
+    def __post_init__(self):
+        if self.include_path:
+            self.include_path = os.path.abspath(self.include_path)
+
+    def number_fields(self) -> dict:
+        """The settings that change a score (batch size and device are taken not to)."""
+        d = asdict(self)
+        d["tasks"] = list(self.tasks)
+        for key in ("batch_size", "device", "include_path"):
+            d.pop(key)
+        if self.include_path:
+            d["include_path_files"] = _tree_digest(self.include_path)
+        return d
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _tree_digest(directory: str) -> str:
+    """SHA-256 over every file's relative path and contents."""
+    files = checkpoint_manifest.list_files(directory)
+    return _digest({f: checkpoint_manifest.sha256_of(os.path.join(directory, f)) for f in files})
+
+
+def model_identity(path: str) -> dict:
+    """What a model's scores depend on: for a training checkpoint, the checkpoint the pointer
+    names and its manifest (its files' sizes and SHA-256; sizes and times for a checkpoint
+    written before manifests); for an export, its files' contents (or, for an export made
+    here, the checkpoint it came from)."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        source = os.path.join(path, SOURCE_FILE)
+        if os.path.isfile(source):
+            with open(source, encoding="utf-8") as f:
+                return json.load(f)
+        return {"export": _tree_digest(path)}
+    try:
+        directory = checkpoint_layout.latest_checkpoint_dir(path)
+    except (ValueError, FileNotFoundError) as err:
+        raise DownstreamError(str(err)) from err
+    if directory is None:
+        raise DownstreamError(
+            f"{path}: neither an export (no config.json) nor a checkpoint directory (no "
+            f"{checkpoint_layout.LATEST})"
+        )
+    manifest = os.path.join(directory, checkpoint_manifest.MANIFEST)
+    if os.path.isfile(manifest):
+        content = checkpoint_manifest.sha256_of(manifest)
+    else:
+        content = _digest({
+            f: [os.path.getsize(p), os.stat(p).st_mtime_ns]
+            for f in checkpoint_manifest.list_files(directory)
+            for p in [os.path.join(directory, f)]
+        })  # fmt: skip
+    return {"checkpoint": os.path.abspath(directory), "content": content}
+
+
+def request_of(model: Model, settings: EvalSettings, version: str) -> dict:
+    """Everything a score depends on; its hash names the results' folder."""
+    return {
+        "model": model_identity(model.path),
+        "settings": settings.number_fields(),
+        "lm_eval_version": version,
+    }
+
 
 def lm_eval_command(export: str, out_dir: str, s: EvalSettings) -> list[str]:
     trust = ",trust_remote_code=True" if _needs_remote_code(export) else ""
@@ -82,7 +169,7 @@ def lm_eval_command(export: str, out_dir: str, s: EvalSettings) -> list[str]:
         sys.executable, "-m", "lm_eval", "--model", "hf",
         "--model_args", f"pretrained={os.path.abspath(export)},dtype={s.dtype}{trust}",
         "--tasks", ",".join(s.tasks), "--batch_size", str(s.batch_size), "--device", s.device,
-        "--output_path", out_dir, "--seed", str(s.seed),
+        "--output_path", os.path.abspath(out_dir), "--seed", str(s.seed),
     ]  # fmt: skip
     if s.num_fewshot is not None:
         cmd += ["--num_fewshot", str(s.num_fewshot)]
@@ -117,20 +204,30 @@ def evaluate(
     out: str,
     settings: EvalSettings,
     *,
-    cwd: Optional[str] = None,
+    version: Optional[str] = None,
     say: Callable[[str], None] = print,
 ) -> dict:
-    """lm-eval on one model (exported first if it is a checkpoint); cached under ``out``."""
-    raw = os.path.join(out, "raw", model.name)
+    """lm-eval on one model (exported first if it is a checkpoint), run in the include-path's
+    directory (its task files name their data relative to it); reused from ``out`` when the
+    same request was answered before."""
+    out = os.path.abspath(out)
+    version = version or lm_eval_version()
+    request = request_of(model, settings, version)
+    raw = os.path.join(out, "raw", model.name, _digest(request)[:12])
     cached = read_results(raw)
     if cached is not None and all(t in cached for t in settings.tasks):
-        say(f"{model.name}: results found in {raw}, not evaluated again")
+        say(f"{model.name}: results for this model and these settings found in {raw}")
         return cached
-    export = model.path if model.is_export else _export(model, out, say)
-    say(f"{model.name}: lm-eval on {', '.join(settings.tasks)}")
+    export = model.path if model.is_export else _export(model, out, request["model"], say)
+    say(f"{model.name}: lm-eval {version} on {', '.join(settings.tasks)}")
+    fileio.write_json(os.path.join(raw, REQUEST_FILE), request)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(
-        lm_eval_command(export, raw, settings), cwd=cwd, env=env, capture_output=True, text=True
+        lm_eval_command(export, raw, settings),
+        cwd=settings.include_path,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -141,14 +238,17 @@ def evaluate(
     return results
 
 
-def _export(model: Model, out: str, say) -> str:
+def _export(model: Model, out: str, identity: dict, say) -> str:
+    """The checkpoint exported once per checkpoint identity (a retrained model is exported
+    again)."""
     from megatron_ext.export.to_hf import ExportOptions, export_to_hf
 
     target = os.path.join(out, "exports", model.name)
-    if os.path.isfile(os.path.join(target, "config.json")):
+    if os.path.isfile(os.path.join(target, SOURCE_FILE)) and model_identity(target) == identity:
         return target
     say(f"{model.name}: exporting {model.path} to {target}")
     export_to_hf(ExportOptions(model.path, target, target="gpas", dtype="float32"))
+    fileio.write_json(os.path.join(target, SOURCE_FILE), identity)
     return target
 
 
@@ -157,14 +257,42 @@ class Table:
     tasks: list
     models: list  # names, in the order given
     scores: dict  # (task, model) -> {"acc": x, "acc_norm": y}
+    lm_eval_version: str = ""
+    num_fewshot: Optional[int] = None
+    limit: Optional[float] = None
+    notes: list = field(default_factory=list)
 
-    def average(self, model: str) -> Optional[float]:
-        accs = [self.scores.get((t, model), {}).get("acc") for t in self.tasks]
-        accs = [a for a in accs if a is not None]
-        return sum(accs) / len(accs) if accs else None
+    def average(self, model: str, metric: str = "acc") -> Optional[float]:
+        """Over every task (None if the model lacks one): of ``acc``, or with
+        ``metric="acc_norm"`` of ``acc_norm`` where the task has it and ``acc`` elsewhere."""
+        values = []
+        for task in self.tasks:
+            s = self.scores.get((task, model), {})
+            value = s.get(metric, s.get("acc")) if metric == "acc_norm" else s.get("acc")
+            if value is None:
+                return None
+            values.append(value)
+        return sum(values) / len(values) if values else None
+
+    def has_acc_norm(self) -> bool:
+        return any("acc_norm" in s for s in self.scores.values())
+
+    def header(self) -> str:
+        shots = f"{self.num_fewshot}-shot"
+        if self.num_fewshot is None:
+            shots = "lm-eval's default shots"
+        text = f"lm-evaluation-harness {self.lm_eval_version or '?'}, {shots}"
+        if self.limit is not None:
+            text += (
+                f"; **--limit {self.limit:g}: a subset of each task, not comparable with full "
+                "results**"
+            )
+        return text
 
     def markdown(self) -> str:
         lines = [
+            self.header(),
+            "",
             "| task | " + " | ".join(self.models) + " |",
             "|---|" + "---|" * len(self.models),
         ]
@@ -178,24 +306,40 @@ class Table:
                     cell += f" / {100 * norm:.1f}"
                 cells.append(cell)
             lines.append(f"| {task} | " + " | ".join(cells) + " |")
-        avgs = [self.average(m) for m in self.models]
-        lines.append(
-            "| **average (acc)** | "
-            + " | ".join("–" if a is None else f"**{100 * a:.1f}**" for a in avgs)
-            + " |"
-        )
-        return "\n".join(lines) + "\n\nacc / acc_norm in %, where the task defines acc_norm.\n"
+        metrics = ["acc", "acc_norm"] if self.has_acc_norm() else ["acc"]
+        for metric in metrics:
+            avgs = [self.average(m, metric) for m in self.models]
+            lines.append(
+                f"| **average ({metric})** | "
+                + " | ".join("–" if a is None else f"**{100 * a:.1f}**" for a in avgs)
+                + " |"
+            )
+        lines += [
+            "",
+            "acc / acc_norm in %, where the task defines acc_norm. average (acc): of acc over "
+            "every task; average (acc_norm): of acc_norm where the task defines it, acc "
+            "elsewhere; – where a model lacks a task.",
+            *self.notes,
+        ]
+        return "\n".join(lines) + "\n"
 
     def csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["task", "model", "acc", "acc_norm"])
+        w.writerow(["task", "model", "acc", "acc_norm", "num_fewshot", "limit", "lm_eval_version"])
+        meta = [
+            "" if self.num_fewshot is None else self.num_fewshot,
+            "" if self.limit is None else self.limit,
+            self.lm_eval_version,
+        ]
         for task in self.tasks:
             for m in self.models:
                 s = self.scores.get((task, m), {})
-                w.writerow([task, m, s.get("acc", ""), s.get("acc_norm", "")])
+                w.writerow([task, m, s.get("acc", ""), s.get("acc_norm", ""), *meta])
         for m in self.models:
-            w.writerow(["average", m, self.average(m) or "", ""])
+            acc, norm = self.average(m, "acc"), self.average(m, "acc_norm")
+            w.writerow(["average", m, "" if acc is None else acc, "" if norm is None else norm,
+                        *meta])  # fmt: skip
         return buf.getvalue()
 
     def write(self, out: str) -> tuple[str, str]:
@@ -205,11 +349,17 @@ class Table:
         return md, csv_path
 
 
-def build_table(tasks: Sequence[str], results: dict) -> Table:
+def build_table(
+    tasks: Sequence[str],
+    results: dict,
+    settings: Optional[EvalSettings] = None,
+    version: str = "",
+) -> Table:
     """``results``: {model name: {task: {metric: value}}} in the models' order."""
     scores = {
         (task, name): {k: v for k, v in r.get(task, {}).items() if k in ("acc", "acc_norm")}
         for name, r in results.items()
         for task in tasks
     }
-    return Table(list(tasks), list(results), scores)
+    s = settings or EvalSettings(tasks=tasks, num_fewshot=None)
+    return Table(list(tasks), list(results), scores, version, s.num_fewshot, s.limit)

@@ -34,6 +34,7 @@ class RunState:
     iteration: int = 0
     consumed_samples: int = 0
     skipped_total: int = 0  # iterations whose update was skipped (non-finite, or a spike)
+    no_loss_total: int = 0  # of those, batches in which no token carried loss
     wandb_run_id: Optional[str] = None
     spikes: dict = field(default_factory=dict)  # the spike monitor's window and count
     lisa: dict = field(default_factory=dict)  # LISA: updates each layer sat out
@@ -49,6 +50,7 @@ class RunState:
             iteration=saved["iteration"],
             consumed_samples=saved["consumed_samples"],
             skipped_total=saved.get("skipped_total", 0),
+            no_loss_total=saved.get("no_loss_total", 0),
             wandb_run_id=saved.get("wandb_run_id"),
             spikes=saved.get("spikes") or {},
             lisa=saved.get("lisa") or {},

@@ -2,11 +2,18 @@
 ``--lisa-layers`` decoder layers are sampled uniformly without replacement and only they (with
 the embeddings, the final norm and the output layer, which always train) are updated.
 
-An inactive layer's gradients are dropped before the optimizer step (its main gradients set to
-None), so the update skips it entirely: no step, no weight decay, and its Adam moments and step
-count stay as they were, to be used again when the layer is sampled again (as when the
-reference freezes the layer). The gradient norm, and so clipping, covers the trained
-parameters only. Backward still runs through every layer (the active ones need it below them).
+For its interval an inactive layer's parameters stop requiring gradients, as the reference's
+layer-activation callback does: backward still runs through the layer (the layers below and the
+embeddings need its input gradient) but computes no weight gradients for it (megatron-core's
+linear layers take their frozen-weight path, which skips the weight-gradient GEMM and its
+communication inside tensor parallelism), and nothing is accumulated into its main gradients.
+Under ``--overlap-grad-reduce`` the inactive parameters are marked ready for the data-parallel
+reduction at the start of each step, so buckets still launch (buckets hold several layers).
+Their main gradients are then dropped before the optimizer step (set to None), so the update
+skips them entirely: no step, no weight decay, and their Adam moments and step count stay as
+they were, to be used again when the layer is sampled again. The gradient norm, and so
+clipping, covers the trained parameters only. Adam state exists for every layer (the optimizer
+is built once; see docs/sft.md for what that costs).
 
 The choice is a function of the run's seed and the interval index alone, so every rank (every
 TP, PP and DP rank) makes it alike without communication, and a run resumed mid-interval
@@ -53,7 +60,11 @@ class LayerActivation:
         self.num_layers = num_layers
         self.seed = seed
         self.metrics = metrics
-        self.layers = decoder_layer_params(chunks)
+        # Only what trains at all is ever switched (frozen GPAS gates stay frozen).
+        self.layers = {
+            i: [p for p in params if p.requires_grad]
+            for i, params in decoder_layer_params(chunks).items()
+        }
         self._interval: Optional[int] = None
         self.active: list[int] = list(range(num_layers))
         self._frozen: set = set()  # this interval's inactive parameters
@@ -96,6 +107,9 @@ class LayerActivation:
                 p for layer, params in self.layers.items() if layer not in self.active
                 for p in params
             }  # fmt: skip
+            for params in self.layers.values():
+                for p in params:
+                    p.requires_grad_(p not in self._frozen)
             self._report(iteration + 1)
         return self._frozen
 
@@ -114,3 +128,20 @@ class LayerActivation:
                     "lisa_active": [int(i in chosen) for i in range(self.num_layers)],
                 }
             )
+
+
+def mark_frozen_ready(chunks, frozen: Optional[set]) -> None:
+    """Under ``--overlap-grad-reduce``, count parameters that will get no gradient this step as
+    ready for the data-parallel reduction (megatron-core launches a bucket's reduction once
+    every parameter in it reported; a frozen one never would). Call after the grad buffers are
+    zeroed, before the forward-backward."""
+    if not frozen:
+        return
+    for chunk in chunks:
+        if not getattr(getattr(chunk, "ddp_config", None), "overlap_grad_reduce", False):
+            continue
+        groups = chunk.param_to_bucket_group
+        for p in frozen:
+            group = groups.get(p)
+            if group is not None:
+                group.register_grad_ready(p)

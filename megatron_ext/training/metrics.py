@@ -163,6 +163,7 @@ class StepLogger:
             step_time_s=seconds,
             skipped_iterations=state.skipped_total,
             spikes_total=state.spikes.get("total", 0) if self.spikes_on else None,
+            no_loss_iterations=state.no_loss_total or None,
             **gate_scale_summary([unwrap_model(c) for c in self.model]),
         )
         if self.cfg.device == "cuda":
@@ -226,4 +227,6 @@ def format_step_line(r: dict, train_iters: int) -> str:
         parts.append(f"mem {r['mem_gib']:.1f} GiB")
     if r.get("skipped_iterations"):
         parts.append(f"skipped {r['skipped_iterations']}")
+    if r.get("no_loss_iterations"):
+        parts.append(f"{r['no_loss_iterations']} with no loss token")
     return " | ".join(parts)

@@ -99,8 +99,8 @@ def _split_bounds(split: str) -> list:
     return convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
 
 
-def train_examples(data: DataConfig) -> int:
-    """Examples (documents) in the training split, as megatron-core cuts it: for ``--epochs``."""
+def _train_ranges(data: DataConfig) -> list[tuple[str, int, int]]:
+    """(prefix, first, end) document ranges of the training split, as megatron-core cuts it."""
     per_split = bool(data.train_data_path)
     if per_split:
         blend = parse_blend(data.train_data_path, "train_data_path")
@@ -112,13 +112,72 @@ def train_examples(data: DataConfig) -> int:
             "--epochs: counts the examples of unweighted dataset prefixes; with a weighted blend "
             "or mock data give --train-iters"
         )
-    total = 0
+    ranges = []
     for prefix in blend[0]:
         n = described_bin_size(prefix)[0]
-        if not per_split:
-            n = int(round(bounds[1] * float(n))) - int(round(bounds[0] * float(n)))
-        total += n
+        if per_split:
+            ranges.append((prefix, 0, n))
+        else:
+            ranges.append((prefix, int(round(bounds[0] * n)), int(round(bounds[1] * n))))
+    return ranges
+
+
+def train_examples(data: DataConfig, seq_length: int) -> int:
+    """The samples one pass over the training split gives, as megatron-core cuts it: for
+    ``--epochs``. ``sft``: its examples (or packed blocks) less those that keep no loss token
+    within ``seq_length`` (training skips them too); ``per-document``: its documents;
+    ``packed``: the ``seq_length``-token samples its tokens fill (as GPTDataset counts them)."""
+    from megatron_ext.data.indexed_writer import read_index
+
+    total = 0
+    for prefix, first, end in _train_ranges(data):
+        if data.data_mode == "sft":
+            from megatron_ext.data.sft import loss_tokens_kept
+
+            total += int((loss_tokens_kept(prefix, seq_length)[first:end] > 0).sum())
+        elif data.data_mode == "packed":
+            tokens = int(read_index(idx_path(prefix))[1][first:end].astype("int64").sum())
+            total += max(0, (tokens - 1) // seq_length)
+        else:
+            total += end - first
     return total
+
+
+def check_sft_examples(data: DataConfig, seq_length: int) -> None:
+    """SFT examples that keep no loss token within the training window (their responses fall
+    past it) teach nothing: all of the training split's is an error, some a warning with the
+    count. Training leaves them out."""
+    from megatron_ext.data.sft import loss_tokens_kept
+
+    try:
+        ranges = _train_ranges(data)
+    except ConfigError:  # a weighted blend: checked per prefix, whole
+        ranges = [(p, 0, check_dataset_files("--data-path", p)) for _, p in dataset_prefixes(data)]
+    examples = empty = 0
+    for prefix, first, end in ranges:
+        kept = loss_tokens_kept(prefix, seq_length)[first:end]
+        examples += len(kept)
+        empty += int((kept == 0).sum())
+        info = DatasetInfo.read(prefix)
+        cut = (info.sft or {}).get("seq_length") if info is not None else None
+        if empty and cut is not None and cut > seq_length:
+            logger.warning(
+                "%s was cut for --seq-length %d when preprocessed; training uses %d",
+                prefix, cut, seq_length,
+            )  # fmt: skip
+    if not empty:
+        return
+    what = (
+        f"{empty:,} of the {examples:,} training examples keep no token with loss within "
+        f"--seq-length {seq_length} (their responses fall past it)"
+    )
+    if empty == examples:
+        raise ConfigError(
+            f"--data-path: {what}, so training would learn nothing; train with a longer "
+            "--seq-length, or preprocess with tools/preprocess_sft.py --seq-length "
+            f"{seq_length} (it truncates or drops long examples and says how many)"
+        )
+    logger.warning("%s: they are left out of training and of the --epochs arithmetic", what)
 
 
 def check_split_sizes(prefix: str, num_documents: int, split: str) -> None:
@@ -229,6 +288,8 @@ def check_run(cfg, eod_id: int) -> list[str]:
         )
         if info is None:
             undescribed.append(prefix)
+    if cfg.data.data_mode == "sft":
+        check_sft_examples(cfg.data, cfg.model.seq_length)
     check_checkpoint_dirs(cfg.checkpoint)
     for flag_name, root in (
         ("--load", cfg.checkpoint.load),

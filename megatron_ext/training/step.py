@@ -12,6 +12,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_ext.training.lisa import mark_frozen_ready
 from megatron_ext.training.optimizer import optimizer_step
 
 
@@ -44,8 +45,15 @@ class IterationResult:
     grad_norm: Optional[float]
     gate_grad_norm: Optional[float]
     update_successful: bool
-    num_tokens: int
+    num_tokens: int  # tokens that carry loss, over the global batch (every rank knows it)
     rejected: bool = False  # the update was refused by the caller's gate (a spike)
+
+    @property
+    def no_loss_tokens(self) -> bool:
+        """No token of the global batch carried loss (e.g. SFT examples whose responses fall
+        past the sequence): there was nothing to learn, the update was skipped, and the loss is
+        undefined (None), not 0."""
+        return self.num_tokens == 0
 
     @property
     def loss_is_finite(self) -> bool:
@@ -59,7 +67,7 @@ class IterationResult:
     @property
     def non_finite(self) -> bool:
         """The update was skipped for a NaN/Inf loss or gradient norm."""
-        return not self.rejected and not self.applied
+        return not self.rejected and not self.no_loss_tokens and not self.applied
 
 
 def _reduce_loss(loss_reports: Sequence[dict]) -> tuple[Optional[float], int]:
@@ -114,10 +122,14 @@ def train_step(
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    mark_frozen_ready(model, frozen)
     reports = _run_schedule(
         data_iterators, model, num_microbatches, seq_length, micro_batch_size, forward_only=False
     )
     loss, tokens = _reduce_loss(reports if parallel_state.is_pipeline_last_stage() else [])
+    tokens = _from_last_stage(tokens)
+    if tokens == 0:  # agreed by every rank: nothing to learn from, so no update
+        return IterationResult(None, None, None, False, 0)
     if share_loss:
         loss = _from_last_stage(loss, torch.float64)
     accept = None if accept_update is None else partial(accept_update, loss)

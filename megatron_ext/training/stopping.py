@@ -1,7 +1,7 @@
-"""When a run stops before its last iteration: too many non-finite steps in a row
-(``--nan-skip-limit``), an exit signal (SLURM preemption), ``--exit-duration-in-mins``,
-``--exit-interval``. Asked once per iteration, after the step; every rank gets the same
-answer."""
+"""When a run stops before its last iteration: too many skipped steps in a row
+(``--nan-skip-limit``: a non-finite loss or gradient norm, or a batch with no loss token), an
+exit signal (SLURM preemption), ``--exit-duration-in-mins``, ``--exit-interval``. Asked once
+per iteration, after the step; every rank gets the same answer."""
 
 from __future__ import annotations
 
@@ -28,14 +28,27 @@ class StopPolicy:
         self.signals = signals
         self.start = time.time()
         self.skipped_in_a_row = 0
+        self.last_cause = ""
 
-    def note_step(self, finite: bool, state) -> None:
-        """Count a step whose loss or gradient norm was not finite (its update was skipped)."""
-        if finite:
+    def note_step(self, result, state) -> None:
+        """Count a step whose update was skipped because its loss or gradient norm was not
+        finite, or because no token of its batch carried loss (nothing to learn from)."""
+        if not (result.non_finite or result.no_loss_tokens):
             self.skipped_in_a_row = 0
             return
         self.skipped_in_a_row += 1
         state.skipped_total += 1
+        self.last_cause = "no token carried loss" if result.no_loss_tokens else "non-finite loss"
+        if result.no_loss_tokens:
+            state.no_loss_total += 1
+            logger.warning(
+                "iteration %d skipped: no token of the batch carries loss (%d such in the run, "
+                "%d skipped in a row); check the data against --seq-length",
+                state.iteration,
+                state.no_loss_total,
+                self.skipped_in_a_row,
+            )
+            return
         logger.warning(
             "iteration %d skipped: non-finite loss or gradient norm (%d in a row)",
             state.iteration,
@@ -46,8 +59,8 @@ class StopPolicy:
         """Collective (the signal and the time limit are agreed over all ranks)."""
         if self.skipped_in_a_row >= self.nan_skip_limit:
             return StopReason(
-                f"{self.skipped_in_a_row} iterations in a row had a non-finite loss or gradient "
-                "norm (--nan-skip-limit)",
+                f"{self.skipped_in_a_row} iterations in a row were skipped, the last for: "
+                f"{self.last_cause} (--nan-skip-limit)",
                 non_finite=True,
             )
         c = self.checkpoint

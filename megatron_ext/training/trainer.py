@@ -75,7 +75,7 @@ def _epoch_iters(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     """The iterations that cover the training split --epochs times (the last batch completed
     from the next epoch's order)."""
     epochs = cfg.sft.epochs
-    examples = preflight.train_examples(cfg.data)
+    examples = preflight.train_examples(cfg.data, cfg.model.seq_length)
     gbs = cfg.global_batch_size(world_size)
     return max(1, math.ceil(epochs * examples / gbs)), examples
 
@@ -210,7 +210,7 @@ class Trainer:
         cfg = self.cfg
         if self.train_examples is not None:
             logger.info(
-                "--epochs %d: %d training examples, global batch %d: %d iterations",
+                "--epochs %d: %d training samples per epoch, global batch %d: %d iterations",
                 cfg.sft.epochs, self.train_examples, self.gbs, cfg.optim.train_iters,
             )  # fmt: skip
         if self.undescribed_data:
@@ -318,7 +318,7 @@ class Trainer:
                 _say(self.profiler.after_iteration(state.iteration))
                 if result.applied:
                     self.scheduler.step(increment=1)
-                stop.note_step(not result.non_finite, state)
+                stop.note_step(result, state)
                 self.spikes.after_step(state, result)
                 self.layer_activation.after_step(state, result)
                 self.step_log.after_step(state, result, lr, seconds)

@@ -6,73 +6,23 @@ print nothing that looks like a failure, and end with its summary."""
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
 import pytest
 
 from tests.helpers import ROOT
-
-# This machine's pip configuration names package folders that do not exist; pip says so on
-# every install. Those notices are the machine's, not the project's.
-PIP_MIRROR_NOTICE = re.compile(r"^WARNING: Location '[^']*' is ignored: it is neither a file")
-LOOKS_LIKE_FAILURE = re.compile(r"Traceback|Error|error:|Warning|warning:|warnings\.warn")
-
-
-def _copy_project(dest: str) -> None:
-    """The project's files as a fresh clone has them: what git tracks, plus new files not yet
-    committed (outside git, the tree without build and run outputs)."""
-    try:
-        listed = (
-            subprocess.run(
-                ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                cwd=ROOT,
-                capture_output=True,
-                check=True,
-            )
-            .stdout.decode()
-            .split("\0")
-        )
-    except (OSError, subprocess.CalledProcessError):
-        ignore = shutil.ignore_patterns(".git", "runs", "*.egg-info", "__pycache__", ".whl")
-        shutil.copytree(ROOT, dest, ignore=ignore)
-        return
-    for rel in filter(None, listed):
-        src = os.path.join(ROOT, rel)
-        if os.path.isfile(src):
-            os.makedirs(os.path.join(dest, os.path.dirname(rel)), exist_ok=True)
-            shutil.copy2(src, os.path.join(dest, rel))
-
-
-def _machine_python() -> str:
-    """The interpreter the machine came with, not the one running the tests (which may be a
-    venv holding every package already)."""
-    return getattr(sys, "_base_executable", None) or sys.executable
-
-
-def _failure_lines(text: str) -> list:
-    return [
-        line
-        for line in text.splitlines()
-        if LOOKS_LIKE_FAILURE.search(line) and not PIP_MIRROR_NOTICE.match(line)
-    ]
+from tests.helpers.newcomer import copy_project, empty_venv, failure_lines, newcomer_env
 
 
 @pytest.mark.slow
 @pytest.mark.exclusive
 def test_first_command_in_an_empty_venv(tmp_path):
     clone, venv = tmp_path / "clone", tmp_path / "venv"
-    _copy_project(str(clone))
-    subprocess.run([_machine_python(), "-m", "venv", str(venv)], check=True)
-    python = str(venv / "bin" / "python")
-    probe = subprocess.run([python, "-c", "import torch"], capture_output=True)
-    assert probe.returncode != 0, "the new environment must start empty"
-
+    copy_project(str(clone))
+    python = empty_venv(venv)
     out = tmp_path / "qs"
-    drop = ("PYTHONPATH", "PYTHONWARNINGS", "VIRTUAL_ENV", "PYTHONHOME")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(
+    env = newcomer_env(
         PYTHON=python, OUT=str(out), ITERS="6", LAYERS="2", HIDDEN="64", SEQ="32",
         VOCAB="512", DEPTH="1", DEVICE="cpu",
     )  # fmt: skip
@@ -82,7 +32,7 @@ def test_first_command_in_an_empty_venv(tmp_path):
     )  # fmt: skip
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-5000:]
-    assert not _failure_lines(text), "\n".join(_failure_lines(text)) + "\n" + text[-3000:]
+    assert not failure_lines(text), "\n".join(failure_lines(text)) + "\n" + text[-3000:]
     versions = r"^ready: torch 2\.\S+, megatron-core 0\.16\.1, device cpu$"
     assert re.search(versions, proc.stdout, re.M), proc.stdout[:2000]
 
@@ -120,7 +70,7 @@ def test_failure_lines_are_recognised():
         "WARNING: Location 'file:///x' is ignored: it is neither a file nor a directory.\n"
         "UserWarning: x\n"
     )
-    assert _failure_lines(text) == ["SyntaxError: f-string", "UserWarning: x"]
+    assert failure_lines(text) == ["SyntaxError: f-string", "UserWarning: x"]
 
 
 def _plot_run(*args):

@@ -152,7 +152,7 @@ def test_every_choice_field_refuses_an_unknown_value_naming_its_flag():
         with pytest.raises(ConfigError, match=rf"^{flag}: .*choose one of {accepted}$"):
             cfg.validate(1)
         checked.append(f.name)
-    assert {"norm_type", "data_mode", "lr_decay_style", "fp8_recipe", "device", "lisa_mode",
+    assert {"norm_type", "data_mode", "lr_decay_style", "fp8_recipe", "device",
             "on_damaged_checkpoint"} <= set(checked)  # fmt: skip
 
 

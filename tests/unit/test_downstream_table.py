@@ -4,6 +4,8 @@ average of acc, markdown and CSV; models named on the command line."""
 import csv
 import io
 import json
+import os
+import subprocess
 
 import pytest
 
@@ -31,16 +33,39 @@ def test_table_from_lm_eval_results(tmp_path):
     assert "| boolq | 60.0 | 64.0 |" in md
     assert "| piqa | 70.0 / 72.0 | 74.0 / 70.0 |" in md
     assert "| **average (acc)** | **65.0** | **69.0** |" in md
+    assert "| **average (acc_norm)** | **66.0** | **67.0** |" in md
     rows = list(csv.DictReader(io.StringIO(table.csv())))
     assert {(r["task"], r["model"]): r["acc"] for r in rows}[("average", "pre_gpas")] == "0.69"
     md_path, csv_path = table.write(str(tmp_path))
     assert open(md_path).read() == md
 
 
-def test_a_missing_task_is_a_dash_not_a_zero(tmp_path):
-    table = d.build_table(["boolq", "piqa"], {"m": {"boolq": {"acc": 0.5}}})
-    assert "| piqa | – |" in table.markdown()
-    assert table.average("m") == pytest.approx(0.5)  # over the tasks it has
+def test_a_missing_task_is_a_dash_and_leaves_no_average(tmp_path):
+    table = d.build_table(["boolq", "piqa"], {"m": {"boolq": {"acc": 0.5}}, "n": {
+        "boolq": {"acc": 0.5}, "piqa": {"acc": 0.7}}})  # fmt: skip
+    md = table.markdown()
+    assert "| piqa | – | 70.0 |" in md
+    assert table.average("m") is None  # not an average over whichever tasks are present
+    assert "| **average (acc)** | – | **60.0** |" in md
+
+
+def test_acc_norm_average_takes_acc_where_a_task_has_no_acc_norm():
+    table = d.build_table(["boolq", "hellaswag"], {"m": {
+        "boolq": {"acc": 0.6}, "hellaswag": {"acc": 0.3, "acc_norm": 0.4}}})  # fmt: skip
+    assert table.average("m", "acc") == pytest.approx(0.45)
+    assert table.average("m", "acc_norm") == pytest.approx(0.5)  # (0.6 + 0.4) / 2
+    assert "| **average (acc_norm)** | **50.0** |" in table.markdown()
+
+
+def test_the_header_names_the_version_shots_and_a_limit():
+    full = d.build_table(["boolq"], {"m": {"boolq": {"acc": 0.6}}},
+                         d.EvalSettings(tasks=["boolq"]), "0.4.13")  # fmt: skip
+    assert full.markdown().startswith("lm-evaluation-harness 0.4.13, 5-shot\n")
+    smoke = d.build_table(["boolq"], {"m": {"boolq": {"acc": 0.6}}},
+                          d.EvalSettings(tasks=["boolq"], limit=10), "0.4.13")  # fmt: skip
+    assert "--limit 10: a subset of each task, not comparable" in smoke.markdown()
+    row = next(csv.DictReader(io.StringIO(smoke.csv())))
+    assert (row["limit"], row["lm_eval_version"], row["num_fewshot"]) == ("10", "0.4.13", "5")
 
 
 def test_models_are_named_and_checked(tmp_path):
@@ -60,3 +85,85 @@ def test_the_paper_settings_reach_the_lm_eval_command(tmp_path):
     text = " ".join(cmd)
     assert "--tasks " + ",".join(d.PAPER_TASKS) in text and "--num_fewshot 5" in text
     assert "trust_remote_code=True" in text  # a --target gpas export ships its modeling code
+
+
+class FakeLmEval:
+    """Stands in for the lm-eval subprocess: counts its runs and writes a results file where
+    lm-eval would (the caching logic is ours; lm-eval itself is tested in test_lm_eval.py)."""
+
+    def __init__(self):
+        self.runs = []
+
+    def __call__(self, cmd, cwd=None, **kwargs):
+        out = cmd[cmd.index("--output_path") + 1]
+        tasks = cmd[cmd.index("--tasks") + 1].split(",")
+        self.runs.append({"cmd": cmd, "cwd": cwd})
+        folder = os.path.join(out, "model")
+        os.makedirs(folder, exist_ok=True)
+        body = {"results": {t: {"acc,none": 0.5} for t in tasks}}
+        with open(os.path.join(folder, "results_2026-12-05T10-00-00.json"), "w") as f:
+            json.dump(body, f)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+
+def test_a_result_is_reused_only_when_everything_that_changes_a_number_matches(
+    tmp_path, monkeypatch
+):
+    fake = FakeLmEval()
+    monkeypatch.setattr(d.subprocess, "run", fake)
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    (export / "model.safetensors").write_bytes(b"weights-1")
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    (tasks_dir / "t.yaml").write_text("task: t\n")
+    monkeypatch.chdir(tmp_path)
+    (model,) = d.parse_models([f"m={export}"])
+    base = dict(tasks=["t"], include_path="tasks", device="cpu")
+
+    def run(version="0.4.13", **changes):
+        d.evaluate(model, "out", d.EvalSettings(**(base | changes)), version=version,
+                   say=lambda _: None)  # fmt: skip
+        return len(fake.runs)
+
+    assert run() == 1
+    assert run() == 1  # the same request: reused
+    assert run(batch_size="2") == 1  # batch size does not change a score
+    assert run(limit=5) == 2
+    assert run(num_fewshot=0) == 3
+    assert run(version="0.4.14") == 4
+    (export / "model.safetensors").write_bytes(b"weights-2")  # a retrained model
+    assert run() == 5
+    (tasks_dir / "t.yaml").write_text("task: t\nnum_fewshot: 1\n")  # the task changed
+    assert run() == 6
+    (export / "model.safetensors").write_bytes(b"weights-1")
+    (tasks_dir / "t.yaml").write_text("task: t\n")
+    assert run(limit=5) == 6  # older results are kept in their own folders, and found again
+    # lm-eval runs in the task directory, with every path it is given absolute
+    last = fake.runs[-1]
+    assert last["cwd"] == str(tasks_dir)
+    out_dir = last["cmd"][last["cmd"].index("--output_path") + 1]
+    assert out_dir.startswith(str(tmp_path / "out" / "raw" / "m")), out_dir
+    assert len(os.listdir(tmp_path / "out" / "raw" / "m")) == 6
+
+
+def _checkpoint(root, iteration, manifest_text):
+    directory = root / f"iter_{iteration:07d}"
+    directory.mkdir(parents=True)
+    (directory / "manifest.json").write_text(manifest_text)
+    (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+
+
+def test_a_checkpoints_identity_follows_its_pointer_and_manifest(tmp_path):
+    root = tmp_path / "ckpt"
+    _checkpoint(root, 10, '{"files": {"a": [1, "x"]}}')
+    first = d.model_identity(str(root))
+    assert d.model_identity(str(root)) == first
+    _checkpoint(root, 20, '{"files": {"a": [1, "x"]}}')
+    second = d.model_identity(str(root))
+    assert second != first  # a newer checkpoint
+    (root / "iter_0000020" / "manifest.json").write_text('{"files": {"a": [1, "y"]}}')
+    assert d.model_identity(str(root)) != second  # rewritten in place
+    with pytest.raises(d.DownstreamError, match="neither an export"):
+        d.model_identity(str(tmp_path))

@@ -179,3 +179,117 @@ def test_an_examples_losses_do_not_depend_on_the_others_in_its_batch(tokenizer, 
     together = token_losses([samples[1], samples[0], samples[2]])[1]
     assert samples[0]["loss_mask"].sum() > 5
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_llm_adapters_template_keeps_its_indentation_and_trailing_spaces():
+    """Written out by hand from LLM-Adapters' finetune.py: an f-string whose lines are indented
+    16 spaces inside the function, so the spaces are part of the prompt."""
+    pad = " " * 16
+    assert sft.llm_adapters_prompt("Q?") == (
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.  \n\n"
+        f"{pad}### Instruction:\n{pad}Q?\n{pad}\n{pad}### Response:\n{pad}"
+    )
+    assert sft.llm_adapters_prompt("Q?", "ctx") == (
+        "Below is an instruction that describes a task, paired with an input that provides "
+        "further context. Write a response that appropriately completes the request. \n\n"
+        f"{pad}### Instruction:\n{pad}Q?\n{pad}\n{pad}### Input:\n{pad}ctx\n{pad}\n"
+        f"{pad}### Response:\n{pad}"
+    )
+    example = sft.to_example(RECORD, "r", template="llm-adapters")
+    assert example.segments[0][0] == sft.llm_adapters_prompt(RECORD["instruction"])
+
+
+def _lmflow(path, kind, instances):
+    path.write_text(json.dumps({"type": kind, "instances": instances}))
+    return str(path)
+
+
+def test_lmflow_text2text_trains_on_the_output(tokenizer, tmp_path):
+    path = _lmflow(tmp_path / "t.json", "text2text", [{"input": "Q: 2+2?\nA:", "output": " 4"}])
+    (example,) = list(sft.examples_of([path]))
+    ids, mask = sft.tokenize(tokenizer, example, loss_on_prompt=False)
+    n_input = len(tokenizer.encode_batch(["Q: 2+2?\nA:"])[0])
+    assert mask.tolist() == [0] * n_input + [1] * (len(ids) - n_input)
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ({"type": "text_only", "instances": [{"text": "ok"}, {"txt": "x"}]},
+         r"t\.json: instance 1: field 'text' is missing"),
+        ({"type": "text2text", "instances": [{"input": "a", "output": 3}]},
+         r"t\.json: instance 0: field 'output' holds int, not a string"),
+        ({"type": "text_only", "instances": ["just text"]},
+         r"t\.json: instance 0: an instance must be a JSON object, not str"),
+        ({"type": "conversation", "instances": []},
+         r"t\.json: LMFlow dataset type 'conversation' is not supported"),
+        ({"instances": [{"text": "a"}]}, r"t\.json: LMFlow dataset type None"),
+        ({"text": "a"}, r"t\.json: a JSON object must be an LMFlow dataset"),
+    ],
+)  # fmt: skip
+def test_bad_lmflow_files_are_named_with_the_instance(tmp_path, body, message):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(body))
+    with pytest.raises(sft.SFTDataError, match=message):
+        list(sft.examples_of([str(path)]))
+
+
+def _read_documents(prefix):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    tokens, masks = IndexedDataset(prefix), IndexedDataset(sft.mask_prefix(prefix))
+    return [(tokens[i].tolist(), masks[i].tolist()) for i in range(len(tokens))]
+
+
+def test_packing_cuts_the_concatenated_tokens_into_full_blocks(tokenizer, tmp_path):
+    texts = [f"Note {i}: " + "the quick brown fox jumps over the lazy dog " * (1 + i % 4)
+             for i in range(30)]  # fmt: skip
+    path = _lmflow(tmp_path / "t.json", "text_only", [{"text": t} for t in texts])
+    summary = sft.write_sft_dataset([path], tokenizer, str(tmp_path / "p"), seq_length=32,
+                                    pack=True)  # fmt: skip
+    blocks = _read_documents(str(tmp_path / "p"))
+    stream = [t for text in texts for t in [*tokenizer.encode_batch([text])[0], tokenizer.eod]]
+    full = len(stream) // 32 * 32  # one group (30 < 1000 examples): one tail dropped
+    assert [len(ids) for ids, _ in blocks] == [32] * (full // 32)
+    assert all(mask == [1] * 32 for _, mask in blocks)  # text_only: every token trained
+    assert [t for ids, _ in blocks for t in ids] == stream[:full]
+    assert (summary.blocks, summary.examples) == (full // 32, 30)
+    assert summary.remainder_tokens == len(stream) - full
+    meta = json.load(open(tmp_path / "p.meta.json"))
+    assert meta["sft"] == {"seq_length": 32, "packed": True, "template": "alpaca",
+                           "loss_on_prompt": False}  # fmt: skip
+
+
+def test_packing_drops_each_groups_tail_as_lmflow_does():
+    summary = sft.SFTSummary("x", blocks=0)
+    examples = [(np.arange(n) + 100 * n, np.ones(n, np.uint8)) for n in (5, 6, 7, 3, 9)]
+    blocks = list(sft.pack_blocks(iter(examples), 4, summary, group=2))
+    # groups: 5+6 = 11 → 2 blocks, 3 dropped; 7+3 = 10 → 2 blocks, 2 dropped; 9 → 2, 1 dropped
+    assert len(blocks) == 6 and summary.remainder_tokens == 3 + 2 + 1
+    first_group = np.concatenate([examples[0][0], examples[1][0]])
+    assert np.concatenate([b for b, _ in blocks[:2]]).tolist() == first_group[:8].tolist()
+
+
+def test_loss_tokens_kept_counts_labels_within_the_window(tmp_path):
+    from megatron_ext.data.indexed_writer import IndexedDatasetWriter
+
+    masks = [[0, 0, 1, 1], [0, 0, 0, 0, 0, 1], [1, 0], [0, 1, 1, 1, 1, 1, 1]]
+    prefix = str(tmp_path / "d")
+    writer = IndexedDatasetWriter(sft.mask_prefix(prefix), np.uint8)
+    for m in masks:
+        writer.add_documents(np.array(m, np.uint8), np.array([len(m)], np.int32))
+    writer.finalize()
+    for seq in (1, 2, 3, 5, 10):
+        expected = [sum(m[1 : seq + 1]) for m in masks]  # the first token is never a label
+        assert sft.loss_tokens_kept(prefix, seq).tolist() == expected, seq
+
+
+def test_preprocessing_that_keeps_nothing_writes_nothing_and_says_why(tokenizer, tmp_path):
+    path = tmp_path / "cs.json"
+    path.write_text(json.dumps([RECORD] * 3))
+    prefix = str(tmp_path / "out")
+    with pytest.raises(sft.SFTDataError, match=r"none of the 3 examples was kept \(0 longer .*"
+                       r"3 with no response token within --seq-length\)"):  # fmt: skip
+        sft.write_sft_dataset([str(path)], tokenizer, prefix, seq_length=8)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("out")]
