@@ -6,7 +6,7 @@ Runs the training CLI with ``--sft`` twice (``--lisa-layers 0``: every layer tra
 peak memory (GPU: ``torch.cuda.max_memory_allocated`` from the metrics file; CPU: the peak RSS
 of the process tree).
 
-    python bench/bench_sft.py --device cpu --iters 20
+    python bench/bench_sft.py --device cpu --iters 20   # 8 layers × 512, 8k vocabulary
     python bench/bench_sft.py --device cuda --model-size 1b --seq-length 256 --micro-batch-size 8
 
 Results are appended to ``bench/results/sft.jsonl``.
@@ -30,7 +30,7 @@ RESULTS = os.path.join(ROOT, "bench", "results", "sft.jsonl")
 
 def _run(args, lisa_layers: int, save: str) -> dict:
     argv = [sys.executable, os.path.join(ROOT, "pretrain_gpas.py"), "--device", args.device,
-            "--norm-type", "pre_gpas", "--sft", "--mock-data", "--vocab-size", "32000",
+            "--norm-type", "pre_gpas", "--sft", "--mock-data", "--vocab-size", str(args.vocab_size),
             "--seq-length", str(args.seq_length), "--micro-batch-size", str(args.micro_batch_size),
             "--global-batch-size", str(args.micro_batch_size), "--train-iters", str(args.iters),
             "--lr", "3e-4", "--lisa-layers", str(lisa_layers), "--lisa-interval", "5",
@@ -64,7 +64,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--model-size", default=None, help="a preset (else the shape flags below)")
     p.add_argument("--num-layers", type=int, default=8)
-    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--hidden-size", type=int, default=512)
+    p.add_argument("--vocab-size", type=int, default=8192,
+                   help="small, so that the decoder layers carry most of the FLOPs")
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--lisa-layers", type=int, default=2)

@@ -4,6 +4,7 @@ building anything. Uses the same validation as a real run, so an impossible layo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from megatron_ext.config import RunConfig
 from megatron_ext.models.params import count_parameters
@@ -23,6 +24,7 @@ class Plan:
     activations_gib: float
     tokens_per_iteration: int
     total_tokens: int
+    lisa: Optional[str] = None  # what LISA computes and allocates
 
     def lines(self) -> list[str]:
         total = self.weights_and_optimizer_gib + self.activations_gib
@@ -36,6 +38,7 @@ class Plan:
             f"memory per GPU (estimate): weights+grads+optimizer "
             f"{self.weights_and_optimizer_gib:.1f} GiB, "
             f"activations {self.activations_gib:.1f} GiB, total {total:.1f} GiB",
+            *([self.lisa] if self.lisa else []),
         ]
 
 
@@ -60,6 +63,15 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
     in_flight = min(pp, cfg.num_microbatches(world_size))  # 1F1B warm-up on the first stage
     activations = per_layer * (m.num_layers / pp) * in_flight
     gbs = cfg.global_batch_size(world_size)
+    k, layers = cfg.sft.lisa_layers, m.num_layers
+    lisa = None
+    if 0 < k < layers:
+        share = (count.embedding + count.non_embedding * k / layers) / count.total
+        lisa = (
+            f"LISA: {k} of {layers} layers train at a time: weight gradients for ≈{share:.0%} of "
+            "the parameters per step; main gradients and Adam state are allocated for all of "
+            "them (the estimate above)"
+        )
     return Plan(
         world_size,
         tp,
@@ -73,4 +85,5 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
         activations / 2**30,
         gbs * s,
         gbs * s * o.train_iters,
+        lisa,
     )

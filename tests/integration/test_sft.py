@@ -86,6 +86,23 @@ def _lisa_worker(data, tokenizer, save, extra):
         return output
 
     gpt.embedding.register_forward_hook(hook)
+    # Every weight gradient autograd computes reaches the parameter's accumulator node (DDP's
+    # hook hangs there too); count them per layer during the second interval.
+    seen["wgrads"] = {}
+
+    def counter(layer):
+        def count(*_):
+            if trainer.state.iteration >= 3:
+                seen["wgrads"][layer] = seen["wgrads"].get(layer, 0) + 1
+
+        return count
+
+    keep = []
+    for name, p in gpt.named_parameters():
+        if p.requires_grad and _layer_of(name) is not None:
+            node = p.expand_as(p).grad_fn.next_functions[0][0]
+            node.register_hook(counter(_layer_of(name)))
+            keep.append(node)
     try:
         trainer.train()
     finally:
@@ -108,6 +125,9 @@ def test_lisa_updates_exactly_the_sampled_layers(sft_data, mistral_model, tmp_pa
         _lisa_worker, 1, (sft_data, mistral_model, str(tmp_path / "run"), extra), tmp_path
     )
     assert active == sample_layers(5, 1, 4, 2)  # interval 1 = iterations 4-6, seed 5
+    # weight gradients were computed for the sampled layers only (3 steps × 2 micro-batches)
+    assert set(seen["wgrads"]) == set(active)
+    assert all(count % 6 == 0 for count in seen["wgrads"].values()), seen["wgrads"]
     (p0, s0), (p1, s1) = seen["before"], seen["after"]
     assert len(seen["gates"]) == 4
     for name in p0:
@@ -164,12 +184,15 @@ def _single_run(tmp_path, data, tokenizer):
     [
         {"tensor_model_parallel_size": 2, "sequence_parallel": True},
         {"pipeline_model_parallel_size": 2},
-        {"use_distributed_optimizer": True},
+        {"use_distributed_optimizer": True, "overlap_grad_reduce": True,
+         "ddp_bucket_size": 40000},
     ],
-    ids=["tp2_sp", "pp2", "dp2_distopt"],
-)
+    ids=["tp2_sp", "pp2", "dp2_distopt_overlap"],
+)  # fmt: skip
 def test_lisa_under_parallel_layouts_matches_one_process(sft_data, mistral_model, tmp_path, layout):
-    """A pipeline stage may hold none of the sampled layers; every rank samples alike."""
+    """A pipeline stage may hold none of the sampled layers; every rank samples alike; with
+    overlapped reduction in small buckets (each holding parts of several layers), buckets with
+    idle layers still launch."""
     single = _single_run(tmp_path, sft_data, mistral_model)
     save = str(tmp_path / "parallel")
     args = sft_args(sft_data, mistral_model, save, iters=6, **layout)
@@ -191,3 +214,125 @@ def test_epochs_set_the_iterations(sft_data, mistral_model, tmp_path):
     assert max(metrics["lm_loss"]) == math.ceil(2 * 54 / 4) == 27
     records = [json.loads(x) for x in open(os.path.join(save, "metrics.jsonl"))]
     assert not any("lisa_active" in r for r in records)  # --lisa-layers 0: every layer trains
+
+
+def _chat_records(short: int, long: int) -> list:
+    """Chat records whose prompt is a few tokens (``short``) or fills far more than 32
+    (``long``: the response falls past a 32-token window)."""
+    words = "the quick brown fox jumps over the lazy dog " * 8
+    return [
+        {"messages": [{"role": "user", "content": f"say {i}" if i < short else words + str(i)},
+                      {"role": "assistant", "content": f"answer {i}"}]}
+        for i in range(short + long)
+    ]  # fmt: skip
+
+
+def _preprocess(tmp_path, tokenizer, records, name, **kw):
+    from megatron_ext.data.sft import write_sft_dataset
+    from megatron_ext.data.tokenizers import build_tokenizer
+
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(records))
+    tok = build_tokenizer("SentencePieceTokenizer", tokenizer)
+    return write_sft_dataset([str(path)], tok, str(tmp_path / name), **kw), str(tmp_path / name)
+
+
+def _pretrain(args):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    return subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpas.py"), *args],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def _short_run_args(data, tokenizer, save, **extra):
+    args = sft_args(data, tokenizer, save, iters=1, seq_length=32, lisa_layers=0, **extra)
+    at = args.index("--seq-length")
+    del args[at : at + 2]  # sft_args' own
+    return [a for a in args if a not in ("--split", "90,10,0")] + ["--split", "100,0,0",
+                                                                   "--eval-iters", "0"]
+
+
+def test_examples_that_keep_no_loss_token_are_refused_or_counted(mistral_model, tmp_path):
+    """Preprocessed without --seq-length, trained with a 32-token window: an example whose
+    response falls past it teaches nothing; all such: an error; some: a warning with the count,
+    and the epoch counts only the others. Never a run of loss 0.0."""
+    _, all_long = _preprocess(tmp_path, mistral_model, _chat_records(0, 6), "long")
+    proc = _pretrain(_short_run_args(all_long, mistral_model, str(tmp_path / "a"), epochs=1))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "6 of the 6 training examples keep no token with loss within " \
+        "--seq-length 32" in errors[0], proc.stderr[-2000:]  # fmt: skip
+
+    _, mixed = _preprocess(tmp_path, mistral_model, _chat_records(10, 6), "mixed")
+    save = str(tmp_path / "b")
+    proc = _pretrain(_short_run_args(mixed, mistral_model, save, epochs=2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "6 of the 16 training examples keep no token with loss within --seq-length 32" in (
+        proc.stdout + proc.stderr
+    )
+    losses = step_metrics(os.path.join(save, "metrics.jsonl"))["lm_loss"]
+    assert sorted(losses) == list(range(1, 6))  # ⌈2 × 10 / 4⌉ = 5: the 6 left out
+    assert all(loss > 0.5 for loss in losses.values()), losses
+
+
+def test_epochs_count_packed_blocks(mistral_model, tmp_path):
+    texts = [{"text": f"Fact {i}: " + "water boils at one hundred degrees " * (1 + i % 3)}
+             for i in range(40)]  # fmt: skip
+    path = tmp_path / "lm.json"
+    path.write_text(json.dumps({"type": "text_only", "instances": texts}))
+    from megatron_ext.data.sft import write_sft_dataset
+    from megatron_ext.data.tokenizers import build_tokenizer
+
+    tok = build_tokenizer("SentencePieceTokenizer", mistral_model)
+    summary = write_sft_dataset([str(path)], tok, str(tmp_path / "packed"), seq_length=32,
+                                pack=True)  # fmt: skip
+    save = str(tmp_path / "run")
+    proc = _pretrain(_short_run_args(str(tmp_path / "packed"), mistral_model, save, epochs=2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = step_metrics(os.path.join(save, "metrics.jsonl"))["lm_loss"]
+    assert max(losses) == math.ceil(2 * summary.blocks / 4) and summary.blocks > 10
+
+
+def _empty_batch_worker(data, tokenizer, save):
+    """Iteration 2's micro-batches lose every loss token; the weights before and after it."""
+    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.training.trainer import Trainer
+
+    trainer = Trainer(parse_run_config(sft_args(data, tokenizer, save, iters=3, lisa_layers=0)))
+    trainer.setup()
+    gpt = trainer.model[0].module
+    weights = {}
+    original = trainer.train_iterators[0]
+
+    def emptied():
+        for batch in original:
+            if trainer.state.iteration == 1:
+                weights.setdefault("before", [p.detach().clone() for p in gpt.parameters()])
+                batch = dict(batch, loss_mask=torch.zeros_like(batch["loss_mask"]))
+            elif trainer.state.iteration == 2:
+                weights.setdefault("after", [p.detach().clone() for p in gpt.parameters()])
+            yield batch
+
+    trainer.train_iterators = [emptied()]
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return all(torch.equal(a, b) for a, b in zip(weights["before"], weights["after"],
+                                                  strict=True))  # fmt: skip
+
+
+def test_a_batch_without_loss_tokens_is_skipped_and_counted_not_logged_as_zero(
+    sft_data, mistral_model, tmp_path
+):
+    save = str(tmp_path / "run")
+    (unchanged,) = run_ranks(_empty_batch_worker, 1, (sft_data, mistral_model, save), tmp_path)
+    assert unchanged  # no update from a batch with nothing to learn
+    records = {r["iteration"]: r for r in map(json.loads, open(os.path.join(save, "metrics.jsonl")))
+               if "lm_loss" in r}  # fmt: skip
+    assert records[2]["lm_loss"] is None and records[2]["grad_norm"] is None
+    assert records[2]["no_loss_iterations"] == 1 and records[2]["skipped_iterations"] == 1
+    assert records[1]["lm_loss"] > 0.5 and records[3]["lm_loss"] > 0.5

@@ -154,7 +154,15 @@ def test_the_sft_recipe_plans_the_papers_second_stage(tmp_path):
     assert (cfg.sft.epochs, cfg.optim.lr, cfg.sft.lisa_layers, cfg.sft.lisa_interval) == (
         4, 3e-4, 4, 3,
     )  # fmt: skip
-    assert plan_run(cfg, 8).world_size == 8
+    o = cfg.optim
+    assert (cfg.model.seq_length, o.seed, o.clip_grad, o.lr_warmup_iters, o.weight_decay) == (
+        512, 42, 1.0, 0, 0.0,
+    )  # fmt: skip
+    assert (o.adam_beta1, o.adam_beta2, o.adam_eps, o.lr_decay_style) == (0.9, 0.999, 1e-8, "linear")
+    plan = plan_run(cfg, 8)
+    assert (plan.dp, plan.global_batch, plan.num_microbatches) == (8, 16, 1)  # one node: 2 × 8
+    lisa = plan.lines()[-1]
+    assert lisa.startswith("LISA: 4 of 24 layers train at a time") and "allocated for all" in lisa
 
 
 def test_the_sft_pipeline_submits_data_then_sft_then_the_table(tmp_path):
@@ -165,6 +173,7 @@ def test_the_sft_pipeline_submits_data_then_sft_then_the_table(tmp_path):
     jobs = [x for x in proc.stderr.splitlines() if x.startswith("sbatch ")]
     assert len(jobs) == 4
     assert "tools/preprocess_sft.py" in jobs[0] and "--loss-on-prompt" in jobs[0]
+    assert "--pack --seq-length 512" in jobs[0] and "--template llm-adapters" in jobs[0]
     for job, norm in zip(jobs[1:3], ("pre", "pre_gpas"), strict=True):
         assert "--dependency=afterok:" in job and f"--norm-type {norm}" in job
         assert f"--pretrained-checkpoint runs/1b_{norm}/checkpoints" in job

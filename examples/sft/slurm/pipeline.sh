@@ -29,7 +29,7 @@ submit() {  # prints the job id
 PRE=$(submit --job-name=sft-data --nodes=1 --ntasks=1 --cpus-per-task=16 --time=2:00:00 \
     --output="$OUT/logs/sft-data-%j.out" --wrap "$PYTHON tools/preprocess_sft.py \
     --input $CS170K --tokenizer-type SentencePieceTokenizer --tokenizer-model $TOKENIZER \
-    --output-prefix $DATA --seq-length 256 --loss-on-prompt")
+    --output-prefix $DATA --template llm-adapters --loss-on-prompt --pack --seq-length 512")
 JOBS=()
 MODELS=()
 for NORM in $NORMS; do
