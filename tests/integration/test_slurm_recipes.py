@@ -158,7 +158,8 @@ def test_the_sft_recipe_plans_the_papers_second_stage(tmp_path):
     assert (cfg.model.seq_length, o.seed, o.clip_grad, o.lr_warmup_iters, o.weight_decay) == (
         512, 42, 1.0, 0, 0.0,
     )  # fmt: skip
-    assert (o.adam_beta1, o.adam_beta2, o.adam_eps, o.lr_decay_style) == (0.9, 0.999, 1e-8, "linear")
+    adam = (o.adam_beta1, o.adam_beta2, o.adam_eps, o.lr_decay_style)
+    assert adam == (0.9, 0.999, 1e-8, "linear")
     plan = plan_run(cfg, 8)
     assert (plan.dp, plan.global_batch, plan.num_microbatches) == (8, 16, 1)  # one node: 2 × 8
     lisa = plan.lines()[-1]
