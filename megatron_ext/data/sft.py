@@ -97,18 +97,21 @@ class Example:
 
 def read_records(path: str) -> tuple[list, str]:
     """The records of ``path`` and what to call one in a message: one JSON array (``record``),
-    an LMFlow dataset object (``instance``), or JSON lines (``record``)."""
+    an LMFlow dataset object (``instance``), or JSON lines (``record``; one line included)."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    head = text.lstrip()[:1]
-    if head in ("[", "{") and not _is_json_lines(text):
-        try:
-            value = json.loads(text)
-        except ValueError as err:
-            raise SFTDataError(f"{path}: not valid JSON ({err})") from err
-        if isinstance(value, list):
-            return value, "record"
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        if text.lstrip().startswith("["):
+            raise SFTDataError(f"{path}: not a valid JSON array ({err})") from err
+        value = None  # JSON lines
+    if isinstance(value, list):
+        return value, "record"
+    if isinstance(value, dict) and ("instances" in value or "type" in value):
         return _lmflow_instances(value, path), "instance"
+    if value is not None:
+        return [value], "record"  # one JSON line
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -120,30 +123,14 @@ def read_records(path: str) -> tuple[list, str]:
     return records, "record"
 
 
-def _is_json_lines(text: str) -> bool:
-    """More than one non-blank line, the first a JSON value by itself."""
-    lines = [line for line in text.splitlines() if line.strip()]
-    if len(lines) < 2:
-        return False
-    try:
-        json.loads(lines[0])
-    except ValueError:
-        return False
-    return True
-
-
 def _lmflow_instances(value, path: str) -> list:
     """LMFlow's ``{"type": …, "instances": […]}``, each instance tagged with the type."""
-    if not isinstance(value, dict) or "instances" not in value:
-        raise SFTDataError(
-            f"{path}: a JSON object must be an LMFlow dataset with \"type\" and \"instances\""
-        )
     kind = value.get("type")
     if kind not in LMFLOW_TYPES:
         raise SFTDataError(
             f"{path}: LMFlow dataset type {kind!r} is not supported; use one of {LMFLOW_TYPES}"
         )
-    instances = value["instances"]
+    instances = value.get("instances")
     if not isinstance(instances, list):
         raise SFTDataError(f"{path}: \"instances\" must be a list")
     return [{"__lmflow__": kind, "instance": x} for x in instances]

@@ -76,14 +76,10 @@ def parse_models(items: Sequence[str]) -> list[Model]:
 
 
 def lm_eval_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lm_eval")
-    except PackageNotFoundError as err:
-        raise DownstreamError(
-            "lm-evaluation-harness is not installed: pip install -e '.[eval]'"
-        ) from err
+    found = _version("lm_eval")
+    if found == "not installed":
+        raise DownstreamError("lm-evaluation-harness is not installed: pip install -e '.[eval]'")
+    return found
 
 
 @dataclass
@@ -142,25 +138,43 @@ def model_identity(path: str) -> dict:
             f"{path}: neither an export (no config.json) nor a checkpoint directory (no "
             f"{checkpoint_layout.LATEST})"
         )
-    manifest = os.path.join(directory, checkpoint_manifest.MANIFEST)
-    if os.path.isfile(manifest):
-        content = checkpoint_manifest.sha256_of(manifest)
-    else:
-        content = _digest({
+    try:
+        manifest = checkpoint_manifest.read(directory)
+    except checkpoint_manifest.DamagedCheckpointError as err:
+        raise DownstreamError(str(err)) from err
+    identity = {"checkpoint": os.path.abspath(directory)}
+    if manifest is not None:
+        identity["manifest"] = checkpoint_manifest.sha256_of(
+            os.path.join(directory, checkpoint_manifest.MANIFEST)
+        )
+    if manifest is None or not manifest.hashed:  # sizes alone would not tell a retrained model
+        identity["files"] = _digest({
             f: [os.path.getsize(p), os.stat(p).st_mtime_ns]
             for f in checkpoint_manifest.list_files(directory)
             for p in [os.path.join(directory, f)]
         })  # fmt: skip
-    return {"checkpoint": os.path.abspath(directory), "content": content}
+    return identity
 
 
 def request_of(model: Model, settings: EvalSettings, version: str) -> dict:
     """Everything a score depends on; its hash names the results' folder."""
-    return {
+    request = {
         "model": model_identity(model.path),
         "settings": settings.number_fields(),
         "lm_eval_version": version,
     }
+    if not model.is_export:  # exported here: the exporter and the modeling code count too
+        request["exporter"] = {p: _version(p) for p in ("gpas-megatron", "transformers")}
+    return request
+
+
+def _version(distribution: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def lm_eval_command(export: str, out_dir: str, s: EvalSettings) -> list[str]:

@@ -143,41 +143,73 @@ def train_examples(data: DataConfig, seq_length: int) -> int:
     return total
 
 
+def _split_ranges(data: DataConfig) -> list[tuple[str, str, int, int]]:
+    """(split, prefix, first, end) document ranges of every split the run reads."""
+    out = []
+    blend = parse_blend(data.data_path)
+    if blend:
+        for prefix in blend[0]:
+            n = described_bin_size(prefix)[0]
+            for name, bounds in zip(_SPLIT_NAMES, _split_bounds(data.split), strict=True):
+                if bounds is not None:
+                    out.append((name, prefix, int(round(bounds[0] * n)), int(round(bounds[1] * n))))
+    for name, field_name in zip(_SPLIT_NAMES, _DATA_FLAGS[1:], strict=True):
+        per_split = parse_blend(getattr(data, field_name), field_name)
+        for prefix in per_split[0] if per_split else []:
+            out.append((name, prefix, 0, described_bin_size(prefix)[0]))
+    return out
+
+
 def check_sft_examples(data: DataConfig, seq_length: int) -> None:
     """SFT examples that keep no loss token within the training window (their responses fall
-    past it) teach nothing: all of the training split's is an error, some a warning with the
-    count. Training leaves them out."""
+    past it) teach nothing, and training leaves them out: a dataset split with no other is an
+    error; some in the training split, a warning with the count."""
     from megatron_ext.data.sft import loss_tokens_kept
 
-    try:
-        ranges = _train_ranges(data)
-    except ConfigError:  # a weighted blend: checked per prefix, whole
-        ranges = [(p, 0, check_dataset_files("--data-path", p)) for _, p in dataset_prefixes(data)]
+    kept_by_prefix: dict = {}
     examples = empty = 0
-    for prefix, first, end in ranges:
-        kept = loss_tokens_kept(prefix, seq_length)[first:end]
-        examples += len(kept)
-        empty += int((kept == 0).sum())
-        info = DatasetInfo.read(prefix)
-        cut = (info.sft or {}).get("seq_length") if info is not None else None
-        if empty and cut is not None and cut > seq_length:
-            logger.warning(
-                "%s was cut for --seq-length %d when preprocessed; training uses %d",
-                prefix, cut, seq_length,
-            )  # fmt: skip
-    if not empty:
+    for split, prefix, first, end in _split_ranges(data):
+        if prefix not in kept_by_prefix:
+            kept_by_prefix[prefix] = loss_tokens_kept(prefix, seq_length)
+            _warn_if_cut_longer(prefix, seq_length)
+        kept = kept_by_prefix[prefix][first:end]
+        if len(kept) and not kept.any():
+            raise ConfigError(
+                f"{prefix}: none of the {len(kept):,} examples of its {split} split keeps a token "
+                f"with loss within --seq-length {seq_length} (their responses fall past it), so "
+                "training would learn nothing from them; train with a longer --seq-length, or "
+                f"preprocess with tools/preprocess_sft.py --seq-length {seq_length} (it "
+                "truncates or drops long examples and says how many)"
+            )
+        if split == "train":
+            examples += len(kept)
+            empty += int((kept == 0).sum())
+    if empty:
+        logger.warning(
+            "%s of the %s training examples keep no token with loss within --seq-length %d "
+            "(their responses fall past it): they are left out of training and of the --epochs "
+            "arithmetic",
+            f"{empty:,}", f"{examples:,}", seq_length,
+        )  # fmt: skip
+
+
+def _warn_if_cut_longer(prefix: str, seq_length: int) -> None:
+    info = DatasetInfo.read(prefix)
+    sft = (info.sft or {}) if info is not None else {}
+    cut = sft.get("seq_length")
+    if cut is None or cut <= seq_length:
         return
-    what = (
-        f"{empty:,} of the {examples:,} training examples keep no token with loss within "
-        f"--seq-length {seq_length} (their responses fall past it)"
-    )
-    if empty == examples:
-        raise ConfigError(
-            f"--data-path: {what}, so training would learn nothing; train with a longer "
-            "--seq-length, or preprocess with tools/preprocess_sft.py --seq-length "
-            f"{seq_length} (it truncates or drops long examples and says how many)"
-        )
-    logger.warning("%s: they are left out of training and of the --epochs arithmetic", what)
+    if sft.get("packed"):
+        logger.warning(
+            "%s holds blocks of %d tokens (--pack --seq-length %d); training at --seq-length %d "
+            "keeps the first %d tokens of each block and never trains on the rest",
+            prefix, cut, cut, seq_length, seq_length + 1,
+        )  # fmt: skip
+    else:
+        logger.warning(
+            "%s was cut for --seq-length %d when preprocessed; training uses %d, so longer "
+            "examples are cut again", prefix, cut, seq_length,
+        )  # fmt: skip
 
 
 def check_split_sizes(prefix: str, num_documents: int, split: str) -> None:

@@ -263,8 +263,8 @@ def test_examples_that_keep_no_loss_token_are_refused_or_counted(mistral_model, 
     proc = _pretrain(_short_run_args(all_long, mistral_model, str(tmp_path / "a"), epochs=1))
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
-    assert len(errors) == 1 and "6 of the 6 training examples keep no token with loss within " \
-        "--seq-length 32" in errors[0], proc.stderr[-2000:]  # fmt: skip
+    assert len(errors) == 1 and "none of the 6 examples of its train split keeps a token with " \
+        "loss within --seq-length 32" in errors[0], proc.stderr[-2000:]  # fmt: skip
 
     _, mixed = _preprocess(tmp_path, mistral_model, _chat_records(10, 6), "mixed")
     save = str(tmp_path / "b")

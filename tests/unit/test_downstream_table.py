@@ -148,22 +148,36 @@ def test_a_result_is_reused_only_when_everything_that_changes_a_number_matches(
     assert len(os.listdir(tmp_path / "out" / "raw" / "m")) == 6
 
 
-def _checkpoint(root, iteration, manifest_text):
+def _checkpoint(root, iteration, digest, hashed=True):
     directory = root / f"iter_{iteration:07d}"
-    directory.mkdir(parents=True)
-    (directory / "manifest.json").write_text(manifest_text)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "weights.distcp").write_bytes(b"w" * 8)
+    body = {"iteration": iteration, "hashed": hashed,
+            "files": {"weights.distcp": {"size": 8, "sha256": digest if hashed else None}}}
+    (directory / "manifest.json").write_text(json.dumps(body))
     (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    return directory
 
 
 def test_a_checkpoints_identity_follows_its_pointer_and_manifest(tmp_path):
     root = tmp_path / "ckpt"
-    _checkpoint(root, 10, '{"files": {"a": [1, "x"]}}')
+    _checkpoint(root, 10, "aa")
     first = d.model_identity(str(root))
     assert d.model_identity(str(root)) == first
-    _checkpoint(root, 20, '{"files": {"a": [1, "x"]}}')
+    _checkpoint(root, 20, "aa")
     second = d.model_identity(str(root))
     assert second != first  # a newer checkpoint
-    (root / "iter_0000020" / "manifest.json").write_text('{"files": {"a": [1, "y"]}}')
+    _checkpoint(root, 20, "bb")
     assert d.model_identity(str(root)) != second  # rewritten in place
     with pytest.raises(d.DownstreamError, match="neither an export"):
         d.model_identity(str(tmp_path))
+
+
+def test_an_unhashed_manifest_adds_the_files_times(tmp_path):
+    """Written with --no-verify-integrity, a manifest holds sizes only: a retrained model of
+    the same shape saved at the same iteration would look the same."""
+    root = tmp_path / "ckpt"
+    directory = _checkpoint(root, 10, None, hashed=False)
+    before = d.model_identity(str(root))
+    os.utime(directory / "weights.distcp", ns=(1, 1))
+    assert d.model_identity(str(root)) != before
