@@ -465,18 +465,12 @@ def _check_sft(cfg: RunConfig) -> None:
     )
     require(s.lisa_interval >= 1, "--lisa-interval", "must be at least 1")
     lisa = 0 < s.lisa_layers < cfg.model.num_layers
-    p = cfg.parallel
-    # LISA switches idle layers' requires_grad; megatron-core's parameter-gather hook asserts
-    # it, and its pipelined reduction counts ready parameters in a way LISA does not drive.
+    # LISA switches idle layers' requires_grad off; megatron-core's parameter-gather hook
+    # asserts it is on for every parameter it gathers.
     require(
-        not (lisa and p.overlap_param_gather),
+        not (lisa and cfg.parallel.overlap_param_gather),
         "--overlap-param-gather",
         "is not supported with LISA (--lisa-layers); drop it (--overlap-grad-reduce works)",
-    )
-    require(
-        not (lisa and p.overlap_grad_reduce and p.pipeline_model_parallel_size > 1),
-        "--overlap-grad-reduce",
-        "is not supported with LISA under pipeline parallelism; drop it",
     )
 
 

@@ -134,8 +134,9 @@ def mark_frozen_ready(chunks, frozen: Optional[set]) -> None:
     """Under ``--overlap-grad-reduce``, count parameters that will get no gradient this step as
     ready for the data-parallel reduction (megatron-core launches a bucket's reduction once
     every parameter in it reported; a frozen one never would). Call after the grad buffers are
-    zeroed, before the forward-backward."""
-    if not frozen:
+    zeroed, before the forward-backward. Only where the backward hooks drive the reduction:
+    pipeline stages after the first, and interleaved chunks, reduce from the schedule instead."""
+    if not frozen or not _reduction_follows_hooks(chunks):
         return
     for chunk in chunks:
         if not getattr(getattr(chunk, "ddp_config", None), "overlap_grad_reduce", False):
@@ -145,3 +146,13 @@ def mark_frozen_ready(chunks, frozen: Optional[set]) -> None:
             group = groups.get(p)
             if group is not None:
                 group.register_grad_ready(p)
+
+
+def _reduction_follows_hooks(chunks) -> bool:
+    """megatron-core's 1F1B schedule lets the hooks launch the reduction on the first pipeline
+    stage only (the others call ``grad_sync_func`` at the end); its interleaved schedule never."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return True
+    return len(chunks) == 1 and parallel_state.get_pipeline_model_parallel_rank() == 0

@@ -183,11 +183,12 @@ def _single_run(tmp_path, data, tokenizer):
     "layout",
     [
         {"tensor_model_parallel_size": 2, "sequence_parallel": True},
-        {"pipeline_model_parallel_size": 2},
+        {"pipeline_model_parallel_size": 2, "overlap_grad_reduce": True,
+         "ddp_bucket_size": 40000},
         {"use_distributed_optimizer": True, "overlap_grad_reduce": True,
          "ddp_bucket_size": 40000},
     ],
-    ids=["tp2_sp", "pp2", "dp2_distopt_overlap"],
+    ids=["tp2_sp", "pp2_overlap", "dp2_distopt_overlap"],
 )  # fmt: skip
 def test_lisa_under_parallel_layouts_matches_one_process(sft_data, mistral_model, tmp_path, layout):
     """A pipeline stage may hold none of the sampled layers; every rank samples alike; with
