@@ -21,6 +21,7 @@ from megatron_ext.quiet import quiet_third_party_warnings  # noqa: E402
 
 quiet_third_party_warnings()
 
+from megatron_ext.cli.extras import reports_missing_extras  # noqa: E402
 from megatron_ext.export.dcp_reader import CheckpointError  # noqa: E402
 from megatron_ext.export.llama_fold import FoldError  # noqa: E402
 from megatron_ext.export.to_hf import DTYPES, TARGETS, ExportOptions, export_to_hf  # noqa: E402
@@ -58,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@reports_missing_extras
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)

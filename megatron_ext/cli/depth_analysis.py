@@ -23,8 +23,10 @@ quiet_third_party_warnings()
 
 from megatron_ext import fileio  # noqa: E402
 from megatron_ext.analysis import depth  # noqa: E402
+from megatron_ext.cli.extras import reports_missing_extras  # noqa: E402
 
 
+@reports_missing_extras
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter

@@ -16,11 +16,13 @@ from megatron_ext.quiet import quiet_third_party_warnings  # noqa: E402
 quiet_third_party_warnings()
 
 from megatron_ext import fileio  # noqa: E402
+from megatron_ext.cli.extras import reports_missing_extras  # noqa: E402
 from megatron_ext.config import ConfigError  # noqa: E402
 from megatron_ext.grid import table  # noqa: E402
 from megatron_ext.grid.spec import GridSpec  # noqa: E402
 
 
+@reports_missing_extras
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("grid", help="the grid's directory (holds grid.json)")

@@ -17,6 +17,7 @@ from megatron_ext.quiet import quiet_third_party_warnings  # noqa: E402
 quiet_third_party_warnings()
 
 from megatron_ext import fileio  # noqa: E402
+from megatron_ext.cli.extras import reports_missing_extras  # noqa: E402
 from megatron_ext.metrics_file import MetricsFile  # noqa: E402
 
 
@@ -81,6 +82,7 @@ def plot(runs: dict, out: str) -> None:
     plt.close(fig)
 
 
+@reports_missing_extras
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("metrics", nargs="+", help="metrics.jsonl files")

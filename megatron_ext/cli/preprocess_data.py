@@ -20,6 +20,7 @@ from megatron_ext.quiet import quiet_third_party_warnings  # noqa: E402
 
 quiet_third_party_warnings()
 
+from megatron_ext.cli.extras import reports_missing_extras  # noqa: E402
 from megatron_ext.data.preprocess import (  # noqa: E402
     PreprocessConfig,
     PreprocessError,
@@ -102,6 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@reports_missing_extras
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)

@@ -23,6 +23,7 @@ from megatron_ext.quiet import quiet_third_party_warnings
 
 quiet_third_party_warnings()
 
+from megatron_ext.cli.extras import reports_missing_extras  # noqa: E402
 from megatron_ext.data.sft import (  # noqa: E402
     PACK_GROUP,
     TEMPLATES,
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@reports_missing_extras
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:

@@ -6,8 +6,9 @@
         --train-iters 100000 --lr 5e-4 --lr-warmup-iters 10000 --bf16 --save ckpt --load ckpt
 
 ``python pretrain_gpas.py --help`` lists every flag; ``--config run.yaml`` sets any of them.
-``--dry-run [--world-size N]`` prints the resolved layout, parameter count, a memory estimate
-per GPU and the token budget, and refuses an impossible layout, without training.
+``--dry-run [--world-size N]`` checks the flags and files as training would, then prints the
+layout, the parameter count of the model it would build, a memory estimate per rank and the
+token budget, without training.
 ``--verbose`` keeps third-party warnings (hidden by default; ``PYTHONWARNINGS`` also keeps them).
 """
 
@@ -23,11 +24,13 @@ from megatron_ext.quiet import quiet_third_party_warnings
 
 quiet_third_party_warnings()
 
+from megatron_ext.cli.extras import reports_missing_extras  # noqa: E402
 from megatron_ext.config import ConfigError  # noqa: E402
 from megatron_ext.run_lock import RunLockError  # noqa: E402
 from megatron_ext.training.arguments import parse_run_config  # noqa: E402
 from megatron_ext.training.checkpointing import CheckpointError  # noqa: E402
 from megatron_ext.training.planning import plan_run  # noqa: E402
+from megatron_ext.training.resolve import resolve_run  # noqa: E402
 from megatron_ext.training.trainer import TrainingStopped, run  # noqa: E402
 
 
@@ -39,6 +42,7 @@ def _configure_logging() -> None:
     )
 
 
+@reports_missing_extras
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     dry_run = "--dry-run" in argv
@@ -52,7 +56,7 @@ def main(argv=None) -> int:
         cfg = parse_run_config(argv)
         if dry_run:
             ws = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-            for line in plan_run(cfg, ws).lines():
+            for line in plan_run(resolve_run(cfg, ws).cfg, ws).lines():
                 print(line)
             return 0
         _configure_logging()

@@ -28,6 +28,7 @@ from megatron_ext.quiet import quiet_third_party_warnings  # noqa: E402
 
 quiet_third_party_warnings()
 
+from megatron_ext.cli.extras import reports_missing_extras  # noqa: E402
 from megatron_ext.config import ConfigError  # noqa: E402
 from megatron_ext.grid.runner import LocalGridRunner, _hms  # noqa: E402
 from megatron_ext.grid.slurm import write_array_script  # noqa: E402
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@reports_missing_extras
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "train_args", None) and args.train_args[0] == "--":

@@ -14,6 +14,7 @@ from megatron_ext.quiet import quiet_third_party_warnings  # noqa: E402
 
 quiet_third_party_warnings()
 
+from megatron_ext.cli.extras import reports_missing_extras  # noqa: E402
 from megatron_ext.data.tokenizer_training import (  # noqa: E402
     TokenizerTrainingConfig,
     TokenizerTrainingError,
@@ -21,6 +22,7 @@ from megatron_ext.data.tokenizer_training import (  # noqa: E402
 )
 
 
+@reports_missing_extras
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", nargs="+", required=True, help="JSON-lines files (.gz/.zst too)")

@@ -11,7 +11,6 @@ from typing import Literal, Optional
 from megatron_ext.config.data import DataConfig
 from megatron_ext.config.fields import check_choices, option, require
 from megatron_ext.config.model import ModelConfig, ParallelConfig
-from megatron_ext.data.tokenizers import TOKENIZER_TYPES
 
 # The names of megatron-core's AttnBackend enum (a unit test keeps them equal), spelled here so
 # that the configuration imports neither torch nor megatron-core.
@@ -26,6 +25,8 @@ RecomputeMethod = Literal["uniform", "block"]
 Device = Literal["cuda", "cpu"]
 TransformerImpl = Literal["local", "transformer_engine"]
 AttentionBackend = Literal[ATTENTION_BACKENDS]
+#: tokenizers read from a file (megatron_ext.data.tokenizers builds them)
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
 TokenizerType = Literal[("NullTokenizer", *TOKENIZER_TYPES)]
 DamagedPolicy = Literal["fallback", "stop"]
 
@@ -222,14 +223,8 @@ class FusionConfig:
                 self.rope_fusion, on_gpu and transformer_impl == "transformer_engine"
             ),
             "cross_entropy_loss_fusion": self.cross_entropy_loss_fusion,
-            "attention_backend": _attn_backend(self.attention_backend),
+            "attention_backend": self.attention_backend,  # megatron-core's AttnBackend name
         }
-
-
-def _attn_backend(name: str):
-    from megatron.core.transformer.enums import AttnBackend
-
-    return AttnBackend[name]
 
 
 @dataclass

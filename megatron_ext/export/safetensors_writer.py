@@ -12,7 +12,6 @@ import os
 import re
 
 import torch
-from safetensors.torch import save_file
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -60,6 +59,8 @@ class ShardedSafetensorsWriter:
     def _flush(self) -> None:
         if not self._pending:
             return
+        from safetensors.torch import save_file  # the hf extra; --help works without it
+
         save_file(self._pending, self._part_path(len(self._shards)), metadata={"format": "pt"})
         self._shards.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext.config import ModelConfig, ParallelConfig
@@ -82,6 +83,8 @@ def build_transformer_config(
         **_p2p_settings(parallel, model.num_layers),
     )
     kwargs.update(overrides)
+    if isinstance(kwargs.get("attention_backend"), str):  # a name from the configuration
+        kwargs["attention_backend"] = AttnBackend[kwargs["attention_backend"]]
     return TransformerConfig(**kwargs)
 
 

@@ -1,5 +1,6 @@
-"""``--dry-run``: the resolved layout, size, memory estimate and token budget of a run, without
-building anything. Uses the same validation as a real run, so an impossible layout is refused."""
+"""``--dry-run``: the layout, size, memory estimate and token budget of a run, without building
+anything. Plan the :func:`~megatron_ext.training.resolve.resolve_run` result (the vocabulary of
+the tokenizer, the iterations of ``--epochs``), so that the plan is the run training builds."""
 
 from __future__ import annotations
 
@@ -24,18 +25,22 @@ class Plan:
     activations_gib: float
     tokens_per_iteration: int
     total_tokens: int
+    train_iters: int = 0
+    device: str = "cuda"
     lisa: Optional[str] = None  # what LISA computes and allocates
 
     def lines(self) -> list[str]:
         total = self.weights_and_optimizer_gib + self.activations_gib
+        ranks, rank = ("GPUs", "GPU") if self.device == "cuda" else ("CPU ranks", "rank")
         return [
-            f"layout: {self.world_size} GPUs = TP {self.tp} × PP {self.pp} × DP {self.dp}",
+            f"layout: {self.world_size} {ranks} = TP {self.tp} × PP {self.pp} × DP {self.dp}",
             f"batch: global {self.global_batch} sequences = {self.num_microbatches} "
             f"micro-batches per DP rank; {self.tokens_per_iteration:,} token slots per iteration",
-            f"training: {self.total_tokens / 1e9:,.2f}B token slots in total",
-            f"parameters: {self.params_total / 1e6:,.1f}M in total, "
-            f"≈{self.params_per_gpu / 1e6:,.1f}M on the most loaded GPU",
-            f"memory per GPU (estimate): weights+grads+optimizer "
+            f"training: {self.train_iters:,} iterations, {self.total_tokens / 1e9:,.2f}B token "
+            "slots in total",
+            f"parameters: {self.params_total:,} ({self.params_total / 1e6:,.1f}M) in total, "
+            f"≈{self.params_per_gpu / 1e6:,.1f}M on the most loaded {rank}",
+            f"memory per {rank} (estimate): weights+grads+optimizer "
             f"{self.weights_and_optimizer_gib:.1f} GiB, "
             f"activations {self.activations_gib:.1f} GiB, total {total:.1f} GiB",
             *([self.lisa] if self.lisa else []),
@@ -85,5 +90,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
         activations / 2**30,
         gbs * s,
         gbs * s * o.train_iters,
+        o.train_iters,
+        cfg.device,
         lisa,
     )

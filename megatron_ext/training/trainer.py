@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import math
 import os
 import time
 from typing import Optional
@@ -16,11 +15,10 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_ext.config import ConfigError, RunConfig
+from megatron_ext.config import RunConfig
 from megatron_ext.data.dataset_info import SIDECAR_SUFFIX
 from megatron_ext.data.datasets import build_datasets
 from megatron_ext.data.sampler import build_data_loader
-from megatron_ext.data.tokenizers import TokenizerError, build_tokenizer
 from megatron_ext.metrics_file import METRICS_FILE
 from megatron_ext.models.gates import freeze_gates
 from megatron_ext.models.gpt import build_model_chunks, build_transformer_config
@@ -34,6 +32,7 @@ from megatron_ext.training.metrics import MetricsWriter, StepLogger
 from megatron_ext.training.model_setup import wrap_model
 from megatron_ext.training.optimizer import build_optimizer
 from megatron_ext.training.profiling import IterationProfiler
+from megatron_ext.training.resolve import resolve_run
 from megatron_ext.training.signals import ExitSignalHandler
 from megatron_ext.training.spikes import SpikeMonitor
 from megatron_ext.training.step import train_step
@@ -55,55 +54,17 @@ def _is_logging_rank() -> bool:
     return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
 
 
-def _vocab_and_eod(cfg: RunConfig) -> tuple[int, int]:
-    t = cfg.tokenizer
-    if t.tokenizer_type == "NullTokenizer":
-        # Megatron's null tokenizer: ids < vocab_size, EOD = vocab_size (hence one more row).
-        return cfg.model.vocab_size + 1, t.eod_id if t.eod_id is not None else cfg.model.vocab_size
-    try:
-        tok = build_tokenizer(t.tokenizer_type, t.tokenizer_model, t.eod_id)
-    except TokenizerError as err:
-        raise ConfigError(f"{err}; check the flag") from err
-    if tok.eod is None:
-        raise ConfigError(
-            f"--eod-id: tokenizer {t.tokenizer_model} has no end-of-document token; pass --eod-id N"
-        )
-    return tok.vocab_size, tok.eod
-
-
-def _epoch_iters(cfg: RunConfig, world_size: int) -> tuple[int, int]:
-    """The iterations that cover the training split --epochs times (the last batch completed
-    from the next epoch's order)."""
-    epochs = cfg.sft.epochs
-    examples = preflight.train_examples(cfg.data, cfg.model.seq_length)
-    gbs = cfg.global_batch_size(world_size)
-    return max(1, math.ceil(epochs * examples / gbs)), examples
-
-
 class Trainer:
     """Builds the run from its configuration, then trains; the components own their policies:
     checkpoints (:class:`CheckpointManager`), validation (:class:`Evaluator`), the step log
     (:class:`StepLogger`), telemetry (:class:`TelemetryHook`), stopping (:class:`StopPolicy`)."""
 
     def __init__(self, cfg: RunConfig):
-        self.world_size = _world_size()
-        cfg.validate(self.world_size)
-        vocab, self.eod = _vocab_and_eod(cfg)
-        # The run's configuration, with the tokenizer's vocabulary (then the iterations --epochs
-        # gives); the caller's is not changed.
-        self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
-        self.cfg.validate(self.world_size)
-        # Files against flags, before anything is built or written.
-        self.undescribed_data = preflight.check_run(self.cfg, self.eod)
-        self.train_examples = None
-        if cfg.sft.epochs is not None:
-            iters, self.train_examples = _epoch_iters(self.cfg, self.world_size)
-            self.cfg = dataclasses.replace(
-                self.cfg, optim=dataclasses.replace(self.cfg.optim, train_iters=iters)
-            )
-            self.cfg.validate(self.world_size)
-        self.gbs = self.cfg.global_batch_size(self.world_size)
-        self.num_micro = self.cfg.num_microbatches(self.world_size)
+        run = resolve_run(cfg, _world_size())  # the caller's configuration is not changed
+        self.cfg, self.eod = run.cfg, run.eod
+        self.undescribed_data = list(run.undescribed_data)
+        self.train_examples = run.samples_per_epoch
+        self.gbs, self.num_micro = run.global_batch_size, run.num_microbatches
         self.state = RunState()
 
     # -- setup ---------------------------------------------------------------------------------

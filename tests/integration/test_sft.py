@@ -139,7 +139,8 @@ def test_lisa_updates_exactly_the_sampled_layers(sft_data, mistral_model, tmp_pa
             assert changed, name
         else:
             assert changed is (layer in active), name
-            if layer not in active and name in s0:  # the sat-out layer's Adam state, untouched
+            if layer not in active:  # its Adam state, untouched
+                assert name in s0 and name in s1, name  # created up front for every layer
                 for key in ("exp_avg", "exp_avg_sq", "step"):
                     assert torch.equal(s0[name][key], s1[name][key]), (name, key)
 

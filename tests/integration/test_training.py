@@ -337,7 +337,7 @@ def test_fusion_defaults_follow_the_device_and_flags_override_them():
 
     names = ["bias_activation_fusion", "bias_dropout_fusion", "apply_rope_fusion"]
     off = dict.fromkeys([*names, "cross_entropy_loss_fusion"], False)
-    off["attention_backend"] = AttnBackend.auto  # SDPA with the local spec
+    off["attention_backend"] = "auto"  # SDPA with the local spec
     assert fields("--device", "cpu") == off
     on_gpu = {**off, "bias_activation_fusion": True, "bias_dropout_fusion": True}
     assert fields("--device", "cuda") == on_gpu
@@ -348,7 +348,12 @@ def test_fusion_defaults_follow_the_device_and_flags_override_them():
     ce = fields("--device", "cpu", "--bf16", "--cross-entropy-loss-fusion")
     assert ce["cross_entropy_loss_fusion"] is True
     local = fields("--device", "cpu", "--attention-backend", "local")["attention_backend"]
-    assert local is AttnBackend.local
+    assert local == "local"
+    from megatron_ext.models.gpt import build_transformer_config
+
+    built = build_transformer_config(parse_run_config(["--mock-data"]).model, use_cpu=True,
+                                     attention_backend=local)  # fmt: skip
+    assert built.attention_backend is AttnBackend.local
     for bad, message in [
         (["--attention-backend", "flash"], "--attention-backend: flash, fused and unfused are"),
         (["--attention-backend", "sdpa"], "--attention-backend: choose one of"),
@@ -401,7 +406,9 @@ def test_dry_run_plans_the_7b_recipe_and_refuses_bad_layouts():
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "64 GPUs = TP 2 × PP 1 × DP 32" in ok.stdout
     assert "78.64B token slots" in ok.stdout  # 150k × 2048 × 256 (spec §5)
-    assert "6,738.4M in total" in ok.stdout
+    # mock data with Megatron's null tokenizer: 32,001 ids (its EOD is one past --vocab-size),
+    # padded to 32,256 for TP 2; 256 more rows than 32,000 in the embedding and the output layer
+    assert "(6,740.5M) in total" in ok.stdout
     bad = subprocess.run(
         base + ["--world-size", "8", "--tensor-model-parallel-size", "3"],
         capture_output=True,

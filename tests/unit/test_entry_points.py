@@ -39,3 +39,44 @@ def test_command_and_repository_script_share_main(name):
     script = "pretrain_gpas.py" if stem == "pretrain" else os.path.join("tools", stem + ".py")
     text = open(os.path.join(ROOT, script)).read()
     assert f"from {module_name} import {attr}" in text, script
+
+
+# Run a command with the optional extras' packages made unimportable, as a base install has them.
+_WITHOUT_EXTRAS = """
+import sys
+for name in {blocked!r}:
+    sys.modules[name] = None  # import raises ModuleNotFoundError, find_spec answers None
+sys.argv = [{command!r}, *{args!r}]
+from {module} import {attr} as main
+sys.exit(main())
+"""
+
+
+def _without_extras(name, *args):
+    import subprocess
+    import sys
+
+    from megatron_ext.cli.extras import EXTRA_OF_MODULE
+
+    module, _, attr = SCRIPTS[name].value.partition(":")
+    code = _WITHOUT_EXTRAS.format(blocked=sorted(EXTRA_OF_MODULE), command=name, args=list(args),
+                                  module=module, attr=attr)  # fmt: skip
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_every_command_shows_its_help_with_the_base_install_only(name):
+    proc = _without_extras(name, "--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage:"), proc.stdout[:300]
+
+
+def test_a_missing_extra_is_one_line_naming_it(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"iteration": 1, "lm_loss": 2.0}\n{"iteration": 2, "lm_loss": 1.5}\n')
+    proc = _without_extras("gpas-plot-run", str(metrics), "--out", str(tmp_path / "p.png"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    expected = "error: matplotlib is not installed; this needs the 'plot' extra"
+    assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr
