@@ -25,6 +25,7 @@ from megatron_ext.config.run import (
     RunConfig,
     SFTConfig,
     SpikeConfig,
+    StopConfig,
     TokenizerConfig,
 )
 
@@ -44,6 +45,7 @@ __all__ = [
     "RunConfig",
     "SFTConfig",
     "SpikeConfig",
+    "StopConfig",
     "TokenizerConfig",
     "check_choices",
     "choices_of",

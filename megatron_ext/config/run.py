@@ -83,9 +83,6 @@ class OptimConfig:
     freeze_gates: Optional[bool] = option(
         None, "keep the GPAS gates fixed; default: on with --sft, off otherwise"
     )
-    nan_skip_limit: int = option(
-        10, "stop (after saving) when this many steps in a row have NaN/Inf"
-    )
     use_fused_adam: Optional[bool] = option(
         None, "torch's fused Adam kernel (no TE/Apex); default: on with --device cuda"
     )
@@ -124,15 +121,24 @@ class EvalConfig:
 
 
 @dataclass
+class StopConfig:
+    """When a run stops before --train-iters (read by the stop policy)."""
+
+    nan_skip_limit: int = option(
+        10, "stop (after saving) after this many skipped steps in a row (NaN/Inf, no loss token)"
+    )
+    exit_interval: Optional[int] = option(None, "save and exit at iterations divisible by this")
+    exit_duration_in_mins: Optional[float] = option(
+        None, "save and exit once the run has trained this long"
+    )
+
+
+@dataclass
 class CheckpointConfig:
     save: Optional[str] = None
     load: Optional[str] = None
     save_interval: Optional[int] = None
     keep_last_checkpoints: Optional[int] = None
-    exit_interval: Optional[int] = None
-    exit_duration_in_mins: Optional[float] = option(
-        None, "save and exit once the run has trained this long"
-    )
     finetune: bool = option(False, "load weights only and start at iteration 0")
     pretrained_checkpoint: Optional[str] = option(
         None,
@@ -303,6 +309,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
     spikes: SpikeConfig = field(default_factory=SpikeConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -342,6 +349,7 @@ class RunConfig:
         _check_runtime(self)
         _check_logging(self.logging, self.eval)
         _check_checkpoint(self.checkpoint)
+        _check_stop(self.stop)
         _check_spikes(self.spikes)
         _check_sft(self)
         _check_fusion(self)
@@ -379,7 +387,6 @@ def _check_schedule(o: OptimConfig) -> None:
     )
     require(o.clip_grad >= 0, "--clip-grad", "must be ≥ 0 (0 disables)")
     require(o.clip_gate_grad >= 0, "--clip-gate-grad", "must be ≥ 0 (0 disables)")
-    require(o.nan_skip_limit >= 1, "--nan-skip-limit", "must be ≥ 1")
 
 
 def _check_fp8(cfg: RunConfig) -> None:
@@ -431,6 +438,11 @@ def _check_logging(lg: LoggingConfig, e: EvalConfig) -> None:
     require(lg.log_interval > 0, "--log-interval", "must be positive")
     require(e.eval_interval > 0, "--eval-interval", "must be positive")
     require(e.eval_iters >= 0, "--eval-iters", "must be ≥ 0")
+
+
+def _check_stop(s: StopConfig) -> None:
+    require(s.nan_skip_limit >= 1, "--nan-skip-limit", "must be ≥ 1")
+    require(s.exit_interval is None or s.exit_interval >= 1, "--exit-interval", "must be ≥ 1")
 
 
 def _check_checkpoint(c: CheckpointConfig) -> None:

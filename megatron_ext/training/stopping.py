@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron_ext.config import StopConfig
 from megatron_ext.training.signals import ExitSignalHandler
 
 logger = logging.getLogger("gpas")
@@ -22,9 +23,8 @@ class StopReason:
 
 
 class StopPolicy:
-    def __init__(self, cfg, signals: ExitSignalHandler):
-        self.checkpoint = cfg.checkpoint
-        self.nan_skip_limit = cfg.optim.nan_skip_limit
+    def __init__(self, cfg: StopConfig, signals: ExitSignalHandler):
+        self.cfg = cfg
         self.signals = signals
         self.start = time.time()
         self.skipped_in_a_row = 0
@@ -57,13 +57,13 @@ class StopPolicy:
 
     def check(self, iteration: int) -> Optional[StopReason]:
         """Collective (the signal and the time limit are agreed over all ranks)."""
-        if self.skipped_in_a_row >= self.nan_skip_limit:
+        if self.skipped_in_a_row >= self.cfg.nan_skip_limit:
             return StopReason(
                 f"{self.skipped_in_a_row} iterations in a row were skipped, the last for: "
                 f"{self.last_cause} (--nan-skip-limit)",
                 non_finite=True,
             )
-        c = self.checkpoint
+        c = self.cfg
         over_time = (
             c.exit_duration_in_mins is not None
             and (time.time() - self.start) / 60.0 >= c.exit_duration_in_mins

@@ -267,7 +267,7 @@ class Trainer:
         iteration. Raises :class:`TrainingStopped` after too many non-finite steps."""
         state = self.state
         with ExitSignalHandler() as signals:
-            stop, reason = StopPolicy(self.cfg, signals), None
+            stop, reason = StopPolicy(self.cfg.stop, signals), None
             while state.iteration < self.cfg.optim.train_iters:
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.telemetry.before_step(state.iteration + 1)

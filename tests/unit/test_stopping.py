@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from megatron_ext.config import StopConfig
 from megatron_ext.training.stopping import StopPolicy
 
 
@@ -17,11 +18,7 @@ class Signals:
 
 
 def _cfg(nan_skip_limit=3, exit_interval=None, exit_duration_in_mins=None):
-    return SimpleNamespace(
-        optim=SimpleNamespace(nan_skip_limit=nan_skip_limit),
-        checkpoint=SimpleNamespace(exit_interval=exit_interval,
-                                   exit_duration_in_mins=exit_duration_in_mins),
-    )  # fmt: skip
+    return StopConfig(nan_skip_limit, exit_interval, exit_duration_in_mins)
 
 
 GOOD = SimpleNamespace(non_finite=False, no_loss_tokens=False)
