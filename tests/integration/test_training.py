@@ -407,8 +407,8 @@ def test_dry_run_plans_the_7b_recipe_and_refuses_bad_layouts():
     assert "64 GPUs = TP 2 × PP 1 × DP 32" in ok.stdout
     assert "78.64B token slots" in ok.stdout  # 150k × 2048 × 256 (spec §5)
     # mock data with Megatron's null tokenizer: 32,001 ids (its EOD is one past --vocab-size),
-    # padded to 32,256 for TP 2; 256 more rows than 32,000 in the embedding and the output layer
-    assert "(6,740.5M) in total" in ok.stdout
+    # padded to 32,128: 128 × 4,096 × 2 more than 32,000 rows in the embedding and output layer
+    assert "6,739,464,224 (6,739.5M) in total" in ok.stdout
     bad = subprocess.run(
         base + ["--world-size", "8", "--tensor-model-parallel-size", "3"],
         capture_output=True,
