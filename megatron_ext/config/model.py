@@ -155,6 +155,11 @@ class ParallelConfig:
     num_layers_per_virtual_pipeline_stage: Optional[int] = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    distributed_timeout_minutes: float = option(
+        30.0,
+        "process-group timeout: a collective that waits longer than this fails the run instead "
+        "of hanging (a frozen or dead peer)",
+    )
     overlap_grad_reduce: bool = option(
         False, "reduce data-parallel gradients bucket by bucket during backward"
     )
@@ -228,6 +233,11 @@ class ParallelConfig:
             or (self.use_distributed_optimizer and self.overlap_grad_reduce),
             "overlap_param_gather",
             "needs --use-distributed-optimizer and --overlap-grad-reduce",
+        )
+        require(
+            self.distributed_timeout_minutes > 0,
+            "distributed_timeout_minutes",
+            "must be a positive number of minutes",
         )
         require(
             self.ddp_bucket_size is None or self.ddp_bucket_size > 0,

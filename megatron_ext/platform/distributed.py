@@ -28,7 +28,6 @@ def init_distributed(
     device: str = "cuda",
     num_layers: Optional[int] = None,
     seed: int = 1234,
-    timeout_minutes: int = 30,
 ) -> None:
     """Initialize torch.distributed from the environment and megatron-core's parallel state.
 
@@ -37,6 +36,7 @@ def init_distributed(
     """
     if device == "cpu":
         enable_cpu_emulation()
+    timeout_minutes = parallel.distributed_timeout_minutes
     launched = "WORLD_SIZE" in os.environ  # torchrun, srun wrapper or our test harness
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -341,3 +341,35 @@ def test_an_injected_spike_is_logged_and_skipped_on_request(tmp_path, skip):
     assert result["unchanged"] is skip  # the spiky update was skipped only on request
     assert result["lr_advanced"] == (0 if skip else 1)
     assert result["skipped"] == (1 if skip else 0)
+
+
+def _late_peer_worker(timeout_minutes: float, late_seconds: float):
+    """Rank 1 enters the collective late; rank 0 must fail after the process-group timeout
+    rather than wait for it."""
+    import time
+
+    import torch
+
+    from megatron_ext.config import ParallelConfig
+    from megatron_ext.platform.distributed import init_distributed
+
+    init_distributed(ParallelConfig(distributed_timeout_minutes=timeout_minutes), device="cpu")
+    if torch.distributed.get_rank() == 1:
+        time.sleep(late_seconds)
+        return None
+    start = time.monotonic()
+    try:
+        torch.distributed.all_reduce(torch.ones(1))
+    except RuntimeError as err:
+        return time.monotonic() - start, str(err)[:200]
+    return time.monotonic() - start, None
+
+
+def test_distributed_timeout_minutes_bounds_a_wait_for_a_stuck_peer(tmp_path):
+    """--distributed-timeout-minutes 0.05 (3 s): a peer 10 s late fails the collective in
+    about 3 s, not after 10 (and not after the 30-minute default)."""
+    from tests.helpers.dist_workers import run_ranks
+
+    (waited, error), _ = run_ranks(_late_peer_worker, 2, (0.05, 10.0), tmp_path)
+    assert error is not None, "the collective did not time out"
+    assert 2.0 <= waited < 9.0, (waited, error)
