@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_ext.config.run import TOKENIZER_TYPES  # noqa: F401 (re-exported for the tools)
+from megatron_ext.config.run import TOKENIZER_TYPES
 
 
 class TokenizerError(ValueError):

@@ -28,7 +28,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 from megatron_ext import checkpoint_layout, checkpoint_manifest, fileio
@@ -149,9 +149,9 @@ def model_identity(path: str) -> dict:
         )
     if manifest is None or not manifest.hashed:  # sizes alone would not tell a retrained model
         identity["files"] = _digest({
-            f: [os.path.getsize(p), os.stat(p).st_mtime_ns]
+            f: [st.st_size, st.st_mtime_ns]
             for f in checkpoint_manifest.list_files(directory)
-            for p in [os.path.join(directory, f)]
+            for st in [os.stat(os.path.join(directory, f))]
         })  # fmt: skip
     return identity
 
@@ -190,7 +190,7 @@ def lm_eval_command(export: str, out_dir: str, s: EvalSettings) -> list[str]:
     if s.limit is not None:
         cmd += ["--limit", str(s.limit)]
     if s.include_path:
-        cmd += ["--include_path", os.path.abspath(s.include_path)]
+        cmd += ["--include_path", s.include_path]  # absolute (EvalSettings)
     return cmd
 
 
@@ -274,7 +274,6 @@ class Table:
     lm_eval_version: str = ""
     num_fewshot: Optional[int] = None
     limit: Optional[float] = None
-    notes: list = field(default_factory=list)
 
     def average(self, model: str, metric: str = "acc") -> Optional[float]:
         """Over every task (None if the model lacks one): of ``acc``, or with
@@ -333,7 +332,6 @@ class Table:
             "acc / acc_norm in %, where the task defines acc_norm. average (acc): of acc over "
             "every task; average (acc_norm): of acc_norm where the task defines it, acc "
             "elsewhere; – where a model lacks a task.",
-            *self.notes,
         ]
         return "\n".join(lines) + "\n"
 

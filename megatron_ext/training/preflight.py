@@ -100,26 +100,19 @@ def _split_bounds(split: str) -> list:
 
 
 def _train_ranges(data: DataConfig) -> list[tuple[str, int, int]]:
-    """(prefix, first, end) document ranges of the training split, as megatron-core cuts it."""
-    per_split = bool(data.train_data_path)
-    if per_split:
-        blend = parse_blend(data.train_data_path, "train_data_path")
-    else:
-        blend = parse_blend(data.data_path)
-        bounds = _split_bounds(data.split)[0] or (0.0, 0.0)
+    """(prefix, first, end) document ranges of the training split, for ``--epochs``."""
+    blend = parse_blend(data.train_data_path, "train_data_path") or parse_blend(data.data_path)
     if blend is None or blend[1] is not None:
         raise ConfigError(
             "--epochs: counts the examples of unweighted dataset prefixes; with a weighted blend "
             "or mock data give --train-iters"
         )
-    ranges = []
-    for prefix in blend[0]:
-        n = described_bin_size(prefix)[0]
-        if per_split:
-            ranges.append((prefix, 0, n))
-        else:
-            ranges.append((prefix, int(round(bounds[0] * n)), int(round(bounds[1] * n))))
-    return ranges
+    return [(p, first, end) for split, p, first, end in _split_ranges(data) if split == "train"]
+
+
+def _document_range(bounds, documents: int) -> tuple[int, int]:
+    """The documents a split's share takes, rounded as megatron-core rounds them."""
+    return int(round(bounds[0] * float(documents))), int(round(bounds[1] * float(documents)))
 
 
 def train_examples(data: DataConfig, seq_length: int) -> int:
@@ -152,7 +145,7 @@ def _split_ranges(data: DataConfig) -> list[tuple[str, str, int, int]]:
             n = described_bin_size(prefix)[0]
             for name, bounds in zip(_SPLIT_NAMES, _split_bounds(data.split), strict=True):
                 if bounds is not None:
-                    out.append((name, prefix, int(round(bounds[0] * n)), int(round(bounds[1] * n))))
+                    out.append((name, prefix, *_document_range(bounds, n)))
     for name, field_name in zip(_SPLIT_NAMES, _DATA_FLAGS[1:], strict=True):
         per_split = parse_blend(getattr(data, field_name), field_name)
         for prefix in per_split[0] if per_split else []:
@@ -218,8 +211,7 @@ def check_split_sizes(prefix: str, num_documents: int, split: str) -> None:
     for name, bounds in zip(_SPLIT_NAMES, _split_bounds(split), strict=True):
         if bounds is None:
             continue
-        begin = int(round(bounds[0] * float(num_documents)))
-        end = int(round(bounds[1] * float(num_documents)))
+        begin, end = _document_range(bounds, num_documents)
         if end <= begin:
             raise ConfigError(
                 f"--split: the {name} share of '{split}' is no whole document of {prefix} "

@@ -127,11 +127,12 @@ def train_step(
         data_iterators, model, num_microbatches, seq_length, micro_batch_size, forward_only=False
     )
     loss, tokens = _reduce_loss(reports if parallel_state.is_pipeline_last_stage() else [])
-    tokens = _from_last_stage(tokens)
+    shared_loss, tokens = _from_last_stage(loss, tokens)
+    tokens = int(tokens)
     if tokens == 0:  # agreed by every rank: nothing to learn from, so no update
         return IterationResult(None, None, None, False, 0)
     if share_loss:
-        loss = _from_last_stage(loss, torch.float64)
+        loss = shared_loss
     accept = None if accept_update is None else partial(accept_update, loss)
     step = optimizer_step(
         optimizer, clip_grad=clip_grad, clip_gate_grad=clip_gate_grad, accept=accept, frozen=frozen
@@ -167,16 +168,18 @@ def evaluate_loss(
     loss, tokens = _reduce_loss(reports if parallel_state.is_pipeline_last_stage() else [])
     if not with_tokens:
         return loss
-    return loss, _from_last_stage(tokens)
+    return loss, int(_from_last_stage(tokens)[0])
 
 
-def _from_last_stage(value, dtype=torch.int64):
-    """Broadcast a number from the last pipeline stage to all stages."""
+def _from_last_stage(*values: Optional[float]) -> tuple:
+    """Numbers from the last pipeline stage, broadcast to all stages in one message (float64,
+    exact for counts; what other stages pass, None included, is a placeholder)."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return value
+        return values
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    t = torch.tensor([0 if value is None else value], dtype=dtype, device=device)
+    t = torch.tensor([0.0 if v is None else float(v) for v in values], dtype=torch.float64,
+                     device=device)  # fmt: skip
     group = parallel_state.get_pipeline_model_parallel_group()
     last = torch.distributed.get_global_rank(group, torch.distributed.get_world_size(group) - 1)
     torch.distributed.broadcast(t, src=last, group=group)
-    return int(t.item()) if dtype == torch.int64 else float(t.item())
+    return tuple(t.tolist())
