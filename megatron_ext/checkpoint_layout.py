@@ -26,6 +26,11 @@ DAMAGED_SUFFIX = ".damaged"
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message is one line naming the directory
+    or file, what is wrong, and what to do."""
+
+
 def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 

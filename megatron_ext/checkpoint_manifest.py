@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_ext import fileio
+from megatron_ext.checkpoint_layout import CheckpointError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -50,7 +51,7 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
-class DamagedCheckpointError(RuntimeError):
+class DamagedCheckpointError(CheckpointError):
     """A checkpoint's files do not match its manifest; the message names the file."""
 
 

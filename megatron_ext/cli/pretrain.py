@@ -24,11 +24,11 @@ from megatron_ext.quiet import quiet_third_party_warnings
 
 quiet_third_party_warnings()
 
+from megatron_ext.checkpoint_layout import CheckpointError  # noqa: E402
 from megatron_ext.cli.extras import reports_missing_extras  # noqa: E402
 from megatron_ext.config import ConfigError  # noqa: E402
 from megatron_ext.run_lock import RunLockError  # noqa: E402
 from megatron_ext.training.arguments import parse_run_config  # noqa: E402
-from megatron_ext.training.checkpointing import CheckpointError  # noqa: E402
 from megatron_ext.training.planning import plan_run  # noqa: E402
 from megatron_ext.training.resolve import resolve_run  # noqa: E402
 from megatron_ext.training.trainer import TrainingStopped, run  # noqa: E402

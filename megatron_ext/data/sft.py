@@ -132,7 +132,7 @@ def _lmflow_instances(value, path: str) -> list:
         )
     instances = value.get("instances")
     if not isinstance(instances, list):
-        raise SFTDataError(f"{path}: \"instances\" must be a list")
+        raise SFTDataError(f'{path}: "instances" must be a list')
     return [{"__lmflow__": kind, "instance": x} for x in instances]
 
 
@@ -384,8 +384,12 @@ def write_sft_dataset(
         written,
         summary.tokens,
         tool_version,
-        sft={"seq_length": seq_length, "packed": pack, "template": template,
-             "loss_on_prompt": loss_on_prompt},  # fmt: skip
+        sft={
+            "seq_length": seq_length,
+            "packed": pack,
+            "template": template,
+            "loss_on_prompt": loss_on_prompt,
+        },  # fmt: skip
     ).write(output_prefix)
     return summary
 

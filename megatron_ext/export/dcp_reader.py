@@ -18,16 +18,14 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorSt
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megatron_ext import checkpoint_manifest
-from megatron_ext.checkpoint_layout import is_in_progress, latest_checkpoint_dir
+from megatron_ext.checkpoint_layout import CheckpointError, is_in_progress, latest_checkpoint_dir
 from megatron_ext.config import ModelConfig
-from megatron_ext.training.checkpointing import read_run_state
+from megatron_ext.training.checkpoint_integrity import check_intact
+from megatron_ext.training.checkpoint_weights import RESTORE_ADVICE, read_run_state
 
 LAYER_PREFIX = "decoder.layers."
 
-
-class CheckpointError(ValueError):
-    """The checkpoint is missing, partial or not one of ours; the message says which file."""
+__all__ = ["CheckpointError", "DistCheckpointReader", "resolve_checkpoint_dir"]
 
 
 def resolve_checkpoint_dir(path: str) -> str:
@@ -49,15 +47,7 @@ def resolve_checkpoint_dir(path: str) -> str:
                 f"{path} is not a complete torch_dist checkpoint: {name} is missing "
                 "(pass the --save directory or one of its iter_XXXXXXX directories)"
             )
-    try:
-        manifest = checkpoint_manifest.read(path)
-        problems = checkpoint_manifest.size_problems(path, manifest) if manifest else []
-    except checkpoint_manifest.DamagedCheckpointError as err:
-        problems = [str(err)]
-    if problems:
-        raise CheckpointError(
-            f"{path} is damaged: {problems[0]}; restore the file or pass an older iter_XXXXXXX"
-        )
+    check_intact(path, RESTORE_ADVICE)  # as every reader of a checkpoint checks it
     return path
 
 

@@ -1,60 +1,38 @@
 """The checkpoint manager: when to save (``--save-interval``, the final save, a stop), what to
 keep (``--keep-last-checkpoints``), what to resume from (``--load``, ``--finetune``, past a
-damaged checkpoint), the run state saved beside the model and optimizer, the space a save
-needs, and background writes (``--async-save``)."""
+damaged checkpoint), the run state and the components' state saved beside the model and
+optimizer, the space a save needs, and background writes (``--async-save``)."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional
 
 import torch
 
 from megatron_ext import checkpoint_manifest
-from megatron_ext.checkpoint_layout import checkpoint_dir
+from megatron_ext.checkpoint_layout import CheckpointError, checkpoint_dir
 from megatron_ext.checkpoint_manifest import human_bytes
 from megatron_ext.config import CheckpointConfig
 from megatron_ext.run_lock import RunLock, RunLockError
 from megatron_ext.training import checkpointing
-from megatron_ext.training.checkpointing import CheckpointError, PendingSave
+from megatron_ext.training.checkpoint_space import check_free_space, estimate_checkpoint_bytes
+from megatron_ext.training.checkpointing import LoadedCheckpoint, PendingSave
+from megatron_ext.training.collectives import one_line
+from megatron_ext.training.components import (
+    CHECKPOINT_FINALIZE,
+    CHECKPOINT_LOAD,
+    CHECKPOINT_SAVE,
+    Component,
+    Components,
+)
 from megatron_ext.training.model_setup import sync_params
 from megatron_ext.training.optimizer import common_adam_step
+from megatron_ext.training.run_state import RunState, saved_component_states
 
 logger = logging.getLogger("gpas")
-
-
-@dataclass
-class RunState:
-    """Where the run is; saved with every checkpoint, so a resume continues exactly."""
-
-    iteration: int = 0
-    consumed_samples: int = 0
-    skipped_total: int = 0  # iterations whose update was skipped (non-finite, or a spike)
-    no_loss_total: int = 0  # of those, batches in which no token carried loss
-    wandb_run_id: Optional[str] = None
-    spikes: dict = field(default_factory=dict)  # the spike monitor's window and count
-    lisa: dict = field(default_factory=dict)  # LISA: updates each layer sat out
-
-    def advance(self, global_batch_size: int) -> None:
-        self.iteration += 1
-        self.consumed_samples += global_batch_size
-
-    @classmethod
-    def from_saved(cls, saved: dict) -> RunState:
-        """From a checkpoint's run state (older checkpoints lack the later fields)."""
-        return cls(
-            iteration=saved["iteration"],
-            consumed_samples=saved["consumed_samples"],
-            skipped_total=saved.get("skipped_total", 0),
-            no_loss_total=saved.get("no_loss_total", 0),
-            wandb_run_id=saved.get("wandb_run_id"),
-            spikes=saved.get("spikes") or {},
-            lisa=saved.get("lisa") or {},
-        )
 
 
 def lock_save_dir(save: Optional[str]) -> Optional[RunLock]:
@@ -80,7 +58,11 @@ def lock_save_dir(save: Optional[str]) -> Optional[RunLock]:
     return lock
 
 
-class CheckpointManager:
+class CheckpointManager(Component):
+    """Saves the model, optimizer, scheduler, run state and every registered component's state
+    (``components``), and restores them. Register it last: a save sees every other component's
+    state after the step."""
+
     def __init__(
         self,
         cfg: CheckpointConfig,
@@ -88,6 +70,7 @@ class CheckpointManager:
         optimizer,
         scheduler,
         run_config: dict,
+        components: Components,
         *,
         bf16: bool = False,
         lock: Optional[RunLock] = None,
@@ -95,7 +78,10 @@ class CheckpointManager:
         self.cfg = cfg
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.run_config = run_config  # saved with each checkpoint (preflight compares it)
+        self.components = components  # whose state is saved, and who sees the phases
         self.lock = lock
+        self.state: Optional[RunState] = None
+        self._resumed: Optional[LoadedCheckpoint] = None
         self._saved_at: Optional[int] = None
         self._size: Optional[int] = None  # bytes of the last checkpoint written or loaded
         self._bf16 = bf16
@@ -109,10 +95,15 @@ class CheckpointManager:
     # -- resuming ------------------------------------------------------------------------------
     def load(self) -> RunState:
         """The state to start from: the newest intact checkpoint under ``--load`` (weights only
-        with ``--finetune``, which starts at iteration 0), else a fresh one."""
+        with ``--finetune``, which starts at iteration 0), else a fresh one. The components'
+        state follows in :meth:`restore_components`, once they are registered."""
+        with self.components.phase(CHECKPOINT_LOAD):
+            return self._load_run()
+
+    def _load_run(self) -> RunState:
         c = self.cfg
-        saved = self._load(c.load, weights_only=c.finetune) if c.load else None
-        if saved is None and c.pretrained_checkpoint:
+        loaded = self._load(c.load, weights_only=c.finetune) if c.load else None
+        if loaded is None and c.pretrained_checkpoint:
             logger.info(
                 "--load %s holds no checkpoint yet; starting from the weights of "
                 "--pretrained-checkpoint %s",
@@ -120,13 +111,14 @@ class CheckpointManager:
             )  # fmt: skip
             self._load(c.pretrained_checkpoint, weights_only=True)
             return RunState()
-        if saved is None:
+        if loaded is None:
             if c.load:
                 logger.info("--load %s holds no checkpoint yet; starting from scratch", c.load)
             return RunState()
         if c.finetune:
             return RunState()
-        state = RunState.from_saved(saved)
+        self._resumed = loaded
+        state = RunState.from_saved(loaded.run_state)
         self._saved_at = state.iteration  # that checkpoint is this iteration's save
         if c.load == c.save:
             self._size = _manifest_bytes(c.save, state.iteration)
@@ -137,7 +129,7 @@ class CheckpointManager:
         )
         return state
 
-    def _load(self, root: str, *, weights_only: bool) -> Optional[dict]:
+    def _load(self, root: str, *, weights_only: bool) -> Optional[LoadedCheckpoint]:
         return checkpointing.load_checkpoint(
             root,
             self.model,
@@ -148,18 +140,32 @@ class CheckpointManager:
             verify_hashes=self.cfg.verify_integrity,
         )
 
-    # -- saving --------------------------------------------------------------------------------
-    def check_space(self) -> None:
-        """Before training: refuse a ``--save`` filesystem that cannot hold the next checkpoint."""
-        if self.cfg.save:
-            checkpointing.check_free_space(self.cfg.save, self._expected_bytes(), "a checkpoint")
+    def restore_components(self) -> None:
+        """Collective: every registered component's state from the checkpoint resumed from
+        (nothing after a fresh start or ``--finetune``: components start fresh)."""
+        if self._resumed is None:
+            return
+        with self.components.phase(CHECKPOINT_LOAD):
+            self.components.load_state_dict(saved_component_states(self._resumed.run_state))
+            loaded, missing = checkpointing.load_components_sharded(
+                self._resumed.directory, self.components.sharded_state_dict()
+            )
+            self.components.load_sharded_state_dict(loaded)
+        for key in missing:
+            logger.warning(
+                "%s holds no saved state for %s; it starts fresh", self._resumed.directory, key
+            )
 
-    def after_step(self, state: RunState) -> None:
+    # -- hooks ---------------------------------------------------------------------------------
+    def on_start(self, state: RunState) -> None:
+        self.state = state
+
+    def after_step(self, step) -> None:
         self._finalize(blocking=False)
-        if self.cfg.save_interval and state.iteration % self.cfg.save_interval == 0:
-            self.save(state)
+        if self.cfg.save_interval and step.iteration % self.cfg.save_interval == 0:
+            self.save(self.state)
 
-    def at_end(self, state: RunState) -> None:
+    def at_end(self, state: RunState, stopped: bool) -> None:
         """However the run ends (last iteration, a signal, a time limit, too many non-finite
         steps), its state is saved unless this iteration's checkpoint exists already, and no
         background write is left unfinished."""
@@ -167,14 +173,25 @@ class CheckpointManager:
             self.save(state)
         self._finalize(blocking=True)
 
+    # -- saving --------------------------------------------------------------------------------
+    def check_space(self) -> None:
+        """Before training: refuse a ``--save`` filesystem that cannot hold the next checkpoint."""
+        if self.cfg.save:
+            check_free_space(self.cfg.save, self._expected_bytes(), "a checkpoint")
+
     def save(self, state: RunState) -> None:
         if not self.cfg.save:
             return
         self._finalize(blocking=True)  # one save at a time: the previous one becomes the latest
+        with self.components.phase(CHECKPOINT_SAVE):
+            self._save(state)
+
+    def _save(self, state: RunState) -> None:
         what = f"checkpoint {state.iteration}"
-        checkpointing.check_free_space(self.cfg.save, self._expected_bytes(), what)
+        check_free_space(self.cfg.save, self._expected_bytes(), what)
         t0 = time.perf_counter()
         sync_params(self.model)
+        run_state = {**state.to_saved(self.components.state_dict()), "config": self.run_config}
         with common_adam_step(self.optimizer):
             pending = checkpointing.start_save(
                 self.cfg.save,
@@ -182,7 +199,8 @@ class CheckpointManager:
                 self.model,
                 self.optimizer,
                 self.scheduler,
-                {**dataclasses.asdict(state), "config": self.run_config},
+                run_state,
+                components_sharded=self.components.sharded_state_dict(),
                 keep_last=self.cfg.keep_last_checkpoints,
                 hashed=self.cfg.verify_integrity,
                 async_save=self._queue is not None,
@@ -231,19 +249,20 @@ class CheckpointManager:
             return
         pending = self._pending
         try:
-            self._queue.maybe_finalize_async_calls(blocking=blocking)
+            with self.components.phase(CHECKPOINT_FINALIZE):
+                self._queue.maybe_finalize_async_calls(blocking=blocking)
         except CheckpointError:
             self._pending = None
             raise
         except Exception as err:  # the writer failed on some rank (a full disk, say)
             self._pending = None
-            raise pending.failure(checkpointing.one_line(err)) from err
+            raise pending.failure(one_line(err)) from err
         if self._queue.get_num_unfinalized_calls() == 0:
             self._pending = None
 
     def _expected_bytes(self) -> int:
         if self._size is None:
-            self._size = checkpointing.estimate_checkpoint_bytes(self.model, self._bf16)
+            self._size = estimate_checkpoint_bytes(self.model, self._bf16)
         return self._size
 
 

@@ -9,7 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron_ext.config import EvalConfig
 from megatron_ext.metrics_file import ValidationRecord
+from megatron_ext.training.components import EVALUATION, Component, RunContext, StepOutcome
 from megatron_ext.training.step import evaluate_loss
 
 logger = logging.getLogger("gpas")
@@ -66,52 +68,49 @@ def evaluate(
     return EvalResult(loss, tokens, batches)
 
 
-class Evaluator:
+class Evaluator(Component):
     """Runs validation every ``--eval-interval`` iterations and once at a normal end (unless
     the last iteration was just evaluated), and writes its records."""
 
     def __init__(
         self,
-        cfg,
-        model,
+        cfg: EvalConfig,
+        ctx: RunContext,
         make_iterators: Optional[Callable],
-        metrics,
         *,
-        num_microbatches: int,
-        speaks: bool,
+        per_document: bool,
     ):
-        self.cfg, self.model, self.metrics = cfg, model, metrics
+        self.cfg, self.ctx = cfg, ctx
         self.make_iterators = make_iterators  # None: no validation data
-        self.num_microbatches = num_microbatches
-        self.speaks = speaks  # the logging rank prints the line
+        self.per_document = per_document
 
-    def after_step(self, iteration: int) -> None:
-        if iteration % self.cfg.eval.eval_interval == 0:
-            self.run(iteration)
+    def after_step(self, step: StepOutcome) -> None:
+        if step.iteration % self.cfg.eval_interval == 0:
+            self.run(step.iteration)
 
-    def at_end(self, iteration: int, stopped: bool) -> None:
+    def at_end(self, state, stopped: bool) -> None:
         """A run stopped early (signal, time limit, non-finite steps) is not evaluated."""
-        if not stopped and iteration % self.cfg.eval.eval_interval != 0:
-            self.run(iteration)
+        if not stopped and state.iteration % self.cfg.eval_interval != 0:
+            self.run(state.iteration)
 
     def run(self, iteration: int) -> None:
-        cfg = self.cfg
-        if self.make_iterators is None or cfg.eval.eval_iters == 0:
+        cfg, ctx = self.cfg, self.ctx
+        if self.make_iterators is None or cfg.eval_iters == 0:
             return
-        per_doc = cfg.data.data_mode == "per-document"
-        budget = (cfg.eval.eval_tokens or DEFAULT_EVAL_TOKENS) if per_doc else cfg.eval.eval_tokens
-        result = evaluate(
-            self.make_iterators,
-            self.model,
-            num_microbatches=self.num_microbatches,
-            seq_length=cfg.model.seq_length,
-            micro_batch_size=cfg.optim.micro_batch_size,
-            max_batches=None if per_doc else cfg.eval.eval_iters,
-            token_budget=budget,
-        )
+        budget = (cfg.eval_tokens or DEFAULT_EVAL_TOKENS) if self.per_document else cfg.eval_tokens
+        with ctx.phases.phase(EVALUATION):
+            result = evaluate(
+                self.make_iterators,
+                ctx.model,
+                num_microbatches=ctx.num_microbatches,
+                seq_length=ctx.seq_length,
+                micro_batch_size=ctx.micro_batch_size,
+                max_batches=None if self.per_document else cfg.eval_iters,
+                token_budget=budget,
+            )
         record = ValidationRecord(iteration, result.loss, result.ppl, result.tokens, result.batches)
-        self.metrics.write(record.as_dict())
-        if self.speaks and result.loss is not None:
+        ctx.metrics.write(record.as_dict())
+        if ctx.speaks and result.loss is not None:
             logger.info(
                 "validation at iteration %d | loss %.4f | ppl %.3f | %d tokens",
                 iteration,

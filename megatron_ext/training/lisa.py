@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from megatron_ext.config import SFTConfig
+from megatron_ext.training.components import Component, StepOutcome
 from megatron_ext.training.model_setup import unwrap_model
 from megatron_ext.training.optimizer import init_adam_state, set_adam_steps
 
@@ -50,68 +51,76 @@ def decoder_layer_params(chunks) -> dict[int, list[torch.nn.Parameter]]:
     return out
 
 
-class LayerActivation:
-    """Which decoder layers train this step; asked once per iteration by the trainer."""
+class LayerActivation(Component):
+    """Which decoder layers train this step: ``frozen`` holds the parameters the next step
+    leaves untouched (None: train everything). Its state is each layer's count of updates sat
+    out, from which every layer's own Adam step is restored after a resume."""
 
-    def __init__(
-        self, cfg: SFTConfig, chunks, num_layers: int, seed: int, metrics=None, saved=None
-    ):
+    state_key = "lisa"
+
+    def __init__(self, cfg: SFTConfig, ctx, *, num_layers: int, seed: int):
         self.cfg = cfg
+        self.optimizer = ctx.optimizer
         self.num_layers = num_layers
         self.seed = seed
-        self.metrics = metrics
+        self.metrics = ctx.metrics
         # Only what trains at all is ever switched (frozen GPAS gates stay frozen).
         self.layers = {
             i: [p for p in params if p.requires_grad]
-            for i, params in decoder_layer_params(chunks).items()
+            for i, params in decoder_layer_params(ctx.model).items()
         }
         self._interval: Optional[int] = None
         self.active: list[int] = list(range(num_layers))
-        self._frozen: set = set()  # this interval's inactive parameters
+        self.frozen: Optional[set] = None  # this interval's inactive parameters
         # per layer: optimizer updates it sat out (its Adam step is behind by that many)
-        self.missed = list((saved or {}).get("missed_updates", [0] * num_layers))
-
-    def prepare(self, optimizer) -> None:
-        """Every layer gets its Adam state before the first step (a checkpoint needs one for
-        layers not sampled yet), and after a resume each layer's own Adam step back (the
-        checkpoint holds one step for all)."""
-        if not self.enabled:
-            return
-        init_adam_state(optimizer)
-        if any(self.missed):
-            behind = {p: self.missed[i] for i, params in self.layers.items() for p in params}
-            set_adam_steps(optimizer, behind)
-
-    def after_step(self, state, result) -> None:
-        """Count the update the inactive layers sat out; the run state carries the counts."""
-        if self.enabled and result.applied:
-            chosen = set(self.active)
-            for i in range(self.num_layers):
-                self.missed[i] += i not in chosen
-            state.lisa = {"missed_updates": list(self.missed)}
+        self.missed = [0] * num_layers
 
     @property
     def enabled(self) -> bool:
         return 0 < self.cfg.lisa_layers < self.num_layers
 
-    def before_step(self, iteration: int) -> Optional[set]:
-        """The model parameters to leave untouched by the step that makes ``iteration + 1``
-        (None: train everything)."""
+    def on_start(self, state) -> None:
+        """Every layer gets its Adam state before the first step (a checkpoint needs one for
+        layers not sampled yet), and after a resume each layer's own Adam step back (the
+        checkpoint holds one step for all)."""
         if not self.enabled:
-            return None
-        interval = iteration // self.cfg.lisa_interval
-        if interval != self._interval:
-            self._interval = interval
-            self.active = sample_layers(self.seed, interval, self.num_layers, self.cfg.lisa_layers)
-            self._frozen = {
-                p for layer, params in self.layers.items() if layer not in self.active
-                for p in params
-            }  # fmt: skip
-            for params in self.layers.values():
-                for p in params:
-                    p.requires_grad_(p not in self._frozen)
-            self._report(iteration + 1)
-        return self._frozen
+            return
+        init_adam_state(self.optimizer)
+        if any(self.missed):
+            behind = {p: self.missed[i] for i, params in self.layers.items() for p in params}
+            set_adam_steps(self.optimizer, behind)
+
+    def before_step(self, iteration: int) -> None:
+        if not self.enabled:
+            return
+        interval = (iteration - 1) // self.cfg.lisa_interval
+        if interval == self._interval:
+            return
+        self._interval = interval
+        self.active = sample_layers(self.seed, interval, self.num_layers, self.cfg.lisa_layers)
+        self.frozen = {
+            p for layer, params in self.layers.items() if layer not in self.active
+            for p in params
+        }  # fmt: skip
+        for params in self.layers.values():
+            for p in params:
+                p.requires_grad_(p not in self.frozen)
+        self._report(iteration)
+
+    def after_step(self, step: StepOutcome) -> None:
+        """Count the update the inactive layers sat out."""
+        if self.enabled and step.result.applied:
+            chosen = set(self.active)
+            for i in range(self.num_layers):
+                self.missed[i] += i not in chosen
+
+    def state_dict(self) -> dict:
+        return {"missed_updates": list(self.missed)} if self.enabled else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        missed = state.get("missed_updates")
+        if missed is not None:
+            self.missed = list(missed)
 
     def _report(self, iteration: int) -> None:
         logger.info(

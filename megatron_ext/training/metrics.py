@@ -12,9 +12,11 @@ from typing import Optional
 
 import torch
 
+from megatron_ext.config import LoggingConfig
 from megatron_ext.metrics_file import StepRecord
 from megatron_ext.models.gates import gate_scale_summary
-from megatron_ext.training.flops import device_peak_tflops, flops_per_iteration
+from megatron_ext.training.components import Component, RunContext, StepOutcome
+from megatron_ext.training.flops import device_peak_tflops
 from megatron_ext.training.model_setup import sync_params, unwrap_model
 
 logger = logging.getLogger("gpas")
@@ -128,53 +130,50 @@ def _ends_mid_line(path: str) -> bool:
         return f.read(1) != b"\n"
 
 
-class StepLogger:
+class StepLogger(Component):
     """One line and one metrics record every ``--log-interval`` iterations; rates are over the
-    interval (step times summed since the last line)."""
+    interval (step times summed since the last line). Register it after the components that
+    add to a step's report (the counters, the spike monitor)."""
 
-    def __init__(self, cfg, model, metrics, *, global_batch_size: int, speaks: bool):
-        self.cfg, self.model, self.metrics = cfg, model, metrics
-        self.gbs = global_batch_size
-        self.speaks = speaks  # the logging rank prints the line
-        self.spikes_on = cfg.spikes.spike_threshold > 0
-        self.flops = flops_per_iteration(
-            cfg.model, global_batch_size, cfg.model.seq_length, cfg.model.padded_vocab_size()
-        )
-        cuda = cfg.device == "cuda"
+    def __init__(self, cfg: LoggingConfig, ctx: RunContext, flops_per_step: float):
+        self.cfg, self.ctx = cfg, ctx
+        self.flops = flops_per_step
+        cuda = ctx.device == "cuda"
         self.peak = device_peak_tflops(torch.cuda.get_device_name()) if cuda else None
         self._seconds, self._steps = 0.0, 0
 
-    def after_step(self, state, result, lr: float, step_seconds: float) -> None:
-        self._seconds += step_seconds
+    def after_step(self, step: StepOutcome) -> None:
+        self._seconds += step.seconds
         self._steps += 1
-        if state.iteration % self.cfg.logging.log_interval:
+        if step.iteration % self.cfg.log_interval:
             return
-        sync_params(self.model)  # the line reads the gates
+        ctx, result = self.ctx, step.result
+        sync_params(ctx.model)  # the line reads the gates
         seconds = self._seconds / self._steps
         self._seconds, self._steps = 0.0, 0
         record = StepRecord(
-            iteration=state.iteration,
-            consumed_samples=state.consumed_samples,
+            iteration=step.iteration,
+            consumed_samples=step.consumed_samples,
             lm_loss=result.loss,
-            lr=lr,
+            lr=step.lr,
             grad_norm=result.grad_norm,
             gate_grad_norm=result.gate_grad_norm,
-            tokens_per_s=self.gbs * self.cfg.model.seq_length / seconds,
+            tokens_per_s=ctx.global_batch_size * ctx.seq_length / seconds,
             step_time_s=seconds,
-            skipped_iterations=state.skipped_total,
-            spikes_total=state.spikes.get("total", 0) if self.spikes_on else None,
-            no_loss_iterations=state.no_loss_total or None,
-            **gate_scale_summary([unwrap_model(c) for c in self.model]),
+            skipped_iterations=step.report.get("skipped_iterations", 0),
+            spikes_total=step.report.get("spikes_total"),
+            no_loss_iterations=step.report.get("no_loss_iterations"),
+            **gate_scale_summary([unwrap_model(c) for c in ctx.model]),
         )
-        if self.cfg.device == "cuda":
+        if ctx.device == "cuda":
             world = torch.distributed.get_world_size()
             record.tflops = self.flops / seconds / 1e12 / world
             record.mfu = record.tflops / self.peak if self.peak else None
             record.mem_gib = torch.cuda.max_memory_allocated() / 2**30
         values = record.as_dict()
-        self.metrics.write(values)
-        if self.speaks:
-            logger.info(format_step_line(values, self.cfg.optim.train_iters))
+        ctx.metrics.write(values)
+        if ctx.speaks:
+            logger.info(format_step_line(values, ctx.train_iters))
 
 
 def _flatten(record: dict, prefix: str = "") -> dict:

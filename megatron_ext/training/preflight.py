@@ -291,7 +291,7 @@ def check_run(cfg, eod_id: int) -> list[str]:
     """Every file the run reads, against its flags. Returns the dataset prefixes made before
     sidecars existed (their token ids are checked batch by batch instead)."""
     from megatron_ext import checkpoint_layout
-    from megatron_ext.training import checkpointing
+    from megatron_ext.training.checkpoint_weights import read_run_state
 
     undescribed = []
     t = cfg.tokenizer
@@ -327,7 +327,7 @@ def check_run(cfg, eod_id: int) -> list[str]:
             raise ConfigError(f"{err}; point {flag_name} at a complete checkpoint") from err
         if directory is not None:
             try:
-                saved = checkpointing.read_run_state(directory).get("config", {}).get("model")
+                saved = read_run_state(directory).get("config", {}).get("model")
             except Exception:  # a damaged checkpoint: loading names the file and falls back
                 saved = None
             if saved:

@@ -15,19 +15,27 @@ others; their logged step times include the profiler's cost.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from collections.abc import Callable
 
 import torch
 
 from megatron_ext import fileio
 from megatron_ext.config import ProfileConfig
+from megatron_ext.training.components import Component
 from megatron_ext.training.kernel_profile import device_events, summarize
 
 
-class IterationProfiler:
-    """Called around every iteration; does nothing outside the window or off the chosen ranks."""
+class IterationProfiler(Component):
+    """Called around every iteration; does nothing outside the window or off the chosen ranks.
+    Its messages (a window written, a window skipped) go to ``say``: every profiled rank has
+    its own."""
 
-    def __init__(self, cfg: ProfileConfig, rank: int, device: str, out_dir: str):
+    def __init__(self, cfg: ProfileConfig, ctx, say: Callable[[str], None] = print):
+        """``ctx``: the run's :class:`RunContext` (its rank, device and run directory; profiles
+        go under ``<run dir>/profile`` unless ``--profile-dir`` says otherwise)."""
+        self.say = say
+        rank, device = ctx.rank, ctx.device
+        out_dir = os.path.join(ctx.run_dir, "profile")
         self.enabled = cfg.profile and rank in cfg.profile_ranks
         self.torch_profiler = cfg.use_pytorch_profiler
         self.start, self.end = cfg.profile_step_start, cfg.profile_step_end
@@ -38,23 +46,23 @@ class IterationProfiler:
         self._recorded = 0  # iterations of the window run so far
         self.written: list[str] = []
 
-    def resume_at(self, completed: int) -> Optional[str]:
-        """Called once, before the first iteration a (resumed) run makes: a window that began
-        before it is not profiled, and the message says so."""
+    def on_start(self, state) -> None:
+        """A window that began before the first iteration a (resumed) run makes is not
+        profiled, and the message says so."""
+        completed = state.iteration
         if self.enabled and completed > self.start:
             self.enabled = False
-            return (
+            self.say(
                 f"rank {self.rank}: --profile window {self.start + 1}-{self.end} starts before "
                 f"the resumed iteration {completed + 1}; not profiling"
             )
-        return None
 
     @property
     def stem(self) -> str:
         return f"rank{self.rank}_iters{self.start + 1}-{self.end}"
 
-    def before_iteration(self, completed: int) -> None:
-        """Before running iteration ``completed + 1``."""
+    def before_step(self, iteration: int) -> None:
+        completed = iteration - 1
         if not self.enabled:
             return
         if self.torch_profiler:
@@ -66,33 +74,31 @@ class IterationProfiler:
         if self._nsys_running:
             torch.cuda.nvtx.range_push(f"iteration {completed + 1}")
 
-    def after_iteration(self, completed: int) -> Optional[str]:
-        """After iteration ``completed``; a message when the window closes."""
+    def after_step(self, step) -> None:
+        completed = step.iteration
         if self._nsys_running:
             torch.cuda.nvtx.range_pop()
             if completed == self.end:
                 torch.cuda.cudart().cudaProfilerStop()
                 self._nsys_running = False
-                return f"rank {self.rank}: cudaProfilerStop after iteration {completed}"
-            return None
+                self.say(f"rank {self.rank}: cudaProfilerStop after iteration {completed}")
+            return
         if self._prof is None:
-            return None
+            return
         if completed > self.start:
             self._recorded += 1
         self._prof.step()
         if completed == self.end:
-            return self._stop_torch_profiler()
-        return None
+            self.say(self._stop_torch_profiler())
 
-    def close(self) -> Optional[str]:
+    def close(self) -> None:
         """Stop a window the run left early (exit signal, time limit): keep what it recorded."""
         if self._nsys_running:
             torch.cuda.cudart().cudaProfilerStop()
             self._nsys_running = False
-            return f"rank {self.rank}: cudaProfilerStop (the run ended inside the window)"
-        if self._prof is not None:
-            return self._stop_torch_profiler()
-        return None
+            self.say(f"rank {self.rank}: cudaProfilerStop (the run ended inside the window)")
+        elif self._prof is not None:
+            self.say(self._stop_torch_profiler())
 
     # -- torch.profiler ----------------------------------------------------------------------
     def _start_torch_profiler(self, warmup: int) -> None:
@@ -108,7 +114,7 @@ class IterationProfiler:
         )
         self._prof.start()
 
-    def _stop_torch_profiler(self) -> Optional[str]:
+    def _stop_torch_profiler(self) -> str:
         prof, self._prof = self._prof, None
         prof.stop()  # flushes a window cut short through on_trace_ready
         if not self.written:

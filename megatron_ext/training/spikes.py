@@ -3,11 +3,11 @@
 (OLMo-core's rule, 6σ over 128 steps by default).
 
 Every spike is logged (a warning line, a ``spike`` record in the metrics file and its sinks) and
-counted in the run state; with ``--skip-spiky-steps`` its update is skipped, as a NaN step's is.
+counted; with ``--skip-spiky-steps`` its update is skipped, as a NaN step's is.
 Spikes and non-finite values stay out of the window, so one spike does not widen the band for
-the next. The window is part of the run state: a resumed run judges the next step exactly as
-the uninterrupted run would. Every rank sees the same loss and grad norm, so every rank makes
-the same decision.
+the next. The window is the monitor's checkpointed state: a resumed run judges the next step
+exactly as the uninterrupted run would. Every rank sees the same loss and grad norm, so every
+rank makes the same decision.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Optional
 
 from megatron_ext.config import SpikeConfig
 from megatron_ext.metrics_file import SpikeRecord
+from megatron_ext.training.components import Component, StepOutcome
 
 logger = logging.getLogger("gpas")
 
@@ -38,15 +39,14 @@ class SpikeVerdict:
         return bool(self.sigmas)
 
 
-class SpikeMonitor:
-    def __init__(self, cfg: SpikeConfig, metrics_writer, saved: Optional[dict] = None):
+class SpikeMonitor(Component):
+    state_key = "spikes"
+
+    def __init__(self, cfg: SpikeConfig, ctx):
         self.cfg = cfg
-        self.metrics = metrics_writer
-        saved = saved or {}
-        self.windows = {
-            m: deque(saved.get(m, []), maxlen=cfg.spike_window) for m in METRICS
-        }  # fmt: skip
-        self.total = int(saved.get("total", 0))
+        self.metrics = ctx.metrics
+        self.windows = {m: deque(maxlen=cfg.spike_window) for m in METRICS}
+        self.total = 0
 
     @property
     def enabled(self) -> bool:
@@ -73,26 +73,29 @@ class SpikeMonitor:
         """Gate for the optimizer update under ``--skip-spiky-steps``."""
         return not self.judge(loss, grad_norm)
 
-    def after_step(self, state, result) -> SpikeVerdict:
-        """Judge the finished step, report a spike, add ordinary values to the window; the run
-        state carries the window (and counts a skipped update)."""
+    def after_step(self, step: StepOutcome) -> None:
+        """Judge the finished step, report a spike, add ordinary values to the window."""
         if not self.enabled:
-            return SpikeVerdict({}, {})
+            return
+        result = step.result
         loss, grad_norm = result.loss, result.grad_norm
         verdict = self.judge(loss, grad_norm)
         if verdict:
             self.total += 1
-            state.skipped_total += int(result.rejected)
-            self._report(state.iteration, loss, grad_norm, verdict, result.rejected)
+            self._report(step.iteration, loss, grad_norm, verdict, result.rejected)
         else:
             for name, value in zip(METRICS, (loss, grad_norm), strict=True):
                 if value is not None and math.isfinite(value):
                     self.windows[name].append(float(value))
-        state.spikes = self.state()
-        return verdict
+        step.report["spikes_total"] = self.total
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
         return {"total": self.total, **{m: list(w) for m, w in self.windows.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total = int(state.get("total", 0))
+        for m in METRICS:
+            self.windows[m] = deque(state.get(m, []), maxlen=self.cfg.spike_window)
 
     def _report(self, iteration, loss, grad_norm, verdict: SpikeVerdict, skipped: bool) -> None:
         values = {"loss": loss, "grad_norm": grad_norm}

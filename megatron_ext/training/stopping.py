@@ -1,19 +1,17 @@
 """When a run stops before its last iteration: too many skipped steps in a row
 (``--nan-skip-limit``: a non-finite loss or gradient norm, or a batch with no loss token), an
-exit signal (SLURM preemption), ``--exit-duration-in-mins``, ``--exit-interval``. Asked once
-per iteration, after the step; every rank gets the same answer."""
+exit signal (SLURM preemption), ``--exit-duration-in-mins``, ``--exit-interval``. Decided once
+per iteration, after the step; every rank reaches the same verdict (``reason``)."""
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 from megatron_ext.config import StopConfig
+from megatron_ext.training.components import Component, StepOutcome
 from megatron_ext.training.signals import ExitSignalHandler
-
-logger = logging.getLogger("gpas")
 
 
 @dataclass(frozen=True)
@@ -22,38 +20,44 @@ class StopReason:
     non_finite: bool = False  # the run failed: a TrainingStopped error, not a clean exit
 
 
-class StopPolicy:
-    def __init__(self, cfg: StopConfig, signals: ExitSignalHandler):
+class StopPolicy(Component):
+    """Register it after the components that must still see the last step (the evaluator);
+    the loop ends when ``reason`` is set. The run of skipped steps is saved with the
+    checkpoint, so a resumed run stops where the uninterrupted one would."""
+
+    state_key = "stop"
+
+    def __init__(self, cfg: StopConfig, signals: Optional[ExitSignalHandler] = None):
         self.cfg = cfg
         self.signals = signals
+        self._own_signals = signals is None
         self.start = time.time()
         self.skipped_in_a_row = 0
         self.last_cause = ""
+        self.reason: Optional[StopReason] = None
 
-    def note_step(self, result, state) -> None:
-        """Count a step whose update was skipped because its loss or gradient norm was not
-        finite, or because no token of its batch carried loss (nothing to learn from)."""
+    def on_start(self, state) -> None:
+        if self.signals is None:  # the handler is installed for the loop, restored at close
+            self.signals = ExitSignalHandler().__enter__()
+        self.start = time.time()
+
+    def after_step(self, step: StepOutcome) -> None:
+        self.note_step(step.result)
+        self.reason = self.check(step.iteration)
+
+    def close(self) -> None:
+        if self._own_signals and self.signals is not None:
+            self.signals.__exit__(None, None, None)
+            self.signals = None
+
+    def note_step(self, result) -> None:
+        """Count a step skipped because its loss or gradient norm was not finite, or because
+        no token of its batch carried loss (nothing to learn from)."""
         if not (result.non_finite or result.no_loss_tokens):
             self.skipped_in_a_row = 0
             return
         self.skipped_in_a_row += 1
-        state.skipped_total += 1
         self.last_cause = "no token carried loss" if result.no_loss_tokens else "non-finite loss"
-        if result.no_loss_tokens:
-            state.no_loss_total += 1
-            logger.warning(
-                "iteration %d skipped: no token of the batch carries loss (%d such in the run, "
-                "%d skipped in a row); check the data against --seq-length",
-                state.iteration,
-                state.no_loss_total,
-                self.skipped_in_a_row,
-            )
-            return
-        logger.warning(
-            "iteration %d skipped: non-finite loss or gradient norm (%d in a row)",
-            state.iteration,
-            self.skipped_in_a_row,
-        )
 
     def check(self, iteration: int) -> Optional[StopReason]:
         """Collective (the signal and the time limit are agreed over all ranks)."""
@@ -74,3 +78,10 @@ class StopPolicy:
         if c.exit_interval and iteration % c.exit_interval == 0:
             return StopReason(f"--exit-interval {c.exit_interval}")
         return None
+
+    def state_dict(self) -> dict:
+        return {"skipped_in_a_row": self.skipped_in_a_row, "last_cause": self.last_cause}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
+        self.last_cause = state.get("last_cause", "")

@@ -11,6 +11,7 @@ import torch
 from megatron_ext.layers.transformer_layer import GPASTransformerLayer
 from megatron_ext.metrics_file import TelemetryRecord
 from megatron_ext.models.gates import gate_values
+from megatron_ext.training.components import Component, RunContext, StepOutcome
 from megatron_ext.training.model_setup import sync_params, unwrap_model
 
 
@@ -85,25 +86,24 @@ def collect(chunks, recorder: ResidualRecorder) -> list[dict]:
     return local
 
 
-class TelemetryHook:
+class TelemetryHook(Component):
     """Every ``--telemetry-interval`` iterations: records the residual stream during that
     iteration's step and writes one telemetry record after it (0: never)."""
 
-    def __init__(self, interval: int, model, metrics):
-        self.interval, self.model, self.metrics = interval, model, metrics
+    def __init__(self, interval: int, ctx: RunContext):
+        self.interval, self.ctx = interval, ctx
         self._recorder: Optional[ResidualRecorder] = None
 
     def before_step(self, iteration: int) -> None:
-        """``iteration``: the 1-based number of the step about to run."""
         if self.interval > 0 and iteration % self.interval == 0:
             self._recorder = ResidualRecorder()
-            attach(self.model, self._recorder)
+            attach(self.ctx.model, self._recorder)
 
-    def after_step(self, iteration: int) -> None:
+    def after_step(self, step: StepOutcome) -> None:
         recorder, self._recorder = self._recorder, None
         if recorder is None:
             return
-        detach(self.model)
-        sync_params(self.model)
-        rows = collect(self.model, recorder)
-        self.metrics.write(TelemetryRecord(iteration, rows).as_dict())
+        detach(self.ctx.model)
+        sync_params(self.ctx.model)
+        rows = collect(self.ctx.model, recorder)
+        self.ctx.metrics.write(TelemetryRecord(step.iteration, rows).as_dict())

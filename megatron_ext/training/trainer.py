@@ -25,15 +25,18 @@ from megatron_ext.models.gpt import build_model_chunks, build_transformer_config
 from megatron_ext.models.params import count_parameters
 from megatron_ext.platform.distributed import init_distributed
 from megatron_ext.training import preflight
-from megatron_ext.training.checkpoint_manager import CheckpointManager, RunState, lock_save_dir
+from megatron_ext.training.checkpoint_manager import CheckpointManager, lock_save_dir
+from megatron_ext.training.components import SETUP, Components, RunContext, StepOutcome
+from megatron_ext.training.counters import RunCounters
 from megatron_ext.training.evaluation import Evaluator
+from megatron_ext.training.flops import flops_per_iteration
 from megatron_ext.training.lisa import LayerActivation
 from megatron_ext.training.metrics import MetricsWriter, StepLogger
 from megatron_ext.training.model_setup import wrap_model
 from megatron_ext.training.optimizer import build_optimizer
 from megatron_ext.training.profiling import IterationProfiler
 from megatron_ext.training.resolve import resolve_run
-from megatron_ext.training.signals import ExitSignalHandler
+from megatron_ext.training.run_state import RunState
 from megatron_ext.training.spikes import SpikeMonitor
 from megatron_ext.training.step import train_step
 from megatron_ext.training.stopping import StopPolicy, StopReason
@@ -55,9 +58,9 @@ def _is_logging_rank() -> bool:
 
 
 class Trainer:
-    """Builds the run from its configuration, then trains; the components own their policies:
-    checkpoints (:class:`CheckpointManager`), validation (:class:`Evaluator`), the step log
-    (:class:`StepLogger`), telemetry (:class:`TelemetryHook`), stopping (:class:`StopPolicy`)."""
+    """Builds the run from its configuration, then trains; the components
+    (``training/components.py``) own their policies: checkpoints, validation, the step log,
+    telemetry, profiling, counters, spikes, LISA, stopping."""
 
     def __init__(self, cfg: RunConfig):
         run = resolve_run(cfg, _world_size())  # the caller's configuration is not changed
@@ -66,6 +69,7 @@ class Trainer:
         self.train_examples = run.samples_per_epoch
         self.gbs, self.num_micro = run.global_batch_size, run.num_microbatches
         self.state = RunState()
+        self.components = Components()
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -74,43 +78,65 @@ class Trainer:
             cfg.parallel, device=cfg.device, num_layers=cfg.model.num_layers, seed=cfg.optim.seed
         )
         logger.setLevel(logging.INFO if _is_logging_rank() else logging.WARNING)
-        self.lock = lock_save_dir(cfg.checkpoint.save)  # before anything is written there
-        self._build_model_and_optimizer()
-        self.checkpoints = CheckpointManager(
-            cfg.checkpoint,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            dataclasses.asdict(cfg),
-            bf16=cfg.optim.bf16,
-            lock=self.lock,
+        with self.components.phase(SETUP):
+            self.lock = lock_save_dir(cfg.checkpoint.save)  # before anything is written there
+            self._build_model_and_optimizer()
+            self.checkpoints = CheckpointManager(
+                cfg.checkpoint,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                dataclasses.asdict(cfg),
+                self.components,
+                bf16=cfg.optim.bf16,
+                lock=self.lock,
+            )
+            self.state = self.checkpoints.load()
+            self.checkpoints.check_space()
+            self._build_data()
+            self._open_metrics()
+            self._build_components()
+            self.checkpoints.restore_components()
+            self._log_setup()
+        self.components.on_start(self.state)
+
+    def _build_components(self) -> None:
+        """Every training component, from its own configuration section, in the order the loop
+        calls them: the telemetry recorder around the step, then the components that judge the
+        step (counters, spikes, LISA) before the step logger writes it, the evaluator and the
+        stop policy after it, the checkpoint manager last (a save sees everyone's state)."""
+        cfg = self.cfg
+        ctx = RunContext(
+            model=self.model,
+            optimizer=self.optimizer,
+            metrics=self.metrics,
+            phases=self.components,
+            speaks=_is_logging_rank(),
+            rank=torch.distributed.get_rank(),
+            device=cfg.device,
+            run_dir=self.run_dir,
+            seq_length=cfg.model.seq_length,
+            micro_batch_size=cfg.optim.micro_batch_size,
+            num_microbatches=self.num_micro,
+            global_batch_size=self.gbs,
+            train_iters=cfg.optim.train_iters,
         )
-        self.state = self.checkpoints.load()
-        self.checkpoints.check_space()
-        self._build_data()
-        self._open_metrics()
-        self.spikes = SpikeMonitor(cfg.spikes, self.metrics, self.state.spikes)
-        self.layer_activation = LayerActivation(
-            cfg.sft, self.model, cfg.model.num_layers, cfg.optim.seed, self.metrics, self.state.lisa
+        flops = flops_per_iteration(
+            cfg.model, self.gbs, cfg.model.seq_length, cfg.model.padded_vocab_size()
         )
-        self.layer_activation.prepare(self.optimizer)
-        speaks = _is_logging_rank()
+        add = self.components.add
+        add(TelemetryHook(cfg.logging.telemetry_interval, ctx))
+        add(IterationProfiler(cfg.profiling, ctx, say=_say))
+        add(RunCounters())
+        self.spikes = add(SpikeMonitor(cfg.spikes, ctx))
+        self.layer_activation = add(
+            LayerActivation(cfg.sft, ctx, num_layers=cfg.model.num_layers, seed=cfg.optim.seed)
+        )
+        add(StepLogger(cfg.logging, ctx, flops))
         valid = self._valid_iterators if self.valid_ds is not None else None
-        self.evaluator = Evaluator(
-            cfg, self.model, valid, self.metrics, num_microbatches=self.num_micro, speaks=speaks
-        )
-        self.step_log = StepLogger(
-            cfg, self.model, self.metrics, global_batch_size=self.gbs, speaks=speaks
-        )
-        self.telemetry = TelemetryHook(cfg.logging.telemetry_interval, self.model, self.metrics)
-        self.profiler = IterationProfiler(
-            cfg.profiling,
-            torch.distributed.get_rank(),
-            cfg.device,
-            os.path.join(self.run_dir, "profile"),
-        )
-        _say(self.profiler.resume_at(self.state.iteration))
-        self._log_setup()
+        add(Evaluator(cfg.eval, ctx, valid, per_document=cfg.data.data_mode == "per-document"))
+        self.stop = add(StopPolicy(cfg.stop))
+        add(self.checkpoints)
 
     def _build_model_and_optimizer(self) -> None:
         cfg, o = self.cfg, self.cfg.optim
@@ -265,33 +291,19 @@ class Trainer:
     def train(self) -> int:
         """Train to ``--train-iters`` or until the stop policy says otherwise; returns the last
         iteration. Raises :class:`TrainingStopped` after too many non-finite steps."""
-        state = self.state
-        with ExitSignalHandler() as signals:
-            stop, reason = StopPolicy(self.cfg.stop, signals), None
-            while state.iteration < self.cfg.optim.train_iters:
-                lr = self.optimizer.param_groups[0]["lr"]
-                self.telemetry.before_step(state.iteration + 1)
-                self.profiler.before_iteration(state.iteration)
-                frozen = self.layer_activation.before_step(state.iteration)
-                result, seconds = self._train_step(frozen)
-                self.telemetry.after_step(state.iteration + 1)
-                state.advance(self.gbs)
-                _say(self.profiler.after_iteration(state.iteration))
-                if result.applied:
-                    self.scheduler.step(increment=1)
-                stop.note_step(result, state)
-                self.spikes.after_step(state, result)
-                self.layer_activation.after_step(state, result)
-                self.step_log.after_step(state, result, lr, seconds)
-                self.evaluator.after_step(state.iteration)
-                reason = stop.check(state.iteration)
-                if reason:
-                    break
-                self.checkpoints.after_step(state)
-        _say(self.profiler.close())
-        self.evaluator.at_end(state.iteration, stopped=reason is not None)
-        self.checkpoints.at_end(state)
-        self._report(reason)
+        state, components = self.state, self.components
+        while state.iteration < self.cfg.optim.train_iters and self.stop.reason is None:
+            lr = self.optimizer.param_groups[0]["lr"]
+            components.before_step(state.iteration + 1)
+            result, seconds = self._train_step(self.layer_activation.frozen)
+            state.advance(self.gbs)
+            if result.applied:
+                self.scheduler.step(increment=1)
+            components.after_step(
+                StepOutcome(state.iteration, result, lr, seconds, state.consumed_samples)
+            )
+        components.at_end(state, stopped=self.stop.reason is not None)
+        self._report(self.stop.reason)
         return state.iteration
 
     def _train_step(self, frozen: Optional[set]):
@@ -324,14 +336,14 @@ class Trainer:
         logger.info("exiting at iteration %d: %s", self.state.iteration, reason.message)
 
     def close(self) -> None:
-        """However the run ends (an input error mid-run included): a background checkpoint
-        write finished, the metrics sinks closed, the ``--save`` lock released."""
-        checkpoints, lock = getattr(self, "checkpoints", None), getattr(self, "lock", None)
+        """However the run ends (an input error mid-run included): every component closed (a
+        background checkpoint write finished, the ``--save`` lock released), the metrics sinks
+        closed."""
+        lock = getattr(self, "lock", None)
         try:
-            if checkpoints is not None:
-                checkpoints.close()  # releases the lock
-            elif lock is not None:
-                lock.release()
+            self.components.close()
+            if lock is not None:
+                lock.release()  # once released, releasing again does nothing
         finally:
             metrics = getattr(self, "metrics", None)
             if metrics is not None:

@@ -359,7 +359,7 @@ def test_bf16_layout_within_bf16_rounding(runs, name, norm_type):
 def _load_tp1(norm_type, directory):
     from megatron_ext.models.gpt import build_model, build_transformer_config
     from megatron_ext.models.presets import model_preset
-    from megatron_ext.training.checkpointing import load_model
+    from megatron_ext.training.checkpoint_weights import load_model
 
     cfg = model_preset("tiny4", norm_type=norm_type)
     model = build_model(cfg, build_transformer_config(cfg, use_cpu=True), seed=0)

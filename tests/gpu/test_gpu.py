@@ -1,6 +1,8 @@
 """GPU checks (skipped without CUDA): the fused Triton GPAS kernels against the spec's definition
 x − SiLU(g)·sg(x), forward values and both gradients, in fp32 and bf16."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -85,13 +87,14 @@ def test_profiler_window_sees_the_gpu_kernels(tmp_path):
         profile_step_end=3,
         profile_dir=str(tmp_path),
     )
-    profiler = IterationProfiler(cfg, 0, "cuda", "unused")
+    ctx = SimpleNamespace(rank=0, device="cuda", run_dir="unused")
+    profiler = IterationProfiler(cfg, ctx, say=lambda message: None)
     a = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
     for it in range(1, 5):
-        profiler.before_iteration(it - 1)
+        profiler.before_step(it)
         a @ a
         torch.cuda.synchronize()
-        profiler.after_iteration(it)
+        profiler.after_step(SimpleNamespace(iteration=it))
     text = (tmp_path / "kernels_rank0_iters2-3.txt").read_text()
     gemm = [line.split() for line in text.splitlines() if line.startswith("gemm ")]
     assert gemm and gemm[0][3] == "1"  # one GEMM kernel per iteration

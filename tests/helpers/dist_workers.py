@@ -174,7 +174,8 @@ def train_layout(
     from megatron_ext.models.gpt import build_model_chunks, build_transformer_config
     from megatron_ext.models.presets import model_preset
     from megatron_ext.platform.distributed import init_distributed
-    from megatron_ext.training.checkpointing import save_checkpoint, save_model
+    from megatron_ext.training.checkpoint_weights import save_model
+    from megatron_ext.training.checkpointing import save_checkpoint
     from megatron_ext.training.model_setup import sync_params, wrap_model
     from megatron_ext.training.optimizer import build_optimizer
     from megatron_ext.training.step import evaluate_loss, train_step

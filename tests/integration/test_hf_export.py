@@ -199,7 +199,7 @@ def test_hf_llama_to_ours_to_hf_is_the_identity(tmp_path):
         assert torch.equal(original[name], back[name]), name
     # our model (padded vocabulary 384) gives the Llama's logits on the real 300 entries
     from megatron_ext.export.megatron_model import build_cpu_model, megatron_logits
-    from megatron_ext.training.checkpointing import load_model
+    from megatron_ext.training.checkpoint_weights import load_model
 
     cfg = DistCheckpointReader(str(tmp_path / "ours")).model_config()
     # the printed model flags rebuild exactly the imported architecture

@@ -60,7 +60,7 @@ def test_lm_eval_loglikelihoods_match_our_model(trained, tmp_path, target):
 
     from megatron_ext.export.dcp_reader import DistCheckpointReader
     from megatron_ext.export.megatron_model import build_cpu_model
-    from megatron_ext.training.checkpointing import load_model
+    from megatron_ext.training.checkpoint_weights import load_model
 
     export = trained / target
     env = dict(

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,18 +24,41 @@ def _cfg(tmp_path, **kw):
     return ProfileConfig(profile_dir=str(tmp_path / "prof"), **kw)
 
 
+def _profiler(cfg, rank, device, run_dir):
+    """A profiler whose messages are kept in its ``messages`` list."""
+    messages = []
+    ctx = SimpleNamespace(rank=rank, device=device, run_dir=run_dir)
+    profiler = IterationProfiler(cfg, ctx, say=messages.append)
+    profiler.messages = messages
+    return profiler
+
+
+def _said(profiler, action):
+    """The messages ``action()`` made the profiler say."""
+    before = len(profiler.messages)
+    action()
+    return profiler.messages[before:]
+
+
+def _close(profiler):
+    said = _said(profiler, profiler.close)
+    return said[0] if said else None
+
+
 def _drive(profiler, first, last):
     """Run iterations first..last (1-based) through the profiler's hooks, each one matrix
     product and 2·(iteration number) ``aten::mul``; the messages."""
     a = torch.randn(32, 32)
-    messages = []
-    for it in range(first, last + 1):
-        profiler.before_iteration(it - 1)
-        a @ a
-        for _ in range(2 * it):
-            a * 2.0
-        messages.append(profiler.after_iteration(it))
-    return [m for m in messages if m]
+
+    def iterations():
+        for it in range(first, last + 1):
+            profiler.before_step(it)
+            a @ a
+            for _ in range(2 * it):
+                a * 2.0
+            profiler.after_step(SimpleNamespace(iteration=it))
+
+    return _said(profiler, iterations)
 
 
 def _recorded_steps(trace_path):
@@ -53,7 +77,7 @@ def _calls_per_iteration(summary_path, op):
 
 @pytest.mark.parametrize("start,end", [(2, 4), (0, 2), (3, 6)])
 def test_window_records_iterations_start_plus_one_to_end(tmp_path, start, end):
-    profiler = IterationProfiler(
+    profiler = _profiler(
         _cfg(tmp_path, profile_step_start=start, profile_step_end=end), 0, "cpu", "unused"
     )
     messages = _drive(profiler, 1, 8)
@@ -68,14 +92,14 @@ def test_window_records_iterations_start_plus_one_to_end(tmp_path, start, end):
     text = summary.read_text()
     assert text.startswith(f"iterations {start + 1}-{end} on rank 0 (cpu)")
     assert re.search(r"^gemm ", text, re.M)
-    assert profiler.close() is None  # nothing left running
+    assert _close(profiler) is None  # nothing left running
     assert not list((tmp_path / "prof").glob("*.tmp"))
 
 
 def test_other_ranks_and_a_disabled_profile_write_nothing(tmp_path):
     for cfg, rank in ((_cfg(tmp_path, profile_ranks=[1]), 0), (_cfg(tmp_path, profile=False), 0)):
-        profiler = IterationProfiler(cfg, rank, "cpu", "unused")
-        assert _drive(profiler, 1, 14) == [] and profiler.close() is None
+        profiler = _profiler(cfg, rank, "cpu", "unused")
+        assert _drive(profiler, 1, 14) == [] and _close(profiler) is None
     assert not (tmp_path / "prof").exists()
 
 
@@ -83,7 +107,7 @@ def test_default_directory_and_a_run_resumed_at_the_window(tmp_path):
     cfg = ProfileConfig(
         profile=True, use_pytorch_profiler=True, profile_step_start=4, profile_step_end=6
     )
-    profiler = IterationProfiler(cfg, 0, "cpu", str(tmp_path / "run" / "profile"))
+    profiler = _profiler(cfg, 0, "cpu", str(tmp_path / "run"))
     _drive(profiler, 5, 7)  # resumed after 4 completed iterations: no warm-up iteration left
     trace = tmp_path / "run" / "profile" / "trace_rank0_iters5-6.json"
     assert len(_recorded_steps(trace)) == 2
@@ -91,23 +115,24 @@ def test_default_directory_and_a_run_resumed_at_the_window(tmp_path):
 
 def test_a_run_resumed_past_the_window_start_does_not_profile(tmp_path):
     cfg = _cfg(tmp_path, profile_step_start=2, profile_step_end=6)
-    at_start = IterationProfiler(cfg, 0, "cpu", "unused")
-    assert at_start.resume_at(2) is None and at_start.enabled  # the window can still start
-    profiler = IterationProfiler(cfg, 0, "cpu", "unused")
-    message = profiler.resume_at(3)
-    assert message == (
+    at_start = _profiler(cfg, 0, "cpu", "unused")
+    at_start.on_start(SimpleNamespace(iteration=2))
+    assert at_start.messages == [] and at_start.enabled  # the window can still start
+    profiler = _profiler(cfg, 0, "cpu", "unused")
+    profiler.on_start(SimpleNamespace(iteration=3))
+    assert profiler.messages == [
         "rank 0: --profile window 3-6 starts before the resumed iteration 4; not profiling"
-    )
-    assert _drive(profiler, 4, 8) == [] and profiler.close() is None
+    ]
+    assert _drive(profiler, 4, 8) == [] and _close(profiler) is None
     assert not (tmp_path / "prof").exists()
 
 
 def test_a_run_ending_inside_the_window_keeps_what_it_recorded(tmp_path):
-    profiler = IterationProfiler(
+    profiler = _profiler(
         _cfg(tmp_path, profile_step_start=2, profile_step_end=6), 0, "cpu", "unused"
     )
     assert _drive(profiler, 1, 4) == []  # iterations 3 and 4 recorded, window open
-    message = profiler.close()
+    message = _close(profiler)
     trace = tmp_path / "prof" / "trace_rank0_iters3-6.json"
     assert message.startswith("rank 0: profile written to") and str(trace) in message
     assert len(_recorded_steps(trace)) >= 2  # the last step annotation runs up to close()
@@ -118,11 +143,11 @@ def test_a_run_ending_inside_the_window_keeps_what_it_recorded(tmp_path):
 
 
 def test_a_run_ending_before_the_window_records_nothing(tmp_path):
-    profiler = IterationProfiler(
+    profiler = _profiler(
         _cfg(tmp_path, profile_step_start=2, profile_step_end=4), 0, "cpu", "unused"
     )
     _drive(profiler, 1, 2)  # only the unrecorded warm-up iteration ran
-    assert "before any profiled iteration" in profiler.close()
+    assert "before any profiled iteration" in _close(profiler)
     assert not (tmp_path / "prof").exists()
 
 
@@ -140,11 +165,11 @@ def test_nsys_bracket_without_the_torch_profiler(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: calls.append(name))
     monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: calls.append("pop"))
     cfg = _cfg(tmp_path, use_pytorch_profiler=False, profile_step_start=2, profile_step_end=4)
-    profiler = IterationProfiler(cfg, 0, "cuda", "unused")
+    profiler = _profiler(cfg, 0, "cuda", "unused")
     messages = _drive(profiler, 1, 6)
     assert calls == ["start", "iteration 3", "pop", "iteration 4", "pop", "stop"]
     assert messages == ["rank 0: cudaProfilerStop after iteration 4"]
-    assert profiler.close() is None and not (tmp_path / "prof").exists()
+    assert _close(profiler) is None and not (tmp_path / "prof").exists()
 
 
 @pytest.mark.parametrize(

@@ -253,8 +253,12 @@ def _short_run_args(data, tokenizer, save, **extra):
     args = sft_args(data, tokenizer, save, iters=1, seq_length=32, lisa_layers=0, **extra)
     at = args.index("--seq-length")
     del args[at : at + 2]  # sft_args' own
-    return [a for a in args if a not in ("--split", "90,10,0")] + ["--split", "100,0,0",
-                                                                   "--eval-iters", "0"]
+    return [a for a in args if a not in ("--split", "90,10,0")] + [
+        "--split",
+        "100,0,0",
+        "--eval-iters",
+        "0",
+    ]
 
 
 def test_examples_that_keep_no_loss_token_are_refused_or_counted(mistral_model, tmp_path):

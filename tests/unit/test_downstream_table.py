@@ -152,8 +152,11 @@ def _checkpoint(root, iteration, digest, hashed=True):
     directory = root / f"iter_{iteration:07d}"
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "weights.distcp").write_bytes(b"w" * 8)
-    body = {"iteration": iteration, "hashed": hashed,
-            "files": {"weights.distcp": {"size": 8, "sha256": digest if hashed else None}}}
+    body = {
+        "iteration": iteration,
+        "hashed": hashed,
+        "files": {"weights.distcp": {"size": 8, "sha256": digest if hashed else None}},
+    }
     (directory / "manifest.json").write_text(json.dumps(body))
     (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
     return directory

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from megatron_ext.config import SpikeConfig
+from megatron_ext.training.components import StepOutcome
 from megatron_ext.training.spikes import MIN_HISTORY, SpikeMonitor
 
 
@@ -20,19 +21,29 @@ class _Sink:
         self.records.append(record)
 
 
+def _monitor(cfg, sink=None):
+    return SpikeMonitor(cfg, SimpleNamespace(metrics=sink or _Sink()))
+
+
 def _step(monitor, state, loss, grad_norm, rejected=False):
+    """One step through the monitor's hook; the verdict it reached (judged before the hook
+    changes the window)."""
     state.iteration += 1
-    return monitor.after_step(state, SimpleNamespace(loss=loss, grad_norm=grad_norm,
-                                                     rejected=rejected))  # fmt: skip
+    verdict = monitor.judge(loss, grad_norm)
+    result = SimpleNamespace(loss=loss, grad_norm=grad_norm, rejected=rejected)
+    step = StepOutcome(state.iteration, result, lr=0.0, seconds=0.0, consumed_samples=0)
+    monitor.after_step(step)
+    state.report = step.report
+    return verdict
 
 
 def _state():
-    return SimpleNamespace(iteration=0, skipped_total=0, spikes={})
+    return SimpleNamespace(iteration=0, report={})
 
 
 def test_judgement_matches_a_plain_mean_and_sample_std():
     rng = random.Random(0)
-    monitor = SpikeMonitor(SpikeConfig(spike_threshold=3.0, spike_window=32), _Sink())
+    monitor = _monitor(SpikeConfig(spike_threshold=3.0, spike_window=32))
     state = _state()
     losses = [3.0 + rng.gauss(0, 0.1) for _ in range(50)]
     for x in losses:
@@ -48,25 +59,25 @@ def test_judgement_matches_a_plain_mean_and_sample_std():
 
 def test_a_spike_is_reported_counted_and_kept_out_of_the_window():
     sink = _Sink()
-    monitor = SpikeMonitor(SpikeConfig(spike_threshold=6.0), sink)
+    monitor = _monitor(SpikeConfig(spike_threshold=6.0), sink)
     state = _state()
     for i in range(40):
         _step(monitor, state, 2.0 + 0.01 * (i % 3), 0.5 + 0.01 * (i % 5))
-    before = monitor.state()
+    before = monitor.state_dict()
     verdict = _step(monitor, state, 2.0, 50.0, rejected=True)
     assert list(verdict.sigmas) == ["grad_norm"]
     (record,) = sink.records
     assert record["iteration"] == 41 and record["spike"] == ["grad_norm"]
     assert record["spike_skipped"] is True and record["spikes_total"] == 1
     assert record["spike_sigmas"] == pytest.approx(verdict.sigmas["grad_norm"])
-    assert state.skipped_total == 1  # a skipped update counts as skipped
-    after = monitor.state()
+    assert state.report["spikes_total"] == 1  # the step record's count
+    after = monitor.state_dict()
     assert after["loss"] == before["loss"] and after["grad_norm"] == before["grad_norm"]
-    assert after["total"] == 1 and state.spikes == after
+    assert after["total"] == 1
 
 
 def test_nothing_is_judged_before_the_window_has_history():
-    monitor = SpikeMonitor(SpikeConfig(), _Sink())
+    monitor = _monitor(SpikeConfig())
     state = _state()
     for _ in range(MIN_HISTORY - 1):
         _step(monitor, state, 1.0, 1.0)
@@ -76,30 +87,31 @@ def test_nothing_is_judged_before_the_window_has_history():
 
 
 def test_non_finite_values_are_not_spikes_and_stay_out_of_the_window():
-    monitor = SpikeMonitor(SpikeConfig(), _Sink())
+    monitor = _monitor(SpikeConfig())
     state = _state()
     for _ in range(20):
         _step(monitor, state, 1.0, 1.0)
     assert not _step(monitor, state, math.nan, math.inf)  # the NaN path handles those
-    assert len(monitor.state()["loss"]) == 20
+    assert len(monitor.state_dict()["loss"]) == 20
 
 
 def test_state_round_trip_resumes_the_same_judgement():
     rng = random.Random(1)
     cfg = SpikeConfig(spike_threshold=2.0, spike_window=16)
-    first, state = SpikeMonitor(cfg, _Sink()), _state()
+    first, state = _monitor(cfg), _state()
     for _ in range(30):
         _step(first, state, rng.uniform(1, 2), rng.uniform(0.1, 0.2))
-    resumed = SpikeMonitor(cfg, _Sink(), saved=state.spikes)
+    resumed = _monitor(cfg)
+    resumed.load_state_dict(first.state_dict())
     probes = [(rng.uniform(1, 3), rng.uniform(0.1, 0.4)) for _ in range(20)]
     assert [bool(first.judge(*p)) for p in probes] == [bool(resumed.judge(*p)) for p in probes]
     assert resumed.total == first.total
 
 
 def test_threshold_zero_turns_detection_off():
-    monitor = SpikeMonitor(SpikeConfig(spike_threshold=0.0), _Sink())
+    monitor = _monitor(SpikeConfig(spike_threshold=0.0))
     state = _state()
     for _ in range(40):
         _step(monitor, state, 1.0, 1.0)
     assert not monitor.enabled and not _step(monitor, state, 1e9, 1e9)
-    assert state.spikes == {}
+    assert "spikes_total" not in state.report  # the step record has no spike count

@@ -1,11 +1,14 @@
-"""The stop policy on its own: skipped steps in a row (non-finite, or no loss token) up to
---nan-skip-limit, the counters it keeps, the exit interval and the agreed time limit."""
+"""The stop policy and the run counters on their own: skipped steps in a row (non-finite, or no
+loss token) up to --nan-skip-limit, the counts of skipped updates, the exit interval and the
+agreed time limit, and both components' state across a checkpoint."""
 
 from types import SimpleNamespace
 
 import pytest
 
 from megatron_ext.config import StopConfig
+from megatron_ext.training.components import StepOutcome
+from megatron_ext.training.counters import RunCounters
 from megatron_ext.training.stopping import StopPolicy
 
 
@@ -21,34 +24,66 @@ def _cfg(nan_skip_limit=3, exit_interval=None, exit_duration_in_mins=None):
     return StopConfig(nan_skip_limit, exit_interval, exit_duration_in_mins)
 
 
-GOOD = SimpleNamespace(non_finite=False, no_loss_tokens=False)
-NAN = SimpleNamespace(non_finite=True, no_loss_tokens=False)
-EMPTY = SimpleNamespace(non_finite=False, no_loss_tokens=True)
+def _result(non_finite=False, no_loss_tokens=False, rejected=False):
+    applied = not (non_finite or no_loss_tokens or rejected)
+    return SimpleNamespace(
+        non_finite=non_finite, no_loss_tokens=no_loss_tokens, rejected=rejected, applied=applied
+    )
 
 
-def _state():
-    return SimpleNamespace(iteration=0, skipped_total=0, no_loss_total=0)
+GOOD, NAN = _result(), _result(non_finite=True)
+EMPTY, SPIKE = _result(no_loss_tokens=True), _result(rejected=True)
+
+
+def _run(components, results, first=1):
+    """The results as steps first, first+1, … through every component's hook; the last
+    step's report."""
+    step = None
+    for it, result in enumerate(results, start=first):
+        step = StepOutcome(it, result, lr=0.0, seconds=0.0, consumed_samples=it)
+        for c in components:
+            c.after_step(step)
+    return step.report
 
 
 def test_skipped_steps_in_a_row_stop_the_run_and_a_good_step_resets_the_count():
-    policy, state = StopPolicy(_cfg(nan_skip_limit=3), Signals()), _state()
-    for it, result in enumerate([NAN, NAN, GOOD, NAN, EMPTY], start=1):
-        policy.note_step(result, state)
-        assert policy.check(it) is None
-    policy.note_step(NAN, state)
-    reason = policy.check(6)
+    policy, counters = StopPolicy(_cfg(nan_skip_limit=3), Signals()), RunCounters()
+    report = _run([counters, policy], [NAN, NAN, GOOD, NAN, EMPTY])
+    assert policy.reason is None
+    assert report == {"skipped_iterations": 4, "no_loss_iterations": 1}
+    _run([counters, policy], [NAN], first=6)
+    reason = policy.reason
     assert reason.non_finite and "3 iterations in a row were skipped" in reason.message
     assert "non-finite loss" in reason.message
-    assert (state.skipped_total, state.no_loss_total) == (5, 1)
+    assert (counters.skipped_total, counters.no_loss_total) == (5, 1)
 
 
 def test_batches_without_loss_tokens_count_toward_the_limit_and_are_named():
-    policy, state = StopPolicy(_cfg(nan_skip_limit=2), Signals()), _state()
-    policy.note_step(EMPTY, state)
-    policy.note_step(EMPTY, state)
-    reason = policy.check(2)
+    policy, counters = StopPolicy(_cfg(nan_skip_limit=2), Signals()), RunCounters()
+    _run([counters, policy], [EMPTY, EMPTY])
+    reason = policy.reason
     assert reason.non_finite and "the last for: no token carried loss" in reason.message
-    assert (state.skipped_total, state.no_loss_total) == (2, 2)
+    assert (counters.skipped_total, counters.no_loss_total) == (2, 2)
+
+
+def test_a_refused_spike_counts_as_skipped_but_not_toward_the_limit():
+    policy, counters = StopPolicy(_cfg(nan_skip_limit=2), Signals()), RunCounters()
+    report = _run([counters, policy], [NAN, SPIKE, NAN, SPIKE])
+    assert policy.reason is None and policy.skipped_in_a_row == 0
+    assert report == {"skipped_iterations": 4, "no_loss_iterations": None}
+
+
+def test_state_round_trip_stops_where_the_uninterrupted_run_stops():
+    """Two skipped steps before a checkpoint and one after it stop a run with a limit of 3,
+    as they would without the checkpoint."""
+    policy, counters = StopPolicy(_cfg(nan_skip_limit=3), Signals()), RunCounters()
+    _run([counters, policy], [GOOD, NAN, EMPTY])
+    resumed, resumed_counters = StopPolicy(_cfg(nan_skip_limit=3), Signals()), RunCounters()
+    resumed.load_state_dict(policy.state_dict())
+    resumed_counters.load_state_dict(counters.state_dict())
+    report = _run([resumed_counters, resumed], [NAN], first=4)
+    assert resumed.reason is not None and "3 iterations in a row" in resumed.reason.message
+    assert report == {"skipped_iterations": 3, "no_loss_iterations": 1}
 
 
 @pytest.mark.parametrize(
