@@ -65,8 +65,12 @@ def main(argv=None) -> int:
     p.add_argument("--model-size", default=None, help="a preset (else the shape flags below)")
     p.add_argument("--num-layers", type=int, default=8)
     p.add_argument("--hidden-size", type=int, default=512)
-    p.add_argument("--vocab-size", type=int, default=8192,
-                   help="small, so that the decoder layers carry most of the FLOPs")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=8192,
+        help="small, so that the decoder layers carry most of the FLOPs",
+    )
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--lisa-layers", type=int, default=2)

@@ -287,7 +287,8 @@ def load_components_sharded(directory: str, sharded: dict) -> tuple[dict, list[s
     if not any(gather(bool(present))):  # the load is collective: all ranks or none
         return {}, missing
     with agreed(_failed(f"could not read the components' state from {directory}")):
-        loaded = dist_checkpointing.load({COMPONENTS_KEY: present}, directory)[COMPONENTS_KEY]
+        loaded = dist_checkpointing.load({COMPONENTS_KEY: present}, directory)
+    loaded = loaded.get(COMPONENTS_KEY, {})  # a rank with nothing to load gets nothing back
     return loaded, missing
 
 

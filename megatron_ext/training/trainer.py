@@ -8,7 +8,8 @@ import itertools
 import logging
 import os
 import time
-from typing import Optional
+from collections.abc import Callable, Sequence
+from typing import Optional, Union
 
 import torch
 from megatron.core import parallel_state
@@ -26,7 +27,13 @@ from megatron_ext.models.params import count_parameters
 from megatron_ext.platform.distributed import init_distributed
 from megatron_ext.training import preflight
 from megatron_ext.training.checkpoint_manager import CheckpointManager, lock_save_dir
-from megatron_ext.training.components import SETUP, Components, RunContext, StepOutcome
+from megatron_ext.training.components import (
+    SETUP,
+    Component,
+    Components,
+    RunContext,
+    StepOutcome,
+)
 from megatron_ext.training.counters import RunCounters
 from megatron_ext.training.evaluation import Evaluator
 from megatron_ext.training.flops import flops_per_iteration
@@ -43,6 +50,10 @@ from megatron_ext.training.stopping import StopPolicy, StopReason
 from megatron_ext.training.telemetry import TelemetryHook
 
 logger = logging.getLogger("gpas")
+
+
+# A component instance, or a function building one from the run's context.
+ExtraComponent = Union[Component, Callable[[RunContext], Component]]
 
 
 class TrainingStopped(RuntimeError):
@@ -62,7 +73,11 @@ class Trainer:
     (``training/components.py``) own their policies: checkpoints, validation, the step log,
     telemetry, profiling, counters, spikes, LISA, stopping."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, components: Sequence[ExtraComponent] = ()):
+        """``components``: more components for this run. A :class:`Component` instance is
+        registered at once (it sees the setup and checkpoint-load phases); a function of the
+        :class:`RunContext` is called with the others and registered before the checkpoint
+        manager (for components that need the model)."""
         run = resolve_run(cfg, _world_size())  # the caller's configuration is not changed
         self.cfg, self.eod = run.cfg, run.eod
         self.undescribed_data = list(run.undescribed_data)
@@ -70,6 +85,10 @@ class Trainer:
         self.gbs, self.num_micro = run.global_batch_size, run.num_microbatches
         self.state = RunState()
         self.components = Components()
+        for c in components:
+            if isinstance(c, Component):
+                self.components.add(c)
+        self._factories = [c for c in components if not isinstance(c, Component)]
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -127,7 +146,7 @@ class Trainer:
         add = self.components.add
         add(TelemetryHook(cfg.logging.telemetry_interval, ctx))
         add(IterationProfiler(cfg.profiling, ctx, say=_say))
-        add(RunCounters())
+        self.counters = add(RunCounters())
         self.spikes = add(SpikeMonitor(cfg.spikes, ctx))
         self.layer_activation = add(
             LayerActivation(cfg.sft, ctx, num_layers=cfg.model.num_layers, seed=cfg.optim.seed)
@@ -136,6 +155,8 @@ class Trainer:
         valid = self._valid_iterators if self.valid_ds is not None else None
         add(Evaluator(cfg.eval, ctx, valid, per_document=cfg.data.data_mode == "per-document"))
         self.stop = add(StopPolicy(cfg.stop))
+        for build in self._factories:
+            add(build(ctx))
         add(self.checkpoints)
 
     def _build_model_and_optimizer(self) -> None:
@@ -356,10 +377,10 @@ def _say(message: Optional[str]) -> None:
         print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
 
 
-def run(cfg: RunConfig) -> int:
+def run(cfg: RunConfig, components: Sequence[ExtraComponent] = ()) -> int:
     """Set up and train; returns the last iteration. The metrics sinks are closed however the
     run ends (an input error mid-run included)."""
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, components)
     try:
         trainer.setup()
         return trainer.train()

@@ -319,7 +319,7 @@ def _spike_worker(save, skip):
     return {
         "unchanged": unchanged,
         "lr_advanced": seen["lr_steps_after"] - seen["lr_steps"],
-        "skipped": trainer.state.skipped_total,
+        "skipped": trainer.counters.skipped_total,
         "iteration": trainer.state.iteration,
     }
 

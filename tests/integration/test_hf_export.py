@@ -118,6 +118,22 @@ def test_missing_and_partial_checkpoints_are_named(checkpoints, tmp_path):
         f.truncate(100)
     with pytest.raises(CheckpointError, match=f"is damaged: .*{re.escape(victim)}: 100 bytes"):
         DistCheckpointReader(str(truncated))
+    # the same size, other contents: every reader runs the same check (hashes included)
+    altered = tmp_path / "altered"
+    shutil.copytree(checkpoints / "tp2" / "pre", altered)
+    shard = altered / "iter_0000002" / victim
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    expected = re.escape(f"checkpoint {altered}/iter_0000002 is damaged: {shard}: contents differ")
+    with pytest.raises(CheckpointError, match=expected):
+        DistCheckpointReader(str(altered))
+    from megatron_ext.export.megatron_model import build_cpu_model
+    from megatron_ext.training.checkpoint_weights import load_model
+
+    cfg = DistCheckpointReader(str(checkpoints / "tp2" / "pre")).model_config()
+    with pytest.raises(CheckpointError, match=expected):
+        load_model([build_cpu_model(cfg)], str(altered))
 
 
 def test_existing_output_is_kept_without_overwrite(checkpoints, tmp_path):

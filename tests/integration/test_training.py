@@ -223,7 +223,7 @@ def _nan_worker(save):
             "stopped": str(err),
             "iteration": trainer.state.iteration,
             "unchanged": unchanged,
-            "skipped": trainer.state.skipped_total,
+            "skipped": trainer.counters.skipped_total,
         }
     return {"stopped": None}
 
