@@ -35,7 +35,11 @@ def test_recipe_plans_the_reference_run(name, tmp_path):
     plan = plan_run(cfg, RECIPES[name])
     slots = cfg.optim.train_iters * cfg.global_batch_size(RECIPES[name]) * cfg.model.seq_length
     assert abs(slots / REFERENCE_TOKEN_SLOTS[name] - 1) < 0.01
-    assert plan.world_size == RECIPES[name]
+    # the layout fills the node count it is written for, and the batch splits evenly over it
+    assert plan.tp * plan.pp * plan.dp == RECIPES[name]
+    assert plan.global_batch == plan.num_microbatches * cfg.optim.micro_batch_size * plan.dp
+    # and it fits an 80 GB GPU: weights, optimizer state and activations of one micro-batch
+    assert plan.weights_and_optimizer_gib + plan.activations_gib < 80
     if name.startswith("7b"):
         assert (cfg.optim.clip_grad, cfg.optim.clip_gate_grad, cfg.optim.lr) == (1.0, 0.01, 3e-4)
         assert cfg.optim.recompute_granularity == "full"
