@@ -2,7 +2,8 @@
 
 A second run on the same directory refuses with one line naming the holder. A lock whose holder
 is gone is taken over, saying so: the holder's pid is dead on this host, or the holder is an
-earlier incarnation of this SLURM job (a requeue), or its heartbeat (the file's modification
+earlier incarnation of this SLURM job (a requeue) or an earlier attempt of this torchrun job (a
+restart by ``--max-restarts``), or its heartbeat (the file's modification
 time, refreshed every ``HEARTBEAT_S`` by a background thread) is older than ``STALE_AFTER_S``
 (a job on another node that crashed).
 
@@ -20,6 +21,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -38,11 +40,15 @@ class Holder:
     pid: int
     slurm_job_id: Optional[str]
     started: float
+    torchrun_id: Optional[str] = None  # TORCHELASTIC_RUN_ID: one torchrun job, all attempts
+    attempt: int = 0  # TORCHELASTIC_RESTART_COUNT: workers torchrun restarted count up
 
     @classmethod
     def this_process(cls) -> Holder:
         job = os.environ.get("SLURM_JOB_ID")
-        return cls(socket.gethostname(), os.getpid(), job, time.time())
+        torchrun_id = os.environ.get("TORCHELASTIC_RUN_ID")
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        return cls(socket.gethostname(), os.getpid(), job, time.time(), torchrun_id, attempt)
 
     def describe(self) -> str:
         job = f", SLURM job {self.slurm_job_id}" if self.slurm_job_id else ""
@@ -83,11 +89,17 @@ class RunLock:
                 return f"{self.path}: took over the lock of {self._who(holder)} ({reason})"
         raise RunLockError(f"{self.path}: could not take the lock (other runs keep racing for it)")
 
-    def start_heartbeat(self, every_s: float = HEARTBEAT_S) -> None:
+    def start_heartbeat(
+        self, every_s: float = HEARTBEAT_S, alive: Callable[[], bool] = lambda: True
+    ) -> None:
+        """Refresh the lock's modification time every ``every_s`` while ``alive()`` (a run
+        that stopped making progress, hung in a collective, lets its lock go stale)."""
+
         def beat():
             while not self._stop.wait(every_s):
-                with contextlib.suppress(OSError):
-                    os.utime(self.path)
+                if alive():
+                    with contextlib.suppress(OSError):
+                        os.utime(self.path)
 
         self._thread = threading.Thread(target=beat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()
@@ -136,6 +148,12 @@ class RunLock:
             return f"pid {holder.pid} is not running"
         if holder.slurm_job_id and holder.slurm_job_id == self.me.slurm_job_id:
             return f"an earlier run of this SLURM job {holder.slurm_job_id}, requeued"
+        if (
+            holder.torchrun_id
+            and holder.torchrun_id == self.me.torchrun_id
+            and holder.attempt < self.me.attempt
+        ):
+            return f"attempt {holder.attempt} of this torchrun job, restarted"
         if age > self.stale_after_s:
             return f"no heartbeat for {age / 60:.0f} min"
         return None

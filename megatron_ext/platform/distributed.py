@@ -22,6 +22,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun in its workers
+
+
+def _attempt_store(rank: int, world_size: int, timeout) -> Optional[dist.Store]:
+    """Under torchrun, the rendezvous store seen through a prefix naming this attempt.
+
+    torchrun keeps one store for the whole job, and workers it restarts (``--max-restarts``)
+    find the keys of the attempt before: the process-group keys of the earlier workers, whose
+    addresses are dead, so the new group often fails to connect ("connectFullMesh failed").
+    Keys under the attempt's own prefix start empty. None outside torchrun (the default
+    env:// rendezvous is then the same thing)."""
+    attempt = os.environ.get(RESTART_COUNT)
+    if attempt is None:
+        return None
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    return dist.PrefixStore(f"gpas/attempt{attempt}/", store)
+
+
 def init_distributed(
     parallel: ParallelConfig,
     *,
@@ -49,12 +67,15 @@ def init_distributed(
         if launched:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        store = _attempt_store(rank, world_size, timeout) if launched else None
         dist.init_process_group(
             backend="gloo" if device == "cpu" else "nccl",
-            init_method=init_method,
+            init_method=None if store is not None else init_method,
+            store=store,
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=timeout,
         )
     vpp = (
         parallel.virtual_pipeline_model_parallel_size(num_layers)

@@ -12,10 +12,11 @@ import pytest
 from megatron_ext.run_lock import LOCK_FILE, RunLock, RunLockError
 
 
-def _plant(directory, host, pid, job=None, age_s=0.0):
-    """A lock left by another run."""
+def _plant(directory, host, pid, job=None, age_s=0.0, **torchrun):
+    """A lock left by another run (``torchrun_id``, ``attempt``: one started by torchrun)."""
     path = os.path.join(directory, LOCK_FILE)
     holder = {"host": host, "pid": pid, "slurm_job_id": job, "started": time.time() - 3600}
+    holder.update(torchrun)
     with open(path, "w") as f:
         json.dump(holder, f)
     stamp = time.time() - age_s
@@ -73,6 +74,38 @@ def test_a_requeued_slurm_job_takes_over_its_earlier_run(tmp_path, monkeypatch):
     _plant(tmp_path, "node-elsewhere", 12345, job="777")
     note = RunLock(str(tmp_path)).acquire()
     assert "an earlier run of this SLURM job 777, requeued" in note
+
+
+def test_a_restarted_torchrun_attempt_takes_over_the_attempt_before(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    _plant(tmp_path, "node-elsewhere", 12345, torchrun_id="job-a", attempt=1)
+    note = RunLock(str(tmp_path)).acquire()
+    assert "attempt 1 of this torchrun job, restarted" in note
+    # the same attempt (a second run started by hand in it), or another job: refused
+    for planted in ({"torchrun_id": "job-a", "attempt": 2}, {"torchrun_id": "job-b", "attempt": 0}):
+        other = tmp_path / str(planted["torchrun_id"] + str(planted["attempt"]))
+        other.mkdir()
+        _plant(other, "node-elsewhere", 12345, **planted)
+        with pytest.raises(RunLockError, match="is in use by another run"):
+            RunLock(str(other)).acquire()
+
+
+def test_heartbeat_stops_while_the_run_makes_no_progress(tmp_path):
+    lock = RunLock(str(tmp_path))
+    lock.acquire()
+    old = time.time() - 1000
+    os.utime(lock.path, (old, old))
+    progressing = [False]
+    lock.start_heartbeat(every_s=0.02, alive=lambda: progressing[0])
+    time.sleep(0.3)
+    assert os.path.getmtime(lock.path) == pytest.approx(old)  # hung: the lock goes stale
+    progressing[0] = True
+    deadline = time.time() + 10
+    while os.path.getmtime(lock.path) < old + 500 and time.time() < deadline:
+        time.sleep(0.02)
+    assert os.path.getmtime(lock.path) > old + 500
+    lock.release()
 
 
 def test_heartbeat_refreshes_the_lock(tmp_path):
