@@ -54,6 +54,8 @@ setup(
         "eval": ["lm-eval==0.4.13", "accelerate"],
         "zst": ["zstandard"],  # .zst inputs to preprocessing
         "plot": ["matplotlib"],
+        # --hang-timeout: NVIDIA's resiliency extension, its rank monitor (CPU-safe)
+        "resilience": ["nvidia-resiliency-ext==0.4.1"],
         # Everything the test suite imports. (mistral-common, whose real SentencePiece model
         # file the tests use, is installed without its dependencies by run_tests.sh.)
         "test": [
@@ -70,6 +72,7 @@ setup(
             "lm-eval==0.4.13",
             "accelerate",
             "zstandard",
+            "nvidia-resiliency-ext==0.4.1",
         ],
     },
 )

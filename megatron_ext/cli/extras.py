@@ -17,6 +17,7 @@ EXTRA_OF_MODULE = {
     "wandb": "wandb",
     "tensorboard": "tensorboard",
     "zstandard": "zst",
+    "nvidia_resiliency_ext": "resilience",
 }
 
 

@@ -27,6 +27,7 @@ quiet_third_party_warnings()
 from megatron_ext.checkpoint_layout import CheckpointError  # noqa: E402
 from megatron_ext.cli.extras import reports_missing_extras  # noqa: E402
 from megatron_ext.config import ConfigError  # noqa: E402
+from megatron_ext.restart_ledger import RestartRefused  # noqa: E402
 from megatron_ext.run_lock import RunLockError  # noqa: E402
 from megatron_ext.training.arguments import parse_run_config  # noqa: E402
 from megatron_ext.training.planning import plan_run  # noqa: E402
@@ -73,6 +74,9 @@ def main(argv=None) -> int:
     except TrainingStopped as err:
         logging.getLogger("gpas").error(str(err))
         return 3
+    except RestartRefused as err:
+        _error_once(err)
+        return err.exit_code
     return 0
 
 

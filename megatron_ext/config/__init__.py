@@ -18,6 +18,7 @@ from megatron_ext.config.model import ARCHITECTURE_FIELDS, ModelConfig, Parallel
 from megatron_ext.config.run import (
     CheckpointConfig,
     EvalConfig,
+    FaultConfig,
     FusionConfig,
     LoggingConfig,
     OptimConfig,
@@ -45,6 +46,7 @@ __all__ = [
     "RunConfig",
     "SFTConfig",
     "SpikeConfig",
+    "FaultConfig",
     "StopConfig",
     "TokenizerConfig",
     "check_choices",

@@ -134,6 +134,29 @@ class StopConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Hangs and slow ranks (read by the hang watchdog and the straggler report)."""
+
+    hang_timeout: Optional[float] = option(
+        None,
+        "declare a rank hung when it finishes no step and no phase (setup, checkpoint load, "
+        "save, evaluation) for this many seconds: its stack is written, it is stopped, and a "
+        "launcher with restarts resumes the run (needs the 'resilience' extra)",
+    )
+    calc_ft_timeouts: bool = option(
+        False,
+        "learn each phase's hang timeout from the run (5× the longest seen), kept with the "
+        "checkpoint; --hang-timeout holds until there is enough to learn from",
+    )
+    log_straggler: bool = option(
+        False, "every --log-interval, name the rank whose own compute is slowest"
+    )
+    straggler_threshold: float = option(
+        0.2, "a rank slower than the median by more than this fraction is named"
+    )
+
+
+@dataclass
 class CheckpointConfig:
     save: Optional[str] = None
     load: Optional[str] = None
@@ -310,6 +333,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     stop: StopConfig = field(default_factory=StopConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
     spikes: SpikeConfig = field(default_factory=SpikeConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -350,6 +374,7 @@ class RunConfig:
         _check_logging(self.logging, self.eval)
         _check_checkpoint(self.checkpoint)
         _check_stop(self.stop)
+        _check_faults(self.faults, self.parallel)
         _check_spikes(self.spikes)
         _check_sft(self)
         _check_fusion(self)
@@ -443,6 +468,22 @@ def _check_logging(lg: LoggingConfig, e: EvalConfig) -> None:
 def _check_stop(s: StopConfig) -> None:
     require(s.nan_skip_limit >= 1, "--nan-skip-limit", "must be ≥ 1")
     require(s.exit_interval is None or s.exit_interval >= 1, "--exit-interval", "must be ≥ 1")
+
+
+def _check_faults(f: FaultConfig, parallel) -> None:
+    require(f.hang_timeout is None or f.hang_timeout > 0, "--hang-timeout", "must be positive")
+    require(
+        not f.calc_ft_timeouts or f.hang_timeout is not None,
+        "--calc-ft-timeouts",
+        "needs --hang-timeout (the timeout that holds until one is learned)",
+    )
+    require(
+        f.hang_timeout is None or f.hang_timeout < parallel.distributed_timeout_minutes * 60,
+        "--hang-timeout",
+        f"{f.hang_timeout} s must be shorter than --distributed-timeout-minutes "
+        f"{parallel.distributed_timeout_minutes} (the hang detector must fire first)",
+    )
+    require(f.straggler_threshold > 0, "--straggler-threshold", "must be positive")
 
 
 def _check_checkpoint(c: CheckpointConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 from megatron.core import parallel_state
@@ -14,6 +15,19 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext.config import ParallelConfig
+
+
+class TimedFinalize:
+    """megatron-core's ``finalize_model_grads``, noting when this rank reached it: the end of
+    its own compute for the step (from here its gradient reduction waits for the other ranks),
+    which the straggler report compares across ranks."""
+
+    def __init__(self) -> None:
+        self.entered_at: Optional[float] = None
+
+    def __call__(self, *args, **kwargs):
+        self.entered_at = time.perf_counter()
+        return finalize_model_grads(*args, **kwargs)
 
 
 def wrap_model(
@@ -49,7 +63,7 @@ def wrap_model(
                 disable_bucketing=i > 0,
             )
         )
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = TimedFinalize()
     if overlap_grad_reduce:
         sync = [chunk.no_sync for chunk in wrapped]
         config.no_sync_func = sync if len(sync) > 1 else sync[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -47,6 +48,9 @@ class IterationResult:
     update_successful: bool
     num_tokens: int  # tokens that carry loss, over the global batch (every rank knows it)
     rejected: bool = False  # the update was refused by the caller's gate (a spike)
+    # seconds from the step's start until this rank reached its gradient reduction: its own
+    # forward and backward, before it waits for the data-parallel peers
+    compute_seconds: Optional[float] = None
 
     @property
     def no_loss_tokens(self) -> bool:
@@ -119,6 +123,7 @@ def train_step(
     ``accept_update(loss, grad_norm)`` may refuse the update, and must answer alike on every
     rank; parameters in ``frozen`` are not updated (LISA).
     """
+    started = time.perf_counter()
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -126,11 +131,12 @@ def train_step(
     reports = _run_schedule(
         data_iterators, model, num_microbatches, seq_length, micro_batch_size, forward_only=False
     )
+    compute = _compute_seconds(model, started)
     loss, tokens = _reduce_loss(reports if parallel_state.is_pipeline_last_stage() else [])
     shared_loss, tokens = _from_last_stage(loss, tokens)
     tokens = int(tokens)
     if tokens == 0:  # agreed by every rank: nothing to learn from, so no update
-        return IterationResult(None, None, None, False, 0)
+        return IterationResult(None, None, None, False, 0, compute_seconds=compute)
     if share_loss:
         loss = shared_loss
     accept = None if accept_update is None else partial(accept_update, loss)
@@ -138,8 +144,14 @@ def train_step(
         optimizer, clip_grad=clip_grad, clip_gate_grad=clip_gate_grad, accept=accept, frozen=frozen
     )
     return IterationResult(
-        loss, step.grad_norm, step.gate_grad_norm, step.success, tokens, step.rejected
+        loss, step.grad_norm, step.gate_grad_norm, step.success, tokens, step.rejected, compute
     )
+
+
+def _compute_seconds(model, started: float) -> Optional[float]:
+    finalize = getattr(model[0], "config", None)
+    entered = getattr(getattr(finalize, "finalize_model_grads_func", None), "entered_at", None)
+    return entered - started if entered is not None and entered >= started else None
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_ext.checkpoint_layout import CheckpointError
 from megatron_ext.config import RunConfig
 from megatron_ext.data.dataset_info import SIDECAR_SUFFIX
 from megatron_ext.data.datasets import build_datasets
@@ -25,8 +26,10 @@ from megatron_ext.models.gates import freeze_gates
 from megatron_ext.models.gpt import build_model_chunks, build_transformer_config
 from megatron_ext.models.params import count_parameters
 from megatron_ext.platform.distributed import init_distributed
+from megatron_ext.restart_ledger import RestartLedger, RestartRefused
 from megatron_ext.training import preflight
 from megatron_ext.training.checkpoint_manager import CheckpointManager, lock_save_dir
+from megatron_ext.training.collectives import one_line
 from megatron_ext.training.components import (
     SETUP,
     Component,
@@ -47,6 +50,7 @@ from megatron_ext.training.run_state import RunState
 from megatron_ext.training.spikes import SpikeMonitor
 from megatron_ext.training.step import train_step
 from megatron_ext.training.stopping import StopPolicy, StopReason
+from megatron_ext.training.stragglers import StragglerReport
 from megatron_ext.training.telemetry import TelemetryHook
 
 logger = logging.getLogger("gpas")
@@ -84,7 +88,14 @@ class Trainer:
         self.train_examples = run.samples_per_epoch
         self.gbs, self.num_micro = run.global_batch_size, run.num_microbatches
         self.state = RunState()
+        self.metrics_path = _metrics_path(self.cfg)
+        self.run_dir = os.path.dirname(os.path.abspath(self.metrics_path))
         self.components = Components()
+        if self.cfg.faults.hang_timeout is not None:  # first: it watches the setup too
+            from megatron_ext.training.hang import HangWatchdog
+
+            rank = int(os.environ.get("RANK", "0"))
+            self.components.add(HangWatchdog(self.cfg.faults, self.run_dir, rank))
         for c in components:
             if isinstance(c, Component):
                 self.components.add(c)
@@ -111,6 +122,7 @@ class Trainer:
                 lock=self.lock,
             )
             self.state = self.checkpoints.load()
+            self._check_restart()
             self.checkpoints.check_space()
             self._build_data()
             self._open_metrics()
@@ -118,6 +130,32 @@ class Trainer:
             self.checkpoints.restore_components()
             self._log_setup()
         self.components.on_start(self.state)
+
+    def _check_restart(self) -> None:
+        """Collective: record this start in ``--save``'s restart ledger; a restart that would
+        not help (the fault repeats, or the attempt before stopped on purpose) is refused on
+        every rank."""
+        save = self.cfg.checkpoint.save
+        if not save:
+            return
+        refusal = None
+        if torch.distributed.get_rank() == 0:
+            try:
+                RestartLedger(save).check_and_record(self.state.iteration)
+            except RestartRefused as err:
+                refusal = (str(err), err.exit_code)
+        shared = [refusal]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        self._start_recorded = True
+        if shared[0] is not None:
+            raise RestartRefused(*shared[0])
+
+    def record_stop(self, exit_code: int, reason: str) -> None:
+        """The run stopped on purpose: a restart of it is to be refused (rank 0 writes)."""
+        save = self.cfg.checkpoint.save
+        if save and getattr(self, "_start_recorded", False):
+            if torch.distributed.get_rank() == 0:
+                RestartLedger(save).record_stop(exit_code, reason)
 
     def _build_components(self) -> None:
         """Every training component, from its own configuration section, in the order the loop
@@ -151,6 +189,8 @@ class Trainer:
         self.layer_activation = add(
             LayerActivation(cfg.sft, ctx, num_layers=cfg.model.num_layers, seed=cfg.optim.seed)
         )
+        if cfg.faults.log_straggler:
+            add(StragglerReport(cfg.faults, ctx, cfg.logging.log_interval))
         add(StepLogger(cfg.logging, ctx, flops))
         valid = self._valid_iterators if self.valid_ds is not None else None
         add(Evaluator(cfg.eval, ctx, valid, per_document=cfg.data.data_mode == "per-document"))
@@ -287,11 +327,7 @@ class Trainer:
         return preflight.checked_batches(iterator, self.cfg.model.vocab_size, self.undescribed_data)
 
     def _open_metrics(self) -> None:
-        cfg = self.cfg
-        path = cfg.logging.metrics_file or os.path.join(
-            cfg.checkpoint.save or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")),
-            METRICS_FILE,
-        )
+        cfg, path = self.cfg, self.metrics_path
         resumed = self.state.iteration > 0
         run_id = None if cfg.logging.new_wandb_on_resume or not resumed else self.state.wandb_run_id
         self.metrics = MetricsWriter(
@@ -304,7 +340,6 @@ class Trainer:
             config=dataclasses.asdict(cfg),
         )
         self.state.wandb_run_id = self.metrics.wandb_run_id
-        self.run_dir = os.path.dirname(os.path.abspath(path))
         if _is_logging_rank():
             logger.info("metrics: %s", os.path.abspath(path))
 
@@ -371,6 +406,13 @@ class Trainer:
                 metrics.close()
 
 
+def _metrics_path(cfg: RunConfig) -> str:
+    """The metrics file; its directory is the run directory (profiles, stacks)."""
+    return cfg.logging.metrics_file or os.path.join(
+        cfg.checkpoint.save or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")), METRICS_FILE
+    )
+
+
 def _say(message: Optional[str]) -> None:
     """A line from whichever rank has it (the logger speaks on the logging rank only)."""
     if message:
@@ -384,5 +426,8 @@ def run(cfg: RunConfig, components: Sequence[ExtraComponent] = ()) -> int:
     try:
         trainer.setup()
         return trainer.train()
+    except (TrainingStopped, CheckpointError) as err:
+        trainer.record_stop(3, one_line(err))
+        raise
     finally:
         trainer.close()

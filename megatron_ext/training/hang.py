@@ -1,0 +1,167 @@
+"""``--hang-timeout``: a rank that finishes no step and no phase within the timeout is declared
+hung by its monitor (``platform/rank_monitor.py``), its stack written under the run directory,
+and the rank stopped, so that a launcher with restarts (``torchrun --max-restarts``, the SLURM
+script) resumes the run from its newest checkpoint.
+
+The watchdog is the component that tells the monitor where the rank is: each step, and each
+phase of the component contract (setup, checkpoint load, save and its finalize, evaluation), is
+a section of NVRx's rank monitor, each with its own timeout. With ``--calc-ft-timeouts`` the
+timeouts are learned from the run after each save (NVRx: 5× the longest seen, averaged with
+what was learned before) and saved with the checkpoint, so a restart starts with them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import logging
+import multiprocessing
+import os
+import tempfile
+import time
+from typing import Optional
+
+from megatron_ext.config import FaultConfig
+from megatron_ext.training.components import (
+    CHECKPOINT_SAVE,
+    PHASES,
+    SETUP,
+    Component,
+    StepOutcome,
+)
+
+logger = logging.getLogger("gpas")
+
+STEP = "step"
+SOCKET_ENV = "FT_RANK_MONITOR_IPC_SOCKET"  # where NVRx's client looks for its monitor
+STACKS_DIR = "stacks"
+LEARNED = (STEP, *PHASES)  # sections whose timeouts --calc-ft-timeouts learns
+
+
+def stacks_path(run_dir: str, rank: int) -> str:
+    return os.path.join(run_dir, STACKS_DIR, f"rank{rank}.txt")
+
+
+class HangWatchdog(Component):
+    """Register it first (``Trainer(cfg, components=[HangWatchdog(...)])`` as the entry point
+    does), so that it sees the setup and the checkpoint load."""
+
+    state_key = "hang_timeouts"
+
+    def __init__(self, cfg: FaultConfig, run_dir: str, rank: int):
+        from megatron_ext.platform import rank_monitor  # the 'resilience' extra
+
+        self.cfg, self.rank = cfg, rank
+        self.iteration = multiprocessing.get_context("fork").RawValue("q", 0)
+        self.stacks = stacks_path(run_dir, rank)
+        os.makedirs(os.path.dirname(self.stacks), exist_ok=True)
+        self._stack_file = open(self.stacks, "a", encoding="utf-8")  # noqa: SIM115 - kept open
+        self._stack_file.write(f"--- pid {os.getpid()} started {time.strftime('%F %T')}\n")
+        self._stack_file.flush()
+        self._signal = rank_monitor.HANG_SIGNAL
+        faulthandler.register(self._signal, file=self._stack_file, all_threads=True, chain=True)
+        timeout = cfg.hang_timeout
+        sections = {name: timeout for name in (STEP, *PHASES)}
+        self._socket = os.path.join(tempfile.gettempdir(), f"gpas_rank_monitor_{os.getpid()}")
+        self._monitor = rank_monitor.start_monitor(
+            rank_monitor.monitor_config(sections, timeout),
+            self._socket,
+            rank=rank,
+            iteration=self.iteration,
+            stacks=self.stacks,
+        )
+        self._stop_monitor = rank_monitor.stop_monitor
+        from nvidia_resiliency_ext.fault_tolerance import RankMonitorClient
+
+        self.client = RankMonitorClient()
+        self._open: list[str] = []
+        self._saved_timeouts: Optional[dict] = None
+
+    # -- sections ------------------------------------------------------------------------------
+    def phase_started(self, phase: str, iteration: int) -> None:
+        if phase == SETUP and not self.client.is_initialized:
+            self._connect()  # the process group exists: the client can name its rank
+        self._start(phase)
+
+    def phase_ended(self, phase: str, iteration: int) -> None:
+        self._end(phase)
+        if phase == CHECKPOINT_SAVE and self.cfg.calc_ft_timeouts:
+            self._learn()  # collective: every rank saves
+
+    def before_step(self, iteration: int) -> None:
+        self._start(STEP)
+
+    def after_step(self, step: StepOutcome) -> None:
+        self._end(STEP)
+        self.iteration.value = step.iteration
+
+    def on_start(self, state) -> None:
+        self.iteration.value = state.iteration
+
+    def at_end(self, state, stopped: bool) -> None:
+        if self.cfg.calc_ft_timeouts:
+            self._learn()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.shutdown_workload_monitoring()
+        self._stop_monitor(self._monitor)
+        faulthandler.unregister(self._signal)
+        self._stack_file.close()
+        if os.path.getsize(self.stacks) and not _has_stack(self.stacks):
+            with contextlib.suppress(OSError):
+                os.remove(self.stacks)  # nothing but start lines: no stack was ever written
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The learned timeouts (none until some were learned)."""
+        if self.client.is_initialized:
+            return dict(self.client.state_dict())
+        return self._saved_timeouts or {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._saved_timeouts = state
+        if state and self.cfg.calc_ft_timeouts:
+            self.client.load_state_dict(state)
+            logger.info("hang timeouts learned by the run before: %s", _describe(state))
+
+    # -- internals -----------------------------------------------------------------------------
+    def _connect(self) -> None:
+        previous = os.environ.get(SOCKET_ENV)
+        os.environ[SOCKET_ENV] = self._socket  # NVRx's client reads it while connecting
+        try:
+            self.client.init_workload_monitoring()
+        finally:
+            if previous is None:
+                os.environ.pop(SOCKET_ENV, None)
+            else:
+                os.environ[SOCKET_ENV] = previous
+
+    def _start(self, name: str) -> None:
+        if self.client.is_initialized and name not in self._open:
+            self.client.start_section(name)
+            self._open.append(name)
+
+    def _end(self, name: str) -> None:
+        if name in self._open:
+            self.client.end_section(name)
+            self._open.remove(name)
+
+    def _learn(self) -> None:
+        seen = [s for s in LEARNED if s not in self._open]
+        if self.client.calculate_and_set_section_timeouts(
+            selected_sections=seen, calc_out_of_section=False, skip_if_not_ready=True
+        ):
+            logger.info("hang timeouts learned: %s", _describe(self.client.state_dict()))
+
+
+def _describe(state: dict) -> str:
+    section = (state.get("current_timeouts") or {}).get("section") or {}
+    learned = section.get("calculated_sections") or {}
+    timeouts = section.get("section") or {}
+    return ", ".join(f"{k} {timeouts[k]:.1f} s" for k in learned if timeouts.get(k)) or "none"
+
+
+def _has_stack(path: str) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return any(not line.startswith("--- pid ") for line in f)

@@ -1,0 +1,125 @@
+"""Training under ``torchrun`` with faults injected from outside, as a cluster meets them:
+SIGKILL, SIGSTOP, a throttle by SIGSTOP/SIGCONT cycles, and (through a ``sitecustomize`` on the
+workers' path) a rank stuck in a collective during a checkpoint save."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from megatron_ext.platform.distributed import free_port
+from tests.helpers import ROOT
+
+# Workers started with this on PYTHONPATH: rank 1 of the first attempt enters one barrier of
+# its own during its first checkpoint save; the other rank never joins it.
+STALL_IN_SAVE = """
+import os
+if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+    from megatron_ext.training import checkpoint_manager
+
+    _save = checkpoint_manager.CheckpointManager._save
+
+    def _stalled_save(self, state):
+        import torch
+
+        torch.distributed.barrier()  # rank 0 is in the save's own collectives: both wait
+        _save(self, state)
+
+    checkpoint_manager.CheckpointManager._save = _stalled_save
+"""
+
+
+@dataclass
+class Launch:
+    returncode: int
+    lines: list = field(default_factory=list)
+    seconds: float = 0.0
+    events: dict = field(default_factory=dict)  # what the injector did, and when
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def worker_pid(rank: int, attempt: int) -> int | None:
+    """The pid of ``pretrain_gpas.py`` rank ``rank`` in torchrun attempt ``attempt``."""
+    out = subprocess.run(["pgrep", "-f", "pretrain_gpas.py"], capture_output=True, text=True)
+    for pid in out.stdout.split():
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and (
+            f"TORCHELASTIC_RESTART_COUNT={attempt}".encode() in env
+        ):
+            return int(pid)
+    return None
+
+
+def torchrun(args, *, max_restarts=0, nproc=2, fault=None, at_iteration=None, sitecustomize=None,
+             tmp_path=None, timeout=600) -> Launch:  # fmt: skip
+    """Run ``pretrain_gpas.py args`` under torchrun; ``fault`` ("kill", "freeze", "throttle")
+    hits rank 1 of the first attempt when iteration ``at_iteration`` is logged."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if sitecustomize is not None:
+        site = tmp_path / "site"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(sitecustomize)
+        env["PYTHONPATH"] = os.pathsep.join([str(site), ROOT, env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--max-restarts", str(max_restarts), "--master-port", str(free_port()),
+           os.path.join(ROOT, "pretrain_gpas.py"), *args]  # fmt: skip
+    launch = Launch(returncode=-1)
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT, env=env, start_new_session=True)  # fmt: skip
+    stop_throttle = threading.Event()
+    timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    timer.start()
+    try:
+        for line in proc.stdout:
+            launch.lines.append(line)
+            if (
+                fault
+                and "fault" not in launch.events
+                and at_iteration is not None
+                and re.search(rf"iter\s+{at_iteration}/", line)
+            ):
+                pid = worker_pid(1, 0)
+                launch.events["fault"] = time.time()
+                if fault == "kill":
+                    os.kill(pid, signal.SIGKILL)
+                elif fault == "freeze":
+                    os.kill(pid, signal.SIGSTOP)
+                elif fault == "throttle":
+                    threading.Thread(
+                        target=_throttle, args=(pid, stop_throttle), daemon=True
+                    ).start()
+            if "resumed from iteration" in line and "fault" in launch.events:
+                launch.events.setdefault("resumed", time.time())
+            if re.search(r"iter\s+\d+/", line) and "resumed" in launch.events:
+                launch.events.setdefault("first_new_step", time.time())
+        launch.returncode = proc.wait()
+    finally:
+        timer.cancel()
+        stop_throttle.set()
+    launch.seconds = time.time() - t0
+    return launch
+
+
+def _throttle(pid: int, stop: threading.Event, run_s=0.02, pause_s=0.04) -> None:
+    """Let the process run a third of the time: SIGSTOP/SIGCONT cycles until it exits."""
+    while not stop.is_set():
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(pause_s)
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(run_s)
+        except ProcessLookupError:
+            return

@@ -1,0 +1,96 @@
+"""Dead, frozen, stuck and slow ranks under torchrun on CPU (gloo, 2 ranks, the tiny model),
+faults injected from outside the process: the run is restarted inside the launch and finishes
+with every iteration's loss equal to an uninterrupted run's; a hang is detected within
+--hang-timeout and leaves the ranks' stacks; a fault that repeats stops the run; a throttled
+rank is named."""
+
+import os
+import re
+
+import pytest
+
+from tests.helpers.cli_runs import base_args, step_metrics
+from tests.helpers.torchrun_faults import STALL_IN_SAVE, torchrun
+
+HANG_TIMEOUT = 10  # seconds: well above a step or a save of the tiny model on a loaded CPU
+pytestmark = [pytest.mark.slow, pytest.mark.exclusive]
+
+
+def _args(save, **extra):
+    return base_args(save, iters=16, save_interval=4, **extra)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run's per-iteration losses."""
+    save = str(tmp_path_factory.mktemp("reference") / "run")
+    launch = torchrun(_args(save))
+    assert launch.returncode == 0, launch.text[-3000:]
+    return step_metrics(os.path.join(save, "metrics.jsonl"))["lm_loss"]
+
+
+def _finished_like(save, launch, reference):
+    assert launch.returncode == 0, launch.text[-4000:]
+    assert "resumed from iteration" in launch.text
+    losses = step_metrics(os.path.join(save, "metrics.jsonl"))["lm_loss"]
+    assert losses == reference  # {iteration: loss}, 1..16, exactly
+
+
+def test_a_dead_rank_is_restarted_and_the_run_finishes_exactly(tmp_path, reference):
+    save = str(tmp_path / "run")
+    launch = torchrun(_args(save), max_restarts=2, fault="kill", at_iteration=6)
+    _finished_like(save, launch, reference)
+
+
+@pytest.mark.parametrize("fault", ["freeze", "stall_in_save"])
+def test_a_hung_rank_is_detected_its_stack_written_and_the_run_restarted(
+    tmp_path, reference, fault
+):
+    save = str(tmp_path / "run")
+    extra = {"hang_timeout": HANG_TIMEOUT}
+    if fault == "freeze":
+        launch = torchrun(_args(save, **extra), max_restarts=2, fault="freeze", at_iteration=6)
+    else:
+        launch = torchrun(_args(save, **extra), max_restarts=2, sitecustomize=STALL_IN_SAVE,
+                          tmp_path=tmp_path)  # fmt: skip
+    phase = "step" if fault == "freeze" else "checkpoint save"
+    hung = re.findall(r"hang: rank (\d) on \S+ \(pid \d+\) made no progress for (\d+) s in "
+                      rf"{phase} after iteration (\d+)", launch.text)  # fmt: skip
+    assert hung, launch.text[-4000:]
+    assert all(HANG_TIMEOUT <= int(s) <= HANG_TIMEOUT + 10 for _, s, _ in hung)
+    if fault == "stall_in_save":
+        assert {r for r, _, _ in hung} == {"0", "1"}  # both ranks waited in the save
+        assert all(it == "4" for _, _, it in hung)
+    stacks = open(os.path.join(save, "stacks", "rank1.txt")).read()
+    assert "most recent call first" in stacks  # faulthandler's dump of every thread
+    if fault == "stall_in_save":
+        assert "_stalled_save" in stacks and "barrier" in stacks
+    _finished_like(save, launch, reference)
+    if "first_new_step" in launch.events:
+        print(f"{fault}: {launch.events['first_new_step'] - launch.events.get('fault', 0):.1f} s")
+
+
+def test_a_fault_that_repeats_stops_after_three_restarts(tmp_path):
+    """Rank 1 dies at its first step after every start: no restart gets past the checkpoint."""
+    save = str(tmp_path / "run")
+    site = (
+        "import os, signal\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    from megatron_ext.training import step\n"
+        "    _train_step = step.train_step\n"
+        "    def _dying(*a, **k):\n"
+        "        if os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') != '0' or _dying.n >= 5:\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "        _dying.n += 1\n"
+        "        return _train_step(*a, **k)\n"
+        "    _dying.n = 0\n"
+        "    step.train_step = _dying\n"
+    )
+    launch = torchrun(_args(save), max_restarts=10, sitecustomize=site, tmp_path=tmp_path)
+    assert launch.returncode != 0
+    text = launch.text
+    refusal = "error: no progress: the last 3 restarts all resumed from iteration 4"
+    assert refusal in text, text[-4000:]
+    # refused at the fourth restart (three ran); the rest of torchrun's budget is refused at once
+    assert text.split(refusal)[0].count("resumed from iteration 4") == 4
+    assert "not restarting: the attempt before stopped on purpose (exit 4" in text
