@@ -5,12 +5,13 @@ monitor (``nvidia_resiliency_ext.fault_tolerance``) in a child process, so that 
 A frozen process cannot watch itself, and a gloo collective cannot be interrupted from inside;
 the monitor is a separate process that the rank tells, over a Unix socket, when each section
 (a step, or a phase: setup, checkpoint load, save, finalize, evaluation) starts and ends. When a
-section, or the time between sections, outlasts its timeout, the monitor prints one line
-naming the rank, host, phase and last finished iteration, waits one check interval (the other
-ranks, stuck in a collective with this one, are found in that time too), then sends
-``SIGCONT`` and :data:`HANG_SIGNAL`: the rank's ``faulthandler`` writes every thread's Python
-stack (it runs in the signal handler itself, so it works inside a blocked collective) and the
-rank dies of the signal, an exit status no crash and no input error has.
+section, or the time between sections, outlasts its timeout, the monitor sends
+:data:`DUMP_SIGNAL`: the rank's ``faulthandler`` writes every thread's Python stack (it runs in
+the signal handler itself, so it works inside a blocked collective); it prints one line naming
+the rank, host, phase and last finished iteration, and waits two check intervals (the other
+ranks, stuck in a collective with this one, are found and dumped in that time too). If the rank
+is still stuck, the monitor sends :data:`HANG_SIGNAL`: a second dump, and the rank dies of the
+signal, an exit status no crash and no input error has.
 
 What this adds to NVRx 0.4.1's monitor (``RankMonitorServer``; its constructor,
 ``_handle_timeout`` and ``_rank_monitor_loop`` are relied on, hence the pinned version): the
@@ -21,6 +22,7 @@ own outlives a rank killed by a signal).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -30,10 +32,12 @@ import socket
 import sys
 import time
 
+import psutil
 from nvidia_resiliency_ext.fault_tolerance import FaultToleranceConfig, RankMonitorServer
 from nvidia_resiliency_ext.fault_tolerance.rank_monitor_server import RankMonitorLogger
 
 HANG_SIGNAL = signal.SIGUSR2  # what a hung rank dies of (a shell sees 128 + 12 = 140)
+DUMP_SIGNAL = signal.SIGURG  # its stack, written at once (ignored by default, unused by us)
 OUT_OF_SECTION = "between steps"
 _PR_SET_PDEATHSIG = 1
 
@@ -69,20 +73,43 @@ class _Server(RankMonitorServer):
         if self.rank_info is None:
             return
         if not self.announced:
-            phase, stalled = self._where()
-            await asyncio.sleep(self.cfg.workload_check_interval)  # peers see the hang too
-            if not self._is_section_timeout_elapsed(time.monotonic()):
-                print(
-                    f"slow: rank {self.rank} on {socket.gethostname()} took over {stalled:.0f} s "
-                    f"in {phase} but went on; not stopped (raise --hang-timeout if that phase "
-                    "is this slow)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                return
             self.announced = True
-            print(self._hang_line(), file=sys.stderr, flush=True)
+            grace = 2 * self.cfg.workload_check_interval  # the peers' monitors find it too
+            phase, stalled = self._where()
+            _signal(self.rank_info.pid, DUMP_SIGNAL)  # every stuck rank's stack, before any dies
+            print(self._hang_line(phase, stalled, grace), file=sys.stderr, flush=True)
+            await asyncio.sleep(grace)
+            if self.rank_info is None:
+                return  # it exited meanwhile (a peer was stopped first)
+            if not self._is_section_timeout_elapsed(time.monotonic()):
+                self.announced = False
+                moved_on = (
+                    f"hang: rank {self.rank} moved on after all; not stopped (raise "
+                    "--hang-timeout if that phase is this slow)"
+                )
+                print(moved_on, file=sys.stderr, flush=True)
+                return
+        descendants = self._descendants()
         self._shutdown_rank_if_alive()
+        await asyncio.sleep(1.0)  # the rank writes its stack again and dies of the signal
+        for child in descendants:  # helpers it started (data workers, a checkpoint writer's
+            with contextlib.suppress(psutil.Error):  # queue manager) die with it, or would
+                child.kill()  # hold the launcher's output open
+
+    def _hang_line(self, phase: str, stalled: float, grace: float) -> str:
+        return (
+            f"hang: rank {self.rank} on {socket.gethostname()} (pid {self.rank_info.pid}) made "
+            f"no progress for {stalled:.0f} s in {phase} after iteration "
+            f"{self.iteration.value}; its stack is in {self.stacks}; stopping it in "
+            f"{grace:.0f} s"
+        )
+
+    def _descendants(self) -> list:
+        try:
+            children = psutil.Process(self.rank_info.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+        return [c for c in children if c.pid != os.getpid()]
 
     def _where(self) -> tuple[str, float]:
         """The innermost open phase (the one most recently begun) and the seconds spent in it."""
@@ -93,13 +120,12 @@ class _Server(RankMonitorServer):
             phase, started = OUT_OF_SECTION, self.out_of_section_time
         return phase, now - started
 
-    def _hang_line(self) -> str:
-        phase, stalled = self._where()
-        return (
-            f"hang: rank {self.rank} on {socket.gethostname()} (pid {self.rank_info.pid}) made "
-            f"no progress for {stalled:.0f} s in {phase} after iteration "
-            f"{self.iteration.value}; stopping it, its stack goes to {self.stacks}"
-        )
+
+def _signal(pid: int, sig: int) -> None:
+    """Without SIGCONT: a stopped rank stays stopped (and writes its stack once NVRx continues
+    it to stop it)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
 
 
 def _serve(cfg, socket_path, ready, rank, iteration, stacks) -> None:

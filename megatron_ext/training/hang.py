@@ -58,8 +58,9 @@ class HangWatchdog(Component):
         self._stack_file = open(self.stacks, "a", encoding="utf-8")  # noqa: SIM115 - kept open
         self._stack_file.write(f"--- pid {os.getpid()} started {time.strftime('%F %T')}\n")
         self._stack_file.flush()
-        self._signal = rank_monitor.HANG_SIGNAL
-        faulthandler.register(self._signal, file=self._stack_file, all_threads=True, chain=True)
+        self._signals = (rank_monitor.DUMP_SIGNAL, rank_monitor.HANG_SIGNAL)
+        for sig, dies in zip(self._signals, (False, True), strict=True):
+            faulthandler.register(sig, file=self._stack_file, all_threads=True, chain=dies)
         timeout = cfg.hang_timeout
         sections = {name: timeout for name in (STEP, *PHASES)}
         self._socket = os.path.join(tempfile.gettempdir(), f"gpas_rank_monitor_{os.getpid()}")
@@ -106,7 +107,8 @@ class HangWatchdog(Component):
         with contextlib.suppress(Exception):
             self.client.shutdown_workload_monitoring()
         self._stop_monitor(self._monitor)
-        faulthandler.unregister(self._signal)
+        for sig in self._signals:
+            faulthandler.unregister(sig)
         self._stack_file.close()
         if os.path.getsize(self.stacks) and not _has_stack(self.stacks):
             with contextlib.suppress(OSError):

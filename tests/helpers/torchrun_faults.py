@@ -4,7 +4,9 @@ workers' path) a rank stuck in a collective during a checkpoint save."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -16,8 +18,9 @@ from dataclasses import dataclass, field
 from megatron_ext.platform.distributed import free_port
 from tests.helpers import ROOT
 
-# Workers started with this on PYTHONPATH: rank 1 of the first attempt enters one barrier of
-# its own during its first checkpoint save; the other rank never joins it.
+# Workers started with this on PYTHONPATH: in its checkpoint save of iteration 8, rank 1 of the
+# first attempt waits for a message rank 0 never sends (rank 0 then waits for rank 1 in the
+# save's first collective): both are stuck in communication, neither can interrupt it.
 STALL_IN_SAVE = """
 import os
 if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
@@ -28,7 +31,8 @@ if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT"
     def _stalled_save(self, state):
         import torch
 
-        torch.distributed.barrier()  # rank 0 is in the save's own collectives: both wait
+        if state.iteration == 8:
+            torch.distributed.recv(torch.zeros(1), src=0, tag=4242)
         _save(self, state)
 
     checkpoint_manager.CheckpointManager._save = _stalled_save
@@ -80,10 +84,11 @@ def torchrun(args, *, max_restarts=0, nproc=2, fault=None, at_iteration=None, si
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=ROOT, env=env, start_new_session=True)  # fmt: skip
     stop_throttle = threading.Event()
-    timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
-    timer.start()
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+    deadline = t0 + timeout
     try:
-        for line in proc.stdout:
+        for line in _lines_until_exit(proc, lines, deadline):
             launch.lines.append(line)
             if (
                 fault
@@ -107,10 +112,39 @@ def torchrun(args, *, max_restarts=0, nproc=2, fault=None, at_iteration=None, si
                 launch.events.setdefault("first_new_step", time.time())
         launch.returncode = proc.wait()
     finally:
-        timer.cancel()
         stop_throttle.set()
+        with contextlib.suppress(ProcessLookupError):  # whatever the launch left behind
+            os.killpg(proc.pid, signal.SIGKILL)
     launch.seconds = time.time() - t0
     return launch
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def _lines_until_exit(proc, lines: queue.Queue, deadline: float):
+    """The launch's output lines until torchrun has exited and its output is drained (a
+    process it left behind may keep the pipe open); kills it at ``deadline``."""
+    exited_at = None
+    while True:
+        try:
+            line = lines.get(timeout=0.2)
+        except queue.Empty:
+            line = ""
+        if line is None:
+            return
+        if line:
+            yield line
+            continue
+        if proc.poll() is not None:
+            exited_at = exited_at or time.time()
+            if time.time() - exited_at > 2.0:
+                return
+        elif time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _throttle(pid: int, stop: threading.Event, run_s=0.02, pause_s=0.04) -> None:

@@ -60,11 +60,11 @@ def test_a_hung_rank_is_detected_its_stack_written_and_the_run_restarted(
     assert all(HANG_TIMEOUT <= int(s) <= HANG_TIMEOUT + 10 for _, s, _ in hung)
     if fault == "stall_in_save":
         assert {r for r, _, _ in hung} == {"0", "1"}  # both ranks waited in the save
-        assert all(it == "4" for _, _, it in hung)
+        assert all(it == "8" for _, _, it in hung)
     stacks = open(os.path.join(save, "stacks", "rank1.txt")).read()
     assert "most recent call first" in stacks  # faulthandler's dump of every thread
     if fault == "stall_in_save":
-        assert "_stalled_save" in stacks and "barrier" in stacks
+        assert "_stalled_save" in stacks and " recv" in stacks
     _finished_like(save, launch, reference)
     if "first_new_step" in launch.events:
         print(f"{fault}: {launch.events['first_new_step'] - launch.events.get('fault', 0):.1f} s")
@@ -86,7 +86,7 @@ def test_a_fault_that_repeats_stops_after_three_restarts(tmp_path):
         "    _dying.n = 0\n"
         "    step.train_step = _dying\n"
     )
-    launch = torchrun(_args(save), max_restarts=10, sitecustomize=site, tmp_path=tmp_path)
+    launch = torchrun(_args(save), max_restarts=5, sitecustomize=site, tmp_path=tmp_path)
     assert launch.returncode != 0
     text = launch.text
     refusal = "error: no progress: the last 3 restarts all resumed from iteration 4"
@@ -94,3 +94,27 @@ def test_a_fault_that_repeats_stops_after_three_restarts(tmp_path):
     # refused at the fourth restart (three ran); the rest of torchrun's budget is refused at once
     assert text.split(refusal)[0].count("resumed from iteration 4") == 4
     assert "not restarting: the attempt before stopped on purpose (exit 4" in text
+
+
+def _straggler_records(save):
+    import json
+
+    with open(os.path.join(save, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "slowest_rank" in r]
+
+
+def test_a_throttled_rank_is_named_and_an_even_run_names_nobody(tmp_path):
+    flags = {"log_straggler": True, "log_interval": 4}
+    even_save, slow_save = str(tmp_path / "even"), str(tmp_path / "slow")
+    even = torchrun(base_args(even_save, iters=24, **flags))
+    assert even.returncode == 0, even.text[-3000:]
+    slow = torchrun(base_args(slow_save, iters=24, **flags), fault="throttle", at_iteration=4)
+    assert slow.returncode == 0, slow.text[-3000:]
+    assert [r["straggler_rank"] for r in _straggler_records(even_save)] == [None] * 6
+    assert "straggler:" not in even.text
+    after = [r for r in _straggler_records(slow_save) if r["iteration"] > 8]  # throttled all along
+    named = [r["straggler_rank"] for r in after]
+    assert named.count(1) >= 0.75 * len(after), named
+    line = re.search(r"straggler: rank 1 on \S+ computed [\d.]+ s per step over iterations "
+                     r"\d+-\d+, \d+% slower than the median rank", slow.text)  # fmt: skip
+    assert line, slow.text[-3000:]

@@ -4,6 +4,8 @@
   checkpoints;
 * the same job, signalled as Slurm does before a time limit, saves, requeues itself and resumes
   to the same final loss as the uninterrupted run;
+* a task killed mid-run: the script starts the step again inside the allocation, which resumes
+  to the same final loss; a bad input is not restarted;
 * examples/slurm/preprocess_array.sbatch (array + dependent merge) writes the same dataset as
   one tools/preprocess_data.py process.
 """
@@ -153,6 +155,55 @@ def test_preempted_job_requeues_and_ends_with_the_same_loss(
     assert 5 <= interrupted_at < ITERS  # saved mid-run because of the signal
     assert f"resumed from iteration {interrupted_at}" in second_log
     assert _final_loss(run_dir) == _final_loss(reference_dir)
+
+
+def _task_pid(job, procid):
+    """The pid of the job's pretrain_gpas.py task ``procid`` (None until it runs)."""
+    out = subprocess.run(["pgrep", "-f", "pretrain_gpas.py"], capture_output=True, text=True)
+    for pid in out.stdout.split():
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"SLURM_JOB_ID={job}".encode() in env and f"SLURM_PROCID={procid}".encode() in env:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+            if cmd.startswith(sys.executable.encode()):
+                return int(pid)
+    return None
+
+
+def test_a_killed_task_restarts_the_step_and_the_job_finishes(
+    cluster, recipe, uninterrupted_run, tmp_path
+):
+    _, reference_dir, _ = uninterrupted_run
+    run_dir = tmp_path / "killed"
+    run_dir.mkdir()
+    job = _submit_training(cluster, recipe, run_dir, ["--save-interval", "50"])
+    first_log = os.path.join(run_dir, "logs", f"train-{job}-restart0.log")
+    deadline = time.time() + 180
+    while "iter      60/" not in _read(first_log):  # past the first checkpoint
+        assert time.time() < deadline, f"job {job} not training\n{_read(first_log)[-3000:]}"
+        time.sleep(0.2)
+    os.kill(_task_pid(job, 1), 9)  # the task on the second node dies
+    state = cluster.wait(job, timeout=300)
+    second_log = _read(os.path.join(run_dir, "logs", f"train-{job}-restart0-step1.log"))
+    assert state == "COMPLETED", f"job {job}: {state}\n{second_log[-3000:]}"
+    header = _read(os.path.join(run_dir, f"slurm-{job}.out"))
+    assert "the step failed (exit" in header and "starting it again (1 of 3)" in header
+    assert cluster.job_field(job, "Restarts") == "0"  # inside the allocation, no requeue
+    assert "resumed from iteration 50" in second_log
+    assert _final_loss(run_dir) == _final_loss(reference_dir)
+
+
+def test_a_bad_input_is_not_restarted(cluster, recipe, tmp_path):
+    run_dir = tmp_path / "bad"
+    run_dir.mkdir()
+    job = _submit_training(cluster, recipe, run_dir, ["--data-path", str(tmp_path / "none")])
+    state = cluster.wait(job, timeout=300)
+    header = _read(os.path.join(run_dir, f"slurm-{job}.out"))
+    assert state == "FAILED", header
+    assert "the trainer stopped on purpose (exit 2); not restarting" in header
+    assert "starting it again" not in header and cluster.job_field(job, "Restarts") == "0"
 
 
 def test_preprocessing_array_job_equals_one_process(
