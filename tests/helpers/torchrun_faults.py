@@ -51,19 +51,25 @@ class Launch:
         return "".join(self.lines)
 
 
-def worker_pid(rank: int, attempt: int) -> int | None:
-    """The pid of ``pretrain_gpas.py`` rank ``rank`` in torchrun attempt ``attempt``."""
+def process_with_env(**env) -> int | None:
+    """The pid of a running ``pretrain_gpas.py`` whose environment holds every ``NAME=value``
+    given (the interpreter itself, not a shell wrapping it)."""
     out = subprocess.run(["pgrep", "-f", "pretrain_gpas.py"], capture_output=True, text=True)
+    wanted = [f"{k}={v}".encode() for k, v in env.items()]
     for pid in out.stdout.split():
         try:
-            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
         except OSError:
             continue
-        if f"RANK={rank}".encode() in env and (
-            f"TORCHELASTIC_RESTART_COUNT={attempt}".encode() in env
-        ):
+        if all(w in environ for w in wanted) and cmdline.startswith(sys.executable.encode()):
             return int(pid)
     return None
+
+
+def worker_pid(rank: int, attempt: int) -> int | None:
+    """The pid of ``pretrain_gpas.py`` rank ``rank`` in torchrun attempt ``attempt``."""
+    return process_with_env(RANK=rank, TORCHELASTIC_RESTART_COUNT=attempt)
 
 
 def torchrun(args, *, max_restarts=0, nproc=2, fault=None, at_iteration=None, sitecustomize=None,

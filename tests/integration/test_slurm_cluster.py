@@ -22,6 +22,7 @@ import pytest
 from tests.helpers import ROOT
 from tests.helpers.slurm_cluster import TERMINAL_STATES, LocalSlurmCluster, why_unavailable
 from tests.helpers.tool_commands import grid_command, preprocess_command
+from tests.helpers.torchrun_faults import process_with_env
 
 TRAIN = os.path.join(ROOT, "examples", "slurm", "train.sbatch")
 PREPROCESS = os.path.join(ROOT, "examples", "slurm", "preprocess_array.sbatch")
@@ -157,21 +158,6 @@ def test_preempted_job_requeues_and_ends_with_the_same_loss(
     assert _final_loss(run_dir) == _final_loss(reference_dir)
 
 
-def _task_pid(job, procid):
-    """The pid of the job's pretrain_gpas.py task ``procid`` (None until it runs)."""
-    out = subprocess.run(["pgrep", "-f", "pretrain_gpas.py"], capture_output=True, text=True)
-    for pid in out.stdout.split():
-        try:
-            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if f"SLURM_JOB_ID={job}".encode() in env and f"SLURM_PROCID={procid}".encode() in env:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
-            if cmd.startswith(sys.executable.encode()):
-                return int(pid)
-    return None
-
-
 def test_a_killed_task_restarts_the_step_and_the_job_finishes(
     cluster, recipe, uninterrupted_run, tmp_path
 ):
@@ -184,7 +170,7 @@ def test_a_killed_task_restarts_the_step_and_the_job_finishes(
     while "iter      60/" not in _read(first_log):  # past the first checkpoint
         assert time.time() < deadline, f"job {job} not training\n{_read(first_log)[-3000:]}"
         time.sleep(0.2)
-    os.kill(_task_pid(job, 1), 9)  # the task on the second node dies
+    os.kill(process_with_env(SLURM_JOB_ID=job, SLURM_PROCID=1), 9)  # the second node's task
     state = cluster.wait(job, timeout=300)
     second_log = _read(os.path.join(run_dir, "logs", f"train-{job}-restart0-step1.log"))
     assert state == "COMPLETED", f"job {job}: {state}\n{second_log[-3000:]}"
