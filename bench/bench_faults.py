@@ -63,7 +63,7 @@ def hang_recovery(tmp: str, hang_timeout: float, at_iteration: int) -> dict:
     launch = torchrun(args, max_restarts=2, fault="freeze", at_iteration=at_iteration)
     assert launch.returncode == 0, launch.text[-3000:]
     e = launch.events
-    hang_line = next(line for line in launch.lines if line.startswith("hang: "))
+    hang_line = next(line for line in launch.lines if line.startswith("hang: "))  # the first
     stalled = float(re.search(r"no progress for (\d+) s", hang_line).group(1))
     return {
         "hang_timeout_s": hang_timeout,
