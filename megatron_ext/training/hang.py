@@ -6,13 +6,14 @@ script) resumes the run from its newest checkpoint.
 The watchdog is the component that tells the monitor where the rank is: each step, and each
 phase of the component contract (setup, checkpoint load, save and its finalize, evaluation), is
 a section of NVRx's rank monitor, each with its own timeout. With ``--calc-ft-timeouts`` the
-timeouts are learned from the run after each save (NVRx: 5× the longest seen, averaged with
-what was learned before) and saved with the checkpoint, so a restart starts with them.
+timeouts are learned from the run as each save begins (NVRx: 5× the longest seen, averaged with
+what was learned before) and saved with that checkpoint, so a restart starts with them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import faulthandler
 import logging
 import multiprocessing
@@ -36,6 +37,7 @@ STEP = "step"
 SOCKET_ENV = "FT_RANK_MONITOR_IPC_SOCKET"  # where NVRx's client looks for its monitor
 STACKS_DIR = "stacks"
 LEARNED = (STEP, *PHASES)  # sections whose timeouts --calc-ft-timeouts learns
+LEARNED_FLOOR_S = 60.0
 
 
 def stacks_path(run_dir: str, rank: int) -> str:
@@ -76,18 +78,19 @@ class HangWatchdog(Component):
 
         self.client = RankMonitorClient()
         self._open: list[str] = []
+        self._seen: set[str] = set()  # sections finished at least once (they can be learned)
         self._saved_timeouts: Optional[dict] = None
 
     # -- sections ------------------------------------------------------------------------------
     def phase_started(self, phase: str, iteration: int) -> None:
         if phase == SETUP and not self.client.is_initialized:
             self._connect()  # the process group exists: the client can name its rank
+        if phase == CHECKPOINT_SAVE and self.cfg.calc_ft_timeouts:
+            self._learn()  # collective (every rank saves); the checkpoint then keeps them
         self._start(phase)
 
     def phase_ended(self, phase: str, iteration: int) -> None:
         self._end(phase)
-        if phase == CHECKPOINT_SAVE and self.cfg.calc_ft_timeouts:
-            self._learn()  # collective: every rank saves
 
     def before_step(self, iteration: int) -> None:
         self._start(STEP)
@@ -98,10 +101,6 @@ class HangWatchdog(Component):
 
     def on_start(self, state) -> None:
         self.iteration.value = state.iteration
-
-    def at_end(self, state, stopped: bool) -> None:
-        if self.cfg.calc_ft_timeouts:
-            self._learn()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -123,7 +122,7 @@ class HangWatchdog(Component):
 
     def load_state_dict(self, state: dict) -> None:
         self._saved_timeouts = state
-        if state and self.cfg.calc_ft_timeouts:
+        if _describe(state) != "none" and self.cfg.calc_ft_timeouts:
             self.client.load_state_dict(state)
             logger.info("hang timeouts learned by the run before: %s", _describe(state))
 
@@ -148,13 +147,26 @@ class HangWatchdog(Component):
         if name in self._open:
             self.client.end_section(name)
             self._open.remove(name)
+            self._seen.add(name)
 
     def _learn(self) -> None:
-        seen = [s for s in LEARNED if s not in self._open]
-        if self.client.calculate_and_set_section_timeouts(
+        """Collective. NVRx sets 5× the longest time seen (averaged with what was learned
+        before); a learned timeout is kept at least ``min(--hang-timeout, LEARNED_FLOOR_S)``:
+        5× a step of tens of milliseconds would stop a run at its first garbage collection."""
+        seen = [s for s in LEARNED if s in self._seen and s not in self._open]
+        if not seen or not self.client.calculate_and_set_section_timeouts(
             selected_sections=seen, calc_out_of_section=False, skip_if_not_ready=True
         ):
-            logger.info("hang timeouts learned: %s", _describe(self.client.state_dict()))
+            return
+        floor = min(self.cfg.hang_timeout, LEARNED_FLOOR_S)
+        timeouts = self.client.section_timeouts
+        low = {k for k in timeouts.calculated_sections if (timeouts.section.get(k) or 0) < floor}
+        if low:  # NVRx 0.4.1's own setter: the monitor gets the raised values too
+            raised = dataclasses.replace(
+                timeouts, section={**timeouts.section, **{k: floor for k in low}}
+            )
+            self.client._set_calculated_timeouts(new_hb_timeouts=None, new_section_timeouts=raised)
+        logger.info("hang timeouts learned: %s", _describe(self.client.state_dict()))
 
 
 def _describe(state: dict) -> str:

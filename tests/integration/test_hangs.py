@@ -118,3 +118,38 @@ def test_a_throttled_rank_is_named_and_an_even_run_names_nobody(tmp_path):
     line = re.search(r"straggler: rank 1 on \S+ computed [\d.]+ s per step over iterations "
                      r"\d+-\d+, \d+% slower than the median rank", slow.text)  # fmt: skip
     assert line, slow.text[-3000:]
+
+
+def test_learned_hang_timeouts_are_kept_with_the_checkpoint(tmp_path):
+    """--calc-ft-timeouts: each phase's timeout learned after a save (NVRx: 5× the longest
+    seen, here raised to the floor of --hang-timeout: the tiny model's phases take far less),
+    saved with the checkpoint as the watchdog's state, and used again by the resumed run."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from tests.helpers import ROOT
+
+    save = str(tmp_path / "run")
+    flags = {"save_interval": 5, "hang_timeout": 30, "calc_ft_timeouts": True}
+
+    def run(iters):
+        cmd = [sys.executable, os.path.join(ROOT, "pretrain_gpas.py"),
+               *base_args(save, iters=iters, **flags)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    first = run(10)
+    # learned as each save begins: at 5 from the steps and the setup, at 10 also from the save
+    learned = re.findall(r"hang timeouts learned: (.*)", first)
+    assert len(learned) == 2, first[-3000:]
+    values = {k: float(v) for k, v in re.findall(r"([a-z ]+?) ([\d.]+) s(?:, |$)", learned[-1])}
+    assert {"step", "checkpoint save", "setup"} <= set(values) and min(values.values()) >= 30.0
+    common = torch.load(os.path.join(save, "iter_0000010", "common.pt"), weights_only=False)
+    section = common["run_state"]["components"]["hang_timeouts"]["current_timeouts"]["section"]
+    assert {"step", "checkpoint save"} <= set(section["calculated_sections"])
+    assert section["section"]["step"] == values["step"]
+    second = run(12)
+    assert f"hang timeouts learned by the run before: {learned[-1]}" in second
