@@ -80,3 +80,13 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path):
     lines = proc.stderr.strip().splitlines()
     expected = "error: matplotlib is not installed; this needs the 'plot' extra"
     assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr
+
+
+def test_hang_timeout_without_its_extra_is_one_line_naming_it(tmp_path):
+    args = ["--device", "cpu", "--model-size", "tiny", "--mock-data", "--train-iters", "2",
+            "--lr-warmup-iters", "0", "--save", str(tmp_path), "--hang-timeout", "30"]  # fmt: skip
+    proc = _without_extras("gpas-pretrain", *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    expected = "error: nvidia_resiliency_ext is not installed; this needs the 'resilience' extra"
+    assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr
