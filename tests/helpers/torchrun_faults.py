@@ -76,7 +76,8 @@ def torchrun(args, *, max_restarts=0, nproc=2, fault=None, at_iteration=None, si
              tmp_path=None, timeout=600) -> Launch:  # fmt: skip
     """Run ``pretrain_gpas.py args`` under torchrun; ``fault`` ("kill", "freeze", "throttle")
     hits rank 1 of the first attempt when iteration ``at_iteration`` is logged."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    marker = f"{os.getpid()}-{time.time_ns()}"  # inherited by everything the launch starts
+    env = dict(os.environ, PYTHONUNBUFFERED="1", GPAS_TEST_LAUNCH=marker)
     if sitecustomize is not None:
         site = tmp_path / "site"
         site.mkdir(exist_ok=True)
@@ -121,8 +122,23 @@ def torchrun(args, *, max_restarts=0, nproc=2, fault=None, at_iteration=None, si
         stop_throttle.set()
         with contextlib.suppress(ProcessLookupError):  # whatever the launch left behind
             os.killpg(proc.pid, signal.SIGKILL)
+        _kill_marked(marker)
     launch.seconds = time.time() - t0
     return launch
+
+
+def _kill_marked(marker: str) -> None:
+    """Processes of the launch that left its process group: a rank killed from outside leaves
+    the queue manager of megatron-core's checkpoint writer running (in its own session)."""
+    wanted = f"GPAS_TEST_LAUNCH={marker}".encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if wanted in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+                os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
 
 
 def _pump(stream, lines: queue.Queue) -> None:
