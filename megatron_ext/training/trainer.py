@@ -122,8 +122,8 @@ class Trainer:
                 lock=self.lock,
             )
             self.state = self.checkpoints.load()
+            self.checkpoints.check_space()  # before anything is written under --save
             self._check_restart()
-            self.checkpoints.check_space()
             self._build_data()
             self._open_metrics()
             self._build_components()
