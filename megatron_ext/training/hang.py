@@ -36,7 +36,7 @@ logger = logging.getLogger("gpas")
 STEP = "step"
 SOCKET_ENV = "FT_RANK_MONITOR_IPC_SOCKET"  # where NVRx's client looks for its monitor
 STACKS_DIR = "stacks"
-LEARNED = (STEP, *PHASES)  # sections whose timeouts --calc-ft-timeouts learns
+SECTIONS = (STEP, *PHASES)  # what the monitor times; --calc-ft-timeouts learns each
 LEARNED_FLOOR_S = 60.0
 
 
@@ -45,8 +45,8 @@ def stacks_path(run_dir: str, rank: int) -> str:
 
 
 class HangWatchdog(Component):
-    """Register it first (``Trainer(cfg, components=[HangWatchdog(...)])`` as the entry point
-    does), so that it sees the setup and the checkpoint load."""
+    """The trainer registers it first, when ``--hang-timeout`` is given, so that it sees the
+    setup and the checkpoint load."""
 
     state_key = "hang_timeouts"
 
@@ -64,7 +64,7 @@ class HangWatchdog(Component):
         for sig, dies in zip(self._signals, (False, True), strict=True):
             faulthandler.register(sig, file=self._stack_file, all_threads=True, chain=dies)
         timeout = cfg.hang_timeout
-        sections = {name: timeout for name in (STEP, *PHASES)}
+        sections = {name: timeout for name in SECTIONS}
         self._socket = os.path.join(tempfile.gettempdir(), f"gpas_rank_monitor_{os.getpid()}")
         self._monitor = rank_monitor.start_monitor(
             rank_monitor.monitor_config(sections, timeout),
@@ -153,7 +153,7 @@ class HangWatchdog(Component):
         """Collective. NVRx sets 5× the longest time seen (averaged with what was learned
         before); a learned timeout is kept at least ``min(--hang-timeout, LEARNED_FLOOR_S)``:
         5× a step of tens of milliseconds would stop a run at its first garbage collection."""
-        seen = [s for s in LEARNED if s in self._seen and s not in self._open]
+        seen = [s for s in SECTIONS if s in self._seen and s not in self._open]
         if not seen or not self.client.calculate_and_set_section_timeouts(
             selected_sections=seen, calc_out_of_section=False, skip_if_not_ready=True
         ):

@@ -29,7 +29,7 @@ from megatron_ext.platform.distributed import init_distributed
 from megatron_ext.restart_ledger import RestartLedger, RestartRefused
 from megatron_ext.training import preflight
 from megatron_ext.training.checkpoint_manager import CheckpointManager, lock_save_dir
-from megatron_ext.training.collectives import one_line
+from megatron_ext.training.collectives import gather, one_line
 from megatron_ext.training.components import (
     SETUP,
     Component,
@@ -144,11 +144,10 @@ class Trainer:
                 RestartLedger(save).check_and_record(self.state.iteration)
             except RestartRefused as err:
                 refusal = (str(err), err.exit_code)
-        shared = [refusal]
-        torch.distributed.broadcast_object_list(shared, src=0)
+        refusal = gather(refusal)[0]  # rank 0's verdict, for every rank
         self._start_recorded = True
-        if shared[0] is not None:
-            raise RestartRefused(*shared[0])
+        if refusal is not None:
+            raise RestartRefused(*refusal)
 
     def record_stop(self, exit_code: int, reason: str) -> None:
         """The run stopped on purpose: a restart of it is to be refused (rank 0 writes)."""
