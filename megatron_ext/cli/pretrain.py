@@ -10,6 +10,8 @@
 layout, the parameter count of the model it would build, a memory estimate per rank and the
 token budget, without training.
 ``--verbose`` keeps third-party warnings (hidden by default; ``PYTHONWARNINGS`` also keeps them).
+With ``GPAS_EXIT_STATUS_DIR`` set (the SLURM script sets it), each rank leaves its exit code in
+``<dir>/rank<RANK>``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from megatron_ext.quiet import quiet_third_party_warnings
 
 quiet_third_party_warnings()
 
+from megatron_ext import fileio  # noqa: E402
 from megatron_ext.checkpoint_layout import CheckpointError  # noqa: E402
 from megatron_ext.cli.extras import reports_missing_extras  # noqa: E402
 from megatron_ext.config import ConfigError  # noqa: E402
@@ -43,8 +46,15 @@ def _configure_logging() -> None:
     )
 
 
-@reports_missing_extras
+EXIT_STATUS_DIR = "GPAS_EXIT_STATUS_DIR"
+
+
 def main(argv=None) -> int:
+    return _report_exit(_main(argv))
+
+
+@reports_missing_extras
+def _main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     dry_run = "--dry-run" in argv
     world_size = None
@@ -78,6 +88,18 @@ def main(argv=None) -> int:
         _error_once(err)
         return err.exit_code
     return 0
+
+
+def _report_exit(code: int) -> int:
+    """Leave this rank's exit code where a launcher asked for it. srun reports a step's worst
+    status, so the peers it kills after one rank's deliberate stop (exit 2, 3, 4) would hide why
+    the step ended; these files keep it."""
+    directory = os.environ.get(EXIT_STATUS_DIR)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+        rank = os.environ.get("RANK", "0")
+        fileio.write_text(os.path.join(directory, f"rank{rank}"), f"{code}\n")
+    return code
 
 
 def _error_once(err: Exception) -> None:

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -183,3 +184,56 @@ def test_the_sft_pipeline_submits_data_then_sft_then_the_table(tmp_path):
         assert "--dependency=afterok:" in job and f"--norm-type {norm}" in job
         assert f"--pretrained-checkpoint runs/1b_{norm}/checkpoints" in job
     assert "tools/downstream_eval.py" in jobs[3] and jobs[3].count("--model ") == 2
+
+
+_FAKE_SRUN = """#!/bin/bash
+# Stands in for srun with two tasks where task 1 stops on its own and task 0 is killed by
+# --kill-on-bad-exit before it exits: the step's status is the killed task's 143.
+while [[ $1 == --* ]]; do
+    [[ $1 == --output=* ]] && log=${1#--output=}
+    shift
+done
+SLURM_PROCID=1 SLURM_LOCALID=0 SLURM_NTASKS=2 "$@" >>"$log" 2>&1
+echo "fake srun: task 1 exited $?, task 0 terminated" >>"$log"
+exit 143
+"""
+
+
+def test_a_deliberate_stop_of_one_task_is_not_restarted_when_srun_reports_a_killed_peer(
+    tmp_path,
+):
+    """srun's status is its worst task's: a peer killed after one rank's exit 2 reads as 143, a
+    failure that the script would restart. Each task's own exit code decides instead."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(_FAKE_SRUN)
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho node1\n")
+    for tool in ("srun", "scontrol"):
+        os.chmod(bin_dir / tool, 0o755)
+    run = tmp_path / "run"
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        RECIPE=os.path.join(SLURM, "recipes", "tiny_cpu.yaml"),
+        RUN=str(run),
+        DEVICE="cpu",
+        PYTHON=sys.executable,
+        SLURM_JOB_ID="7",
+        SLURM_JOB_NODELIST="node1",
+        SLURM_NNODES="2",
+        SLURM_SUBMIT_DIR=ROOT,
+    )
+    bad = ["--data-path", str(tmp_path / "none")]
+    proc = subprocess.run(
+        ["bash", os.path.join(SLURM, "train.sbatch"), *bad],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    log = (run / "logs" / "train-7-restart0.log").read_text()
+    assert proc.returncode == 2, proc.stderr + log
+    assert "task 1 exited 2, task 0 terminated" in log
+    assert "the trainer stopped on purpose (exit 2); not restarting" in proc.stderr
+    assert "starting it again" not in proc.stderr
+    assert (run / "logs" / "train-7-restart0.exits" / "rank1").read_text() == "2\n"
