@@ -20,7 +20,7 @@ from megatron_ext.run_lock import RunLock, RunLockError
 from megatron_ext.training import checkpointing
 from megatron_ext.training.checkpoint_space import check_free_space, estimate_checkpoint_bytes
 from megatron_ext.training.checkpointing import LoadedCheckpoint, PendingSave
-from megatron_ext.training.collectives import one_line
+from megatron_ext.training.collectives import gather, one_line
 from megatron_ext.training.components import (
     CHECKPOINT_FINALIZE,
     CHECKPOINT_LOAD,
@@ -48,9 +48,7 @@ def lock_save_dir(save: Optional[str]) -> Optional[RunLock]:
             lock.start_heartbeat()
         except (RunLockError, OSError) as err:
             outcome = ("refused", str(err))
-    shared = [outcome]
-    torch.distributed.broadcast_object_list(shared, src=0)
-    kind, message = shared[0]
+    kind, message = gather(outcome)[0]
     if kind == "refused":
         raise RunLockError(message)
     if message:
