@@ -16,12 +16,10 @@ Results are printed and appended to ``bench/results/faults.jsonl``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 
@@ -31,13 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 RESULTS = os.path.join(ROOT, "bench", "results", "faults.jsonl")
 
+from megatron_ext.metrics_file import MetricsFile  # noqa: E402
 from tests.helpers.cli_runs import base_args  # noqa: E402
 from tests.helpers.torchrun_faults import torchrun  # noqa: E402
-
-
-def _records(save: str) -> list[dict]:
-    with open(os.path.join(save, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def straggler_cost(tmp: str, iters: int, model: str) -> dict:
@@ -45,7 +39,7 @@ def straggler_cost(tmp: str, iters: int, model: str) -> dict:
     args = base_args(save, iters=iters, log_straggler=True, model_size=model, log_interval=1)
     launch = torchrun(args)
     assert launch.returncode == 0, launch.text[-3000:]
-    records = _records(save)
+    records = MetricsFile.read(os.path.join(save, "metrics.jsonl")).records
     report = [r["straggler_report_s"] for r in records if "straggler_report_s" in r]
     step = [r["step_time_s"] for r in records if "step_time_s" in r][2:]  # past warm-up
     return {
@@ -80,8 +74,6 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=60, help="steps of the straggler-cost run")
     p.add_argument("--model-size", default="tiny", help="model of the straggler-cost run")
     args = p.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         cost = straggler_cost(tmp, args.iters, args.model_size)
         print(
@@ -98,7 +90,6 @@ def main() -> None:
             f"{recovery['freeze_to_first_new_step_s']:.1f} s"
         )
     append_result(RESULTS, {
-        "commit": commit,
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "straggler": cost,
         "hang": recovery,

@@ -149,8 +149,9 @@ def train_step(
 
 
 def _compute_seconds(model, started: float) -> Optional[float]:
-    finalize = getattr(model[0], "config", None)
-    entered = getattr(getattr(finalize, "finalize_model_grads_func", None), "entered_at", None)
+    """When this rank's ``TimedFinalize`` (``model_setup.py``) was entered, after ``started``."""
+    config = getattr(model[0], "config", None)
+    entered = getattr(getattr(config, "finalize_model_grads_func", None), "entered_at", None)
     return entered - started if entered is not None and entered >= started else None
 
 

@@ -7,7 +7,7 @@ W&B / TensorBoard) every interval, named or not, so a slow node can be found and
 A slow rank makes every rank's step slow alike (the others wait for it in the reduction), so
 step times cannot name it; its own compute can. Under pipeline parallelism a stage's compute
 includes waiting for its neighbours, so there it points at a stage rather than a rank. Cost:
-one all-gather of one number per rank per interval (``bench/bench_straggler.py``).
+one all-gather of one number per rank per interval (``bench/bench_faults.py``).
 """
 
 from __future__ import annotations

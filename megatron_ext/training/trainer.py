@@ -88,6 +88,7 @@ class Trainer:
         self.train_examples = run.samples_per_epoch
         self.gbs, self.num_micro = run.global_batch_size, run.num_microbatches
         self.state = RunState()
+        self._start_recorded = False  # this start is in --save's restart ledger
         self.metrics_path = _metrics_path(self.cfg)
         self.run_dir = os.path.dirname(os.path.abspath(self.metrics_path))
         self.components = Components()
@@ -152,7 +153,7 @@ class Trainer:
     def record_stop(self, exit_code: int, reason: str) -> None:
         """The run stopped on purpose: a restart of it is to be refused (rank 0 writes)."""
         save = self.cfg.checkpoint.save
-        if save and getattr(self, "_start_recorded", False):
+        if save and self._start_recorded:
             if torch.distributed.get_rank() == 0:
                 RestartLedger(save).record_stop(exit_code, reason)
 
