@@ -64,7 +64,7 @@ class ParamRunningMean(Component):
 def _train(save, layout, iters, **extra):
     """One run on this rank; its losses and the toy component's count and local mean."""
     from megatron_ext.training.arguments import parse_run_config
-    from megatron_ext.training.trainer import Trainer
+    from megatron_ext.training.trainer import run
     from tests.helpers.cli_runs import losses
 
     args = base_args(save, iters=iters, **layout, **extra)
@@ -74,12 +74,7 @@ def _train(save, layout, iters, **extra):
         toys.append(ParamRunningMean(ctx))
         return toys[0]
 
-    trainer = Trainer(parse_run_config(args), components=[toy])
-    try:
-        trainer.setup()
-        trainer.train()
-    finally:
-        trainer.close()
+    run(parse_run_config(args), components=[toy])
     (c,) = toys
     logging_rank = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
     return {
@@ -144,15 +139,10 @@ class PhaseRecorder(Component):
 
 def _record_phases(save, iters, extra):
     from megatron_ext.training.arguments import parse_run_config
-    from megatron_ext.training.trainer import Trainer
+    from megatron_ext.training.trainer import run
 
     recorder = PhaseRecorder()
-    trainer = Trainer(parse_run_config(base_args(save, iters=iters, **extra)), [recorder])
-    try:
-        trainer.setup()
-        trainer.train()
-    finally:
-        trainer.close()
+    run(parse_run_config(base_args(save, iters=iters, **extra)), [recorder])
     return recorder.events
 
 

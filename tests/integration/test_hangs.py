@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from megatron_ext.metrics_file import MetricsFile
 from tests.helpers.cli_runs import base_args, step_metrics
 from tests.helpers.torchrun_faults import STALL_IN_SAVE, torchrun
 
@@ -97,10 +98,8 @@ def test_a_fault_that_repeats_stops_after_three_restarts(tmp_path):
 
 
 def _straggler_records(save):
-    import json
-
-    with open(os.path.join(save, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if "slowest_rank" in r]
+    records = MetricsFile.read(os.path.join(save, "metrics.jsonl")).records
+    return [r for r in records if "slowest_rank" in r]
 
 
 def test_a_throttled_rank_is_named_and_an_even_run_names_nobody(tmp_path):

@@ -75,6 +75,16 @@ def _submit_training(cluster, recipe, run_dir, extra=()):
     )
 
 
+def _wait_for_log(cluster, job, log, text, timeout):
+    """Until ``text`` is in the job's log; fails after ``timeout`` seconds with the log's tail."""
+    deadline = time.time() + timeout
+    while text not in _read(log):
+        assert time.time() < deadline, (
+            f"job {job} ({cluster.job_field(job, 'JobState')}) not training\n{_read(log)[-3000:]}"
+        )
+        time.sleep(0.2)
+
+
 def _metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -127,11 +137,7 @@ def test_preempted_job_requeues_and_ends_with_the_same_loss(
     run_dir.mkdir()
     job = _submit_training(cluster, recipe, run_dir, ["--save-interval", "1000"])
     first_log = os.path.join(run_dir, "logs", f"train-{job}-restart0.log")
-    deadline = time.time() + 120
-    while "iter       5/" not in _read(first_log):  # signal once training is under way
-        state = cluster.job_field(job, "JobState")
-        assert time.time() < deadline, f"job {job} ({state}) not training\n{_read(first_log)}"
-        time.sleep(0.2)
+    _wait_for_log(cluster, job, first_log, "iter       5/", 120)  # training is under way
     cluster.signal_batch_script(job, "USR1")
 
     # The trainer saves and exits, the script requeues: the job is pending again, held back
@@ -166,10 +172,7 @@ def test_a_killed_task_restarts_the_step_and_the_job_finishes(
     run_dir.mkdir()
     job = _submit_training(cluster, recipe, run_dir, ["--save-interval", "50"])
     first_log = os.path.join(run_dir, "logs", f"train-{job}-restart0.log")
-    deadline = time.time() + 180
-    while "iter      60/" not in _read(first_log):  # past the first checkpoint
-        assert time.time() < deadline, f"job {job} not training\n{_read(first_log)[-3000:]}"
-        time.sleep(0.2)
+    _wait_for_log(cluster, job, first_log, "iter      60/", 180)  # past the first checkpoint
     os.kill(process_with_env(SLURM_JOB_ID=job, SLURM_PROCID=1), 9)  # the second node's task
     state = cluster.wait(job, timeout=300)
     second_log = _read(os.path.join(run_dir, "logs", f"train-{job}-restart0-step1.log"))
