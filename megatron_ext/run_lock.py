@@ -5,7 +5,9 @@ is gone is taken over, saying so: the holder's pid is dead on this host, or the 
 earlier incarnation of this SLURM job (a requeue) or an earlier attempt of this torchrun job (a
 restart by ``--max-restarts``), or its heartbeat (the file's modification
 time, refreshed every ``HEARTBEAT_S`` by a background thread) is older than ``STALE_AFTER_S``
-(a job on another node that crashed).
+(a job on another node that crashed, or hung: the heartbeat beats only while the run notes
+progress at least every ``STALLED_AFTER_S``, since a thread keeps running in a process whose
+main thread waits in a collective forever).
 
 What it relies on, so that it works on the shared filesystems clusters use (NFSv3+, Lustre,
 GPFS) where ``flock`` may be unsupported or node-local: an exclusive create (``O_CREAT|O_EXCL``)
@@ -21,13 +23,16 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 600.0
+# No step or phase begun or ended for this long: the run is hung, its heartbeat stops. Longer
+# than any healthy stretch without one (a setup that builds dataset indices, a save, a
+# validation pass of a large model).
+STALLED_AFTER_S = 1800.0
 
 
 class RunLockError(RuntimeError):
@@ -73,6 +78,7 @@ class RunLock:
         self.me = Holder.this_process()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._progress = time.monotonic()
 
     def acquire(self) -> Optional[str]:
         """Take the lock; returns a line to log when a gone holder's lock was taken over.
@@ -89,15 +95,21 @@ class RunLock:
                 return f"{self.path}: took over the lock of {self._who(holder)} ({reason})"
         raise RunLockError(f"{self.path}: could not take the lock (other runs keep racing for it)")
 
+    def note_progress(self) -> None:
+        """The run moved: a step or a phase began or ended."""
+        self._progress = time.monotonic()
+
     def start_heartbeat(
-        self, every_s: float = HEARTBEAT_S, alive: Callable[[], bool] = lambda: True
+        self, every_s: float = HEARTBEAT_S, stalled_after_s: float = STALLED_AFTER_S
     ) -> None:
-        """Refresh the lock's modification time every ``every_s`` while ``alive()`` (a run
-        that stopped making progress, hung in a collective, lets its lock go stale)."""
+        """Refresh the lock's modification time every ``every_s`` while the run has noted
+        progress within ``stalled_after_s`` (a run hung in a collective lets its lock go
+        stale)."""
+        self.note_progress()
 
         def beat():
             while not self._stop.wait(every_s):
-                if alive():
+                if time.monotonic() - self._progress < stalled_after_s:
                     with contextlib.suppress(OSError):
                         os.utime(self.path)
 

@@ -158,7 +158,22 @@ class CheckpointManager(Component):
     def on_start(self, state: RunState) -> None:
         self.state = state
 
+    def before_step(self, iteration: int) -> None:
+        self._progressed()
+
+    def phase_started(self, phase: str, iteration: int) -> None:
+        self._progressed()
+
+    def phase_ended(self, phase: str, iteration: int) -> None:
+        self._progressed()
+
+    def _progressed(self) -> None:
+        """The run moves: the --save lock's heartbeat keeps beating (it stops in a hung run)."""
+        if self.lock is not None:
+            self.lock.note_progress()
+
     def after_step(self, step) -> None:
+        self._progressed()
         self._finalize(blocking=False)
         if self.cfg.save_interval and step.iteration % self.cfg.save_interval == 0:
             self.save(self.state)

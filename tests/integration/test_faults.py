@@ -284,6 +284,32 @@ def test_a_second_run_on_the_same_save_is_refused_then_takes_over_a_dead_one(tmp
     assert not os.path.exists(os.path.join(save, "run.lock"))  # released at exit
 
 
+def _progress_worker(save):
+    """A short run; how many times it told its lock it made progress."""
+    from megatron_ext.run_lock import RunLock
+    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.training.trainer import run
+
+    notes = []
+    noted = RunLock.note_progress
+
+    def note_progress(self):
+        notes.append(None)
+        noted(self)
+
+    RunLock.note_progress = note_progress
+    run(parse_run_config(base_args(save, iters=4, save_interval=2, eval_interval=2)))
+    return len(notes)
+
+
+def test_the_lock_heartbeat_is_kept_alive_by_steps_and_phases(tmp_path):
+    """The lock's heartbeat beats only while the run notes progress (a hung run's lock goes
+    stale): every step's start and end and every save and evaluation note it."""
+    (notes,) = run_ranks(_progress_worker, 1, (str(tmp_path / "run"),), tmp_path)
+    steps, phases = 4, 2 * (2 + 2) + 1  # saves at 2, 4; evaluations at 2, 4; end of setup
+    assert notes >= 2 * steps + phases + 1  # + the heartbeat's start
+
+
 # --- loss spikes ---------------------------------------------------------------------------------
 
 

@@ -94,13 +94,13 @@ def test_a_restarted_torchrun_attempt_takes_over_the_attempt_before(tmp_path, mo
 def test_heartbeat_stops_while_the_run_makes_no_progress(tmp_path):
     lock = RunLock(str(tmp_path))
     lock.acquire()
+    lock.start_heartbeat(every_s=0.02, stalled_after_s=0.1)
+    time.sleep(0.5)  # no progress noted since the start: stalled from here on
     old = time.time() - 1000
     os.utime(lock.path, (old, old))
-    progressing = [False]
-    lock.start_heartbeat(every_s=0.02, alive=lambda: progressing[0])
     time.sleep(0.3)
     assert os.path.getmtime(lock.path) == pytest.approx(old)  # hung: the lock goes stale
-    progressing[0] = True
+    lock.note_progress()
     deadline = time.time() + 10
     while os.path.getmtime(lock.path) < old + 500 and time.time() < deadline:
         time.sleep(0.02)
