@@ -4,6 +4,7 @@ pointer naming a missing checkpoint: test_training.py and test_input_errors.py.)
 
 import contextlib
 import io
+import json
 import os
 import signal
 import socket
@@ -255,6 +256,9 @@ def test_a_failing_write_on_one_rank_keeps_the_previous_checkpoint(tmp_path):
     assert "the previous checkpoint (iteration 2) and the pointer are intact" in line
     assert _pointer(save) == 2
     assert sorted(e for e in os.listdir(save) if e.startswith("iter_")) == ["iter_0000002"]
+    # a deliberate stop: the restart ledger says so, and a restart would be refused
+    with open(os.path.join(save, "restarts.json")) as f:
+        assert json.load(f)[-1]["stopped"]["exit"] == 3
 
 
 # --- one run per --save --------------------------------------------------------------------------
