@@ -14,9 +14,11 @@ is still stuck, the monitor sends :data:`HANG_SIGNAL`: a second dump, and the ra
 signal, an exit status no crash and no input error has.
 
 What this adds to NVRx 0.4.1's monitor (``RankMonitorServer``; its constructor,
-``_handle_timeout`` and ``_rank_monitor_loop`` are relied on, hence the pinned version): the
-line, the grace interval, and a monitor that dies with its rank (``PR_SET_PDEATHSIG``; NVRx's
-own outlives a rank killed by a signal).
+``_handle_timeout``, ``_handle_signal`` and ``_rank_monitor_loop`` are relied on, hence the
+pinned version): the line, the grace interval, a monitor that dies with its rank
+(``PR_SET_PDEATHSIG``; NVRx's own outlives a rank killed by a signal), and a stuck rank stopped,
+its stack written, when the launcher ends the job first (NVRx's monitor just exits: a frozen
+rank then waits for the launcher's SIGKILL and leaves no stack).
 """
 
 from __future__ import annotations
@@ -89,12 +91,36 @@ class _Server(RankMonitorServer):
                 )
                 print(moved_on, file=sys.stderr, flush=True)
                 return
+        self._stop_rank()
+
+    def _handle_signal(self, sig):
+        """The launcher ending the job (torchrun signals each rank's process group, this
+        monitor with it) would leave a frozen rank to its SIGKILL, its stack never written:
+        a rank that is stopped, or still hung after its announced grace began, is stopped now."""
+        if sig in (signal.SIGTERM, signal.SIGINT) and self._rank_is_stuck():
+            print(f"hang: rank {self.rank} stopped now: the job is ending", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            self._stop_rank()
+        super()._handle_signal(sig)
+
+    def _rank_is_stuck(self) -> bool:
+        if self.rank_info is None:
+            return False
+        try:
+            stopped = psutil.Process(self.rank_info.pid).status() == psutil.STATUS_STOPPED
+        except psutil.Error:
+            return False
+        return stopped or (self.announced and self._is_section_timeout_elapsed(time.monotonic()))
+
+    def _stop_rank(self) -> None:
+        """SIGCONT and :data:`HANG_SIGNAL` (NVRx's shutdown): the rank writes its stack and dies;
+        then what it started (data workers, a checkpoint writer's queue manager), which would
+        hold the launcher's output open."""
         descendants = self._descendants()
         self._shutdown_rank_if_alive()
-        await asyncio.sleep(1.0)  # the rank writes its stack again and dies of the signal
-        for child in descendants:  # helpers it started (data workers, a checkpoint writer's
-            with contextlib.suppress(psutil.Error):  # queue manager) die with it, or would
-                child.kill()  # hold the launcher's output open
+        for child in descendants:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
 
     def _hang_line(self, phase: str, stalled: float, grace: float) -> str:
         return (
