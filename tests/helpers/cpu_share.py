@@ -15,6 +15,7 @@ import tempfile
 
 _RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
 _fd = None
+_whole_test_exclusive = False  # the running test is marked exclusive
 
 
 def _lock_fd() -> int:
@@ -31,19 +32,23 @@ def hold(exclusive: bool):
     if _RUN is None:
         yield
         return
+    global _whole_test_exclusive
     fcntl.flock(_lock_fd(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    _whole_test_exclusive = exclusive
     try:
         yield
     finally:
+        _whole_test_exclusive = False
         fcntl.flock(_lock_fd(), fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
 def exclusive():
     """Inside a test: take the cores for a multi-process part (the shared lock is converted,
-    then converted back)."""
-    if _RUN is None:
-        yield
+    then converted back). Each part first waits for the other worker's test: mark a test with
+    several such parts ``exclusive`` as a whole, and it waits once."""
+    if _RUN is None or _whole_test_exclusive:
+        yield  # a test marked exclusive keeps the cores to its end
         return
     fcntl.flock(_lock_fd(), fcntl.LOCK_EX)
     try:
