@@ -50,7 +50,18 @@ EXIT_STATUS_DIR = "GPAS_EXIT_STATUS_DIR"
 
 
 def main(argv=None) -> int:
-    return _report_exit(_main(argv))
+    try:
+        code = _main(argv)
+    except SystemExit as stop:  # argparse: a usage error (2), --help (0)
+        _report_exit(_exit_code(stop))
+        raise
+    return _report_exit(code)
+
+
+def _exit_code(stop: SystemExit) -> int:
+    if stop.code is None:
+        return 0
+    return stop.code if isinstance(stop.code, int) else 1  # a message: Python exits 1
 
 
 @reports_missing_extras

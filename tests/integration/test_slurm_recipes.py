@@ -199,8 +199,9 @@ exit 143
 """
 
 
+@pytest.mark.parametrize("flag", ["--data-path", "--data-pth"])  # no data; a misspelled flag
 def test_a_deliberate_stop_of_one_task_is_not_restarted_when_srun_reports_a_killed_peer(
-    tmp_path,
+    tmp_path, flag
 ):
     """srun's status is its worst task's: a peer killed after one rank's exit 2 reads as 143, a
     failure that the script would restart. Each task's own exit code decides instead."""
@@ -223,9 +224,8 @@ def test_a_deliberate_stop_of_one_task_is_not_restarted_when_srun_reports_a_kill
         SLURM_NNODES="2",
         SLURM_SUBMIT_DIR=ROOT,
     )
-    bad = ["--data-path", str(tmp_path / "none")]
     proc = subprocess.run(
-        ["bash", os.path.join(SLURM, "train.sbatch"), *bad],
+        ["bash", os.path.join(SLURM, "train.sbatch"), flag, str(tmp_path / "none")],
         env=env,
         capture_output=True,
         text=True,
