@@ -45,8 +45,8 @@ def hold(exclusive: bool):
 @contextlib.contextmanager
 def exclusive():
     """Inside a test: take the cores for a multi-process part (the shared lock is converted,
-    then converted back). Each part first waits for the other worker's test: mark a test with
-    several such parts ``exclusive`` as a whole, and it waits once."""
+    then converted back). In a test marked ``exclusive`` it does nothing: that test holds the
+    cores to its end, and converting back would hand them over halfway."""
     if _RUN is None or _whole_test_exclusive:
         yield  # a test marked exclusive keeps the cores to its end
         return

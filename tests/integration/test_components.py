@@ -91,7 +91,6 @@ LAYOUTS = {
 
 
 @pytest.mark.slow
-@pytest.mark.exclusive  # three two-rank runs: the cores at once
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_a_component_with_sharded_state_resumes_exactly(tmp_path, layout):
     flags = LAYOUTS[layout]

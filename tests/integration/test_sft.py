@@ -162,12 +162,9 @@ def _straight_and_split(tmp_path, data, tokenizer, world, **layout):
 
 @pytest.mark.parametrize(
     "layout,world",
-    [
-        pytest.param({}, 1, id="single"),
-        pytest.param({"use_distributed_optimizer": True}, 2, id="dp2_distopt",
-                     marks=pytest.mark.exclusive),  # three two-rank runs: the cores at once
-    ],
-)  # fmt: skip
+    [({}, 1), ({"use_distributed_optimizer": True}, 2)],
+    ids=["single", "dp2_distopt"],
+)
 def test_sft_with_lisa_resumes_mid_interval_exactly(
     sft_data, mistral_model, tmp_path, layout, world
 ):

@@ -29,21 +29,15 @@ SP2 = {"tensor_model_parallel_size": 2, "sequence_parallel": True}
 VPP2 = {"pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 1}
 
 
-def _layout(layout, world, name):
-    """A layout's case; with two ranks it holds the cores for its three runs at once."""
-    marks = [pytest.mark.exclusive] if world > 1 else []
-    return pytest.param(layout, world, id=name, marks=marks)
-
-
 @pytest.mark.parametrize(
     "layout,world",
     [
-        _layout({}, 1, "single"),
-        _layout({"pipeline_model_parallel_size": 2}, 2, "pp2"),
-        _layout(VPP2, 2, "vpp2"),
-        _layout(SP2, 2, "tp2_sp"),
-        _layout({"use_distributed_optimizer": True}, 2, "dp2_distopt"),
-        _layout(
+        ({}, 1),
+        ({"pipeline_model_parallel_size": 2}, 2),
+        (VPP2, 2),
+        (SP2, 2),
+        ({"use_distributed_optimizer": True}, 2),
+        (
             {
                 "use_distributed_optimizer": True,
                 "overlap_grad_reduce": True,
@@ -51,14 +45,18 @@ def _layout(layout, world, name):
                 "ddp_bucket_size": 20000,
             },
             2,
-            "dp2_distopt_overlap",
         ),
         # checkpoints written in the background, finalized across both ranks
-        _layout(
-            {"use_distributed_optimizer": True, "async_save": True, "save_interval": 2},
-            2,
-            "dp2_distopt_async_save",
-        ),
+        ({"use_distributed_optimizer": True, "async_save": True, "save_interval": 2}, 2),
+    ],
+    ids=[
+        "single",
+        "pp2",
+        "vpp2",
+        "tp2_sp",
+        "dp2_distopt",
+        "dp2_distopt_overlap",
+        "dp2_distopt_async_save",
     ],
 )
 def test_resume_is_exact(tmp_path, layout, world):
@@ -97,14 +95,7 @@ MOVES = {
 }
 
 
-def _move(name):
-    """Two runs of two ranks: the case holds the cores at once."""
-    (_, world_before), (_, world_after) = MOVES[name]
-    marks = [pytest.mark.exclusive] if world_before > 1 and world_after > 1 else []
-    return pytest.param(name, marks=marks)
-
-
-@pytest.mark.parametrize("move", [_move(name) for name in MOVES])
+@pytest.mark.parametrize("move", list(MOVES))
 def test_resume_under_another_layout(tmp_path, move):
     (before, world_before), (after, world_after) = MOVES[move]
     iters, extra = 8, {"adam_eps": 1e-6}
