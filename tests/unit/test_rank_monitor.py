@@ -43,10 +43,11 @@ class _Rank:
         self.run_dir = tmp_path / "run"
         self.stderr = tmp_path / "stderr.txt"
         env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", PYTHONPATH=ROOT)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", RANK, str(self.run_dir), str(HANG_TIMEOUT)],
-            stdout=subprocess.PIPE, stderr=open(self.stderr, "w"), text=True, cwd=ROOT, env=env,
-        )  # fmt: skip
+        with open(self.stderr, "w") as stderr:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", RANK, str(self.run_dir), str(HANG_TIMEOUT)],
+                stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT, env=env,
+            )  # fmt: skip
         self.monitor = int(self.proc.stdout.readline())
 
     def log(self) -> str:
