@@ -253,15 +253,20 @@ def evaluate(
 
 
 def _export(model: Model, out: str, identity: dict, say) -> str:
-    """The checkpoint exported once per checkpoint identity (a retrained model is exported
-    again)."""
+    """The checkpoint exported once per checkpoint identity: a retrained model is exported
+    again over its earlier export (which stays whole until the new one is complete)."""
     from megatron_ext.export.to_hf import ExportOptions, export_to_hf
 
     target = os.path.join(out, "exports", model.name)
     if os.path.isfile(os.path.join(target, SOURCE_FILE)) and model_identity(target) == identity:
         return target
     say(f"{model.name}: exporting {model.path} to {target}")
-    export_to_hf(ExportOptions(model.path, target, target="gpas", dtype="float32"))
+    try:  # the folder is the table's own: an export of an older checkpoint is replaced
+        export_to_hf(
+            ExportOptions(model.path, target, target="gpas", dtype="float32", overwrite=True)
+        )
+    except (OSError, ValueError) as err:
+        raise DownstreamError(f"{model.name}: the export of {model.path} failed: {err}") from err
     fileio.write_json(os.path.join(target, SOURCE_FILE), identity)
     return target
 

@@ -184,3 +184,39 @@ def test_an_unhashed_manifest_adds_the_files_times(tmp_path):
     before = d.model_identity(str(root))
     os.utime(directory / "weights.distcp", ns=(1, 1))
     assert d.model_identity(str(root)) != before
+
+
+def test_a_checkpoint_that_changed_is_exported_again_over_its_earlier_export(
+    tmp_path, monkeypatch
+):
+    """The table re-exports a checkpoint that changed since its last export (a newer
+    iteration), replacing the earlier export, and evaluates the new one."""
+    import shutil
+
+    from tests.helpers import ROOT
+
+    fake = FakeLmEval()
+    monkeypatch.setattr(d.subprocess, "run", fake)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(os.path.join(ROOT, "tests", "data", "checkpoints", "before_components"), ckpt)
+    (model,) = d.parse_models([f"m={ckpt}"])
+    settings = d.EvalSettings(tasks=["t"], device="cpu")
+    lines = []
+    d.evaluate(model, str(tmp_path / "out"), settings, version="0.4.13", say=lines.append)
+    export = tmp_path / "out" / "exports" / "m"
+    first = json.loads((export / d.SOURCE_FILE).read_text())
+    assert first["checkpoint"].endswith("iter_0000004")
+
+    newer = ckpt / "iter_0000008"  # the run went on: a newer checkpoint, the pointer moved
+    shutil.copytree(ckpt / "iter_0000004", newer)
+    manifest = json.loads((newer / "manifest.json").read_text())
+    (newer / "manifest.json").write_text(json.dumps(manifest | {"iteration": 8}))
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("8")
+    d.evaluate(model, str(tmp_path / "out"), settings, version="0.4.13", say=lines.append)
+    assert sum("exporting" in line for line in lines) == 2, lines
+    second = json.loads((export / d.SOURCE_FILE).read_text())
+    assert second["checkpoint"].endswith("iter_0000008")
+    assert (export / "config.json").is_file() and not os.path.exists(f"{export}.old")
+    assert len(fake.runs) == 2
+    cmd = fake.runs[-1]["cmd"]
+    assert f"pretrained={export}," in cmd[cmd.index("--model_args") + 1]
