@@ -29,7 +29,7 @@ from megatron_ext.cli.extras import reports_missing_extras  # noqa: E402
 @reports_missing_extras
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", nargs="+", required=True, help="checkpoints or HF exports")
     p.add_argument("--labels", nargs="+", help="one per --model (default: directory names)")

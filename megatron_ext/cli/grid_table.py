@@ -24,7 +24,9 @@ from megatron_ext.grid.spec import GridSpec  # noqa: E402
 
 @reports_missing_extras
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("grid", help="the grid's directory (holds grid.json)")
     p.add_argument("--out", help="where to write the table and plot (default: the grid's dir)")
     p.add_argument("--no-plot", action="store_true")

@@ -84,7 +84,9 @@ def plot(runs: dict, out: str) -> None:
 
 @reports_missing_extras
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("metrics", nargs="+", help="metrics.jsonl files")
     p.add_argument("--labels", nargs="+", default=None)
     p.add_argument("--out", default="comparison.png")

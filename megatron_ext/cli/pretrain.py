@@ -32,7 +32,7 @@ from megatron_ext.cli.extras import reports_missing_extras  # noqa: E402
 from megatron_ext.config import ConfigError  # noqa: E402
 from megatron_ext.restart_ledger import RestartRefused  # noqa: E402
 from megatron_ext.run_lock import RunLockError  # noqa: E402
-from megatron_ext.training.arguments import parse_run_config  # noqa: E402
+from megatron_ext.training.arguments import parse_command_line  # noqa: E402
 from megatron_ext.training.planning import plan_run  # noqa: E402
 from megatron_ext.training.resolve import resolve_run  # noqa: E402
 from megatron_ext.training.trainer import TrainingStopped, run  # noqa: E402
@@ -66,18 +66,10 @@ def _exit_code(stop: SystemExit) -> int:
 
 @reports_missing_extras
 def _main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    dry_run = "--dry-run" in argv
-    world_size = None
-    if "--world-size" in argv:  # for --dry-run on a machine other than the cluster
-        i = argv.index("--world-size")
-        world_size = int(argv[i + 1])
-        del argv[i : i + 2]
-    argv = [a for a in argv if a not in ("--dry-run", "--verbose")]
     try:
-        cfg = parse_run_config(argv)
-        if dry_run:
-            ws = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        cfg, command = parse_command_line(argv)
+        if command.dry_run:  # --world-size: planned for a machine other than this one
+            ws = command.world_size or int(os.environ.get("WORLD_SIZE", "1"))
             for line in plan_run(resolve_run(cfg, ws).cfg, ws).lines():
                 print(line)
             return 0

@@ -128,9 +128,10 @@ def cmd_cell(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    # ``cell`` (one cell, what a Slurm array task runs) is left out of the listing
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,status,slurm}")
 
     def grid_args(q):
         q.add_argument("--out", required=True, help="the grid's directory")
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--device", default="cuda")
     grid_args(slurm)
     slurm.set_defaults(fn=cmd_slurm)
-    cell = sub.add_parser("cell", help=argparse.SUPPRESS)
+    cell = sub.add_parser("cell")
     cell.add_argument("--out", required=True)
     cell.add_argument("--index", type=int, required=True)
     cell.set_defaults(fn=cmd_cell)

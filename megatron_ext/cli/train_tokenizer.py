@@ -24,7 +24,9 @@ from megatron_ext.data.tokenizer_training import (  # noqa: E402
 
 @reports_missing_extras
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--input", nargs="+", required=True, help="JSON-lines files (.gz/.zst too)")
     p.add_argument("--output", required=True, help="the .model file to write")
     p.add_argument("--vocab-size", type=int, default=4096)

@@ -80,7 +80,31 @@ def build_parser() -> argparse.ArgumentParser:
     for section, cls in SECTIONS.items():
         _add_fields(p.add_argument_group(section), cls, section=section)
     _add_fields(p.add_argument_group("runtime"), RunConfig, names=TOP_LEVEL)
+    _add_command_options(p.add_argument_group("command (not part of the run's configuration)"))
     return p
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandOptions:
+    """How this command runs, not what the run is: never read from ``--config``, never saved."""
+
+    dry_run: bool = False
+    world_size: Optional[int] = None
+    verbose: bool = False
+
+
+_COMMAND = "command."  # the dest prefix of CommandOptions' flags
+
+
+def _add_command_options(group) -> None:
+    group.add_argument("--dry-run", dest=_COMMAND + "dry_run", action="store_true",
+                       help="check the flags and files as training would, then print the layout, "
+                       "parameter count, memory per rank and token budget; train nothing")  # fmt: skip
+    group.add_argument("--world-size", dest=_COMMAND + "world_size", type=int, metavar="N",
+                       help="with --dry-run: the ranks of the planned job (default: $WORLD_SIZE "
+                       "or 1)")  # fmt: skip
+    group.add_argument("--verbose", dest=_COMMAND + "verbose", action="store_true",
+                       help="keep third-party warnings (hidden by default)")  # fmt: skip
 
 
 def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
@@ -96,7 +120,7 @@ def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     dests = {
         a.option_strings[0][2:].replace("-", "_"): a.dest
         for a in parser._actions
-        if a.option_strings
+        if a.option_strings and not a.dest.startswith(_COMMAND)
     }
     out = {}
     for key, value in values.items():
@@ -107,13 +131,20 @@ def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     return out
 
 
-def parse_run_config(argv: Optional[list] = None) -> RunConfig:
+def parse_command_line(argv: Optional[list] = None) -> tuple[RunConfig, CommandOptions]:
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         parser.set_defaults(**_yaml_defaults(parser, pre.config))
     args = vars(parser.parse_args(argv))
-    return run_config_from_values(args, model_size=args.get("model_size"))
+    command = CommandOptions(**{
+        k[len(_COMMAND):]: v for k, v in args.items() if k.startswith(_COMMAND)
+    })  # fmt: skip
+    return run_config_from_values(args, model_size=args.get("model_size")), command
+
+
+def parse_run_config(argv: Optional[list] = None) -> RunConfig:
+    return parse_command_line(argv)[0]
 
 
 def run_config_from_values(values: dict, model_size: Optional[str] = None) -> RunConfig:
