@@ -139,14 +139,22 @@ class FaultConfig:
 
     hang_timeout: Optional[float] = option(
         None,
-        "declare a rank hung when it finishes no step and no phase (setup, checkpoint load, "
-        "save, evaluation) for this many seconds: its stack is written, it is stopped, and a "
-        "launcher with restarts resumes the run (needs the 'resilience' extra)",
+        "declare a rank hung when it finishes no step and no phase (checkpoint save, "
+        "evaluation) for this many seconds (the start has --hang-setup-timeout): its stack is "
+        "written under the metrics file's directory, it is stopped, and a launcher with "
+        "restarts resumes the run (needs the 'resilience' extra)",
+    )
+    hang_setup_timeout: Optional[float] = option(
+        None,
+        "with --hang-timeout: seconds the start of each launch (setup with checkpoint load and "
+        "data index build, then the first step) may take before its rank is declared hung "
+        "(default: 90%% of --distributed-timeout-minutes)",
     )
     calc_ft_timeouts: bool = option(
         False,
-        "learn each phase's hang timeout from the run (5× the longest seen), kept with the "
-        "checkpoint; --hang-timeout holds until there is enough to learn from",
+        "learn each phase's hang timeout from the run (5× the longest seen, at most 90%% of "
+        "--distributed-timeout-minutes), kept with the checkpoint; --hang-timeout holds until "
+        "there is enough to learn from",
     )
     log_straggler: bool = option(
         False, "every --log-interval, name the rank whose own compute is slowest"
@@ -482,6 +490,19 @@ def _check_faults(f: FaultConfig, parallel) -> None:
         "--hang-timeout",
         f"{f.hang_timeout} s must be shorter than --distributed-timeout-minutes "
         f"{parallel.distributed_timeout_minutes} (the hang detector must fire first)",
+    )
+    require(
+        f.hang_setup_timeout is None or f.hang_timeout is not None,
+        "--hang-setup-timeout",
+        "needs --hang-timeout (it times the start of a watched run)",
+    )
+    require(
+        f.hang_setup_timeout is None
+        or 0 < f.hang_setup_timeout < parallel.distributed_timeout_minutes * 60,
+        "--hang-setup-timeout",
+        f"{f.hang_setup_timeout} s must be positive and shorter than "
+        f"--distributed-timeout-minutes {parallel.distributed_timeout_minutes} (the hang "
+        "detector must fire first)",
     )
     require(f.straggler_threshold > 0, "--straggler-threshold", "must be positive")
 

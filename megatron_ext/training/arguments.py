@@ -97,14 +97,26 @@ _COMMAND = "command."  # the dest prefix of CommandOptions' flags
 
 
 def _add_command_options(group) -> None:
-    group.add_argument("--dry-run", dest=_COMMAND + "dry_run", action="store_true",
-                       help="check the flags and files as training would, then print the layout, "
-                       "parameter count, memory per rank and token budget; train nothing")  # fmt: skip
-    group.add_argument("--world-size", dest=_COMMAND + "world_size", type=int, metavar="N",
-                       help="with --dry-run: the ranks of the planned job (default: $WORLD_SIZE "
-                       "or 1)")  # fmt: skip
-    group.add_argument("--verbose", dest=_COMMAND + "verbose", action="store_true",
-                       help="keep third-party warnings (hidden by default)")  # fmt: skip
+    group.add_argument(
+        "--dry-run",
+        dest=_COMMAND + "dry_run",
+        action="store_true",
+        help="check the flags and files as training would, then print the layout, parameter "
+        "count, memory per rank and token budget; train nothing",
+    )
+    group.add_argument(
+        "--world-size",
+        dest=_COMMAND + "world_size",
+        type=int,
+        metavar="N",
+        help="with --dry-run: the ranks of the planned job (default: $WORLD_SIZE or 1)",
+    )
+    group.add_argument(
+        "--verbose",
+        dest=_COMMAND + "verbose",
+        action="store_true",
+        help="keep third-party warnings (hidden by default)",
+    )
 
 
 def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:

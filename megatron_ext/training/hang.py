@@ -5,9 +5,18 @@ script) resumes the run from its newest checkpoint.
 
 The watchdog is the component that tells the monitor where the rank is: each step, and each
 phase of the component contract (setup, checkpoint load, save and its finalize, evaluation), is
-a section of NVRx's rank monitor, each with its own timeout. With ``--calc-ft-timeouts`` the
-timeouts are learned from the run as each save begins (NVRx: 5× the longest seen, averaged with
-what was learned before) and saved with that checkpoint, so a restart starts with them.
+a section of NVRx's rank monitor, each with its own timeout.
+
+How the timeouts nest. The start of a run (setup with its checkpoint load and data index build,
+and the first step after it, where anything lazy is built) is timed by ``--hang-setup-timeout``,
+by default 90% of ``--distributed-timeout-minutes``: the limit the start's collectives (the
+barrier behind the rank that builds the data index) have anyway, less a margin so that the
+monitor speaks first. Every later step and phase is timed by ``--hang-timeout``. With
+``--calc-ft-timeouts`` the steady timeouts are learned from the run as each save begins (NVRx:
+5× the longest seen, averaged with what was learned before), kept between
+``min(--hang-timeout, 60 s)`` and that same 90% of the process-group timeout, and saved with the
+checkpoint, so a restart starts with them; the start's timeouts are never learned (a start that
+finds the data cache is no measure of one that must build it).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from typing import Optional
 
 from megatron_ext.config import FaultConfig
 from megatron_ext.training.components import (
+    CHECKPOINT_LOAD,
     CHECKPOINT_SAVE,
     PHASES,
     SETUP,
@@ -34,10 +44,26 @@ from megatron_ext.training.components import (
 logger = logging.getLogger("gpas")
 
 STEP = "step"
+FIRST_STEP = "first step"  # the first step of each start: timed as the setup is
 SOCKET_ENV = "FT_RANK_MONITOR_IPC_SOCKET"  # where NVRx's client looks for its monitor
 STACKS_DIR = "stacks"
-SECTIONS = (STEP, *PHASES)  # what the monitor times; --calc-ft-timeouts learns each
+SECTIONS = (FIRST_STEP, STEP, *PHASES)  # what the monitor times
+START_SECTIONS = (SETUP, CHECKPOINT_LOAD, FIRST_STEP)  # --hang-setup-timeout; never learned
 LEARNED_FLOOR_S = 60.0
+BACKSTOP_SHARE = 0.9  # no hang timeout exceeds this share of the process-group timeout
+
+
+def timeout_ceiling(distributed_timeout_minutes: float) -> float:
+    """The longest hang timeout, learned or default: the monitor must fire before a collective's
+    own timeout (the backstop) does."""
+    return BACKSTOP_SHARE * distributed_timeout_minutes * 60
+
+
+def setup_timeout(cfg: FaultConfig, distributed_timeout_minutes: float) -> float:
+    """``--hang-setup-timeout``, by default the ceiling (never below ``--hang-timeout``)."""
+    if cfg.hang_setup_timeout is not None:
+        return cfg.hang_setup_timeout
+    return max(cfg.hang_timeout, timeout_ceiling(distributed_timeout_minutes))
 
 
 def stacks_path(run_dir: str, rank: int) -> str:
@@ -50,10 +76,15 @@ class HangWatchdog(Component):
 
     state_key = "hang_timeouts"
 
-    def __init__(self, cfg: FaultConfig, run_dir: str, rank: int):
+    def __init__(
+        self, cfg: FaultConfig, run_dir: str, rank: int, distributed_timeout_minutes: float
+    ):
         from megatron_ext.platform import rank_monitor  # the 'resilience' extra
 
         self.cfg, self.rank = cfg, rank
+        self.ceiling = timeout_ceiling(distributed_timeout_minutes)
+        self.setup_timeout = setup_timeout(cfg, distributed_timeout_minutes)
+        self._stepped = False  # a step finished since this start
         self.iteration = multiprocessing.get_context("fork").RawValue("q", 0)
         self.stacks = stacks_path(run_dir, rank)
         os.makedirs(os.path.dirname(self.stacks), exist_ok=True)
@@ -64,7 +95,7 @@ class HangWatchdog(Component):
         for sig, dies in zip(self._signals, (False, True), strict=True):
             faulthandler.register(sig, file=self._stack_file, all_threads=True, chain=dies)
         timeout = cfg.hang_timeout
-        sections = {name: timeout for name in SECTIONS}
+        sections = {n: self.setup_timeout if n in START_SECTIONS else timeout for n in SECTIONS}
         self._socket = os.path.join(tempfile.gettempdir(), f"gpas_rank_monitor_{os.getpid()}")
         self._monitor = rank_monitor.start_monitor(
             rank_monitor.monitor_config(sections, timeout),
@@ -85,6 +116,12 @@ class HangWatchdog(Component):
     def phase_started(self, phase: str, iteration: int) -> None:
         if phase == SETUP and not self.client.is_initialized:
             self._connect()  # the process group exists: the client can name its rank
+            logger.info(
+                "hang watchdog: %.0f s per step and phase, %.0f s for the start (setup and "
+                "first step); a hung rank's stack goes to %s",
+                self.cfg.hang_timeout, self.setup_timeout,
+                os.path.join(os.path.dirname(self.stacks), "rankN.txt"),
+            )  # fmt: skip
         if phase == CHECKPOINT_SAVE and self.cfg.calc_ft_timeouts:
             self._learn()  # collective (every rank saves); the checkpoint then keeps them
         self._start(phase)
@@ -93,10 +130,11 @@ class HangWatchdog(Component):
         self._end(phase)
 
     def before_step(self, iteration: int) -> None:
-        self._start(STEP)
+        self._start(STEP if self._stepped else FIRST_STEP)
 
     def after_step(self, step: StepOutcome) -> None:
-        self._end(STEP)
+        self._end(STEP if self._stepped else FIRST_STEP)
+        self._stepped = True
         self.iteration.value = step.iteration
 
     def on_start(self, state) -> None:
@@ -125,6 +163,7 @@ class HangWatchdog(Component):
         if _describe(state) != "none" and self.cfg.calc_ft_timeouts:
             self.client.load_state_dict(state)
             logger.info("hang timeouts learned by the run before: %s", _describe(state))
+            self._bound()  # this run's process-group timeout may be shorter
 
     # -- internals -----------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -153,20 +192,42 @@ class HangWatchdog(Component):
         """Collective. NVRx sets 5× the longest time seen (averaged with what was learned
         before); a learned timeout is kept at least ``min(--hang-timeout, LEARNED_FLOOR_S)``:
         5× a step of tens of milliseconds would stop a run at its first garbage collection."""
-        seen = [s for s in SECTIONS if s in self._seen and s not in self._open]
+        learnable = [s for s in SECTIONS if s not in START_SECTIONS]
+        seen = [s for s in learnable if s in self._seen and s not in self._open]
         if not seen or not self.client.calculate_and_set_section_timeouts(
             selected_sections=seen, calc_out_of_section=False, skip_if_not_ready=True
         ):
             return
-        floor = min(self.cfg.hang_timeout, LEARNED_FLOOR_S)
-        timeouts = self.client.section_timeouts
-        low = {k for k in timeouts.calculated_sections if (timeouts.section.get(k) or 0) < floor}
-        if low:  # NVRx 0.4.1's own setter: the monitor gets the raised values too
-            raised = dataclasses.replace(
-                timeouts, section={**timeouts.section, **{k: floor for k in low}}
-            )
-            self.client._set_calculated_timeouts(new_hb_timeouts=None, new_section_timeouts=raised)
+        self._bound()
         logger.info("hang timeouts learned: %s", _describe(self.client.state_dict()))
+
+    def _bound(self) -> None:
+        """Learned timeouts kept at least ``min(--hang-timeout, LEARNED_FLOOR_S)`` (5× a step of
+        tens of milliseconds would stop a run at its first garbage collection) and at most the
+        ceiling (5× a long save could outlast the process-group timeout, and the backstop would
+        end the run without a stack)."""
+        ceiling = self.ceiling
+        floor = min(self.cfg.hang_timeout, LEARNED_FLOOR_S, ceiling)
+        timeouts = self.client.section_timeouts
+        bounded = {}
+        for name in timeouts.calculated_sections:
+            value = timeouts.section.get(name)
+            if value is not None and not floor <= value <= ceiling:
+                bounded[name] = min(max(value, floor), ceiling)
+        if not bounded:
+            return
+        capped = {k: timeouts.section[k] for k, v in bounded.items() if v < timeouts.section[k]}
+        if capped:
+            logger.warning(
+                "hang timeouts learned above %.0f s (90%% of --distributed-timeout-minutes) "
+                "capped: %s", ceiling,
+                ", ".join(f"{k} {v:.1f} s" for k, v in capped.items()),
+            )  # fmt: skip
+        # NVRx 0.4.1's own setter: the monitor gets the bounded values too
+        bounded_timeouts = dataclasses.replace(timeouts, section={**timeouts.section, **bounded})
+        self.client._set_calculated_timeouts(
+            new_hb_timeouts=None, new_section_timeouts=bounded_timeouts
+        )
 
 
 def _describe(state: dict) -> str:

@@ -96,7 +96,9 @@ class Trainer:
             from megatron_ext.training.hang import HangWatchdog
 
             rank = int(os.environ.get("RANK", "0"))
-            self.components.add(HangWatchdog(self.cfg.faults, self.run_dir, rank))
+            self.components.add(HangWatchdog(
+                self.cfg.faults, self.run_dir, rank, self.cfg.parallel.distributed_timeout_minutes
+            ))  # fmt: skip
         for c in components:
             if isinstance(c, Component):
                 self.components.add(c)

@@ -39,6 +39,39 @@ if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT"
 """
 
 
+# Workers started with this on PYTHONPATH start slowly, as a 7B run on all of C4 does: rank 0's
+# data build takes SLOW_START_S (the others wait for it in the next collective), and every
+# rank's first step takes SLOW_START_S more (something built lazily).
+SLOW_START_S = 15
+SLOW_START = f"""
+import os
+import time
+
+from megatron_ext.training import trainer
+
+_build_data = trainer.Trainer._build_data
+_train_step = trainer.train_step
+_first = [True]
+
+
+def _slow_build_data(self):
+    if os.environ.get("RANK") == "0":
+        time.sleep({SLOW_START_S})
+    _build_data(self)
+
+
+def _slow_first_step(*args, **kwargs):
+    if _first[0]:
+        _first[0] = False
+        time.sleep({SLOW_START_S})
+    return _train_step(*args, **kwargs)
+
+
+trainer.Trainer._build_data = _slow_build_data
+trainer.train_step = _slow_first_step
+"""
+
+
 @dataclass
 class Launch:
     returncode: int

@@ -11,7 +11,7 @@ import pytest
 
 from megatron_ext.metrics_file import MetricsFile
 from tests.helpers.cli_runs import base_args, step_metrics
-from tests.helpers.torchrun_faults import STALL_IN_SAVE, torchrun
+from tests.helpers.torchrun_faults import SLOW_START, SLOW_START_S, STALL_IN_SAVE, torchrun
 
 HANG_TIMEOUT = 10  # seconds: well above a step or a save of the tiny model on a loaded CPU
 pytestmark = [pytest.mark.slow, pytest.mark.exclusive]
@@ -119,6 +119,25 @@ def test_a_throttled_rank_is_named_and_an_even_run_names_nobody(tmp_path):
     assert line, slow.text[-3000:]
 
 
+def test_a_start_slower_than_the_hang_timeout_trains_without_a_restart(tmp_path):
+    """Setup (rank 0's data build) and the first step each take longer than --hang-timeout, as
+    at full C4 size: the start is timed by --hang-setup-timeout, so the run trains through,
+    never declared hung or restarted; later steps keep the short timeout."""
+    save = str(tmp_path / "run")
+    hang_timeout = HANG_TIMEOUT
+    assert SLOW_START_S > hang_timeout
+    launch = torchrun(base_args(save, iters=6, hang_timeout=hang_timeout), max_restarts=1,
+                      sitecustomize=SLOW_START, tmp_path=tmp_path)  # fmt: skip
+    assert launch.returncode == 0, launch.text[-4000:]
+    assert "hang:" not in launch.text and "resumed from iteration" not in launch.text
+    line = re.search(r"hang watchdog: (\d+) s per step and phase, (\d+) s for the start",
+                     launch.text)  # fmt: skip
+    assert line and int(line[1]) == hang_timeout and int(line[2]) > 2 * SLOW_START_S, launch.text
+    assert sorted(step_metrics(os.path.join(save, "metrics.jsonl"))["lm_loss"]) == list(
+        range(1, 7)
+    )
+
+
 def test_learned_hang_timeouts_are_kept_with_the_checkpoint(tmp_path):
     """--calc-ft-timeouts: each phase's timeout learned after a save (NVRx: 5× the longest
     seen, here raised to the floor of --hang-timeout: the tiny model's phases take far less),
@@ -145,10 +164,20 @@ def test_learned_hang_timeouts_are_kept_with_the_checkpoint(tmp_path):
     learned = re.findall(r"hang timeouts learned: (.*)", first)
     assert len(learned) == 2, first[-3000:]
     values = {k: float(v) for k, v in re.findall(r"([a-z ]+?) ([\d.]+) s(?:, |$)", learned[-1])}
-    assert {"step", "checkpoint save", "setup"} <= set(values) and min(values.values()) >= 30.0
+    assert {"step", "checkpoint save"} <= set(values) and min(values.values()) >= 30.0
+    assert "setup" not in values  # the start keeps --hang-setup-timeout
     common = torch.load(os.path.join(save, "iter_0000010", "common.pt"), weights_only=False)
     section = common["run_state"]["components"]["hang_timeouts"]["current_timeouts"]["section"]
     assert {"step", "checkpoint save"} <= set(section["calculated_sections"])
     assert section["section"]["step"] == values["step"]
     second = run(12)
     assert f"hang timeouts learned by the run before: {learned[-1]}" in second
+    # a resume with a process-group timeout of 18 s: learned timeouts (≥ 30 s) above its 90%
+    # would let the backstop fire before the hang detector; they are capped, and saved so
+    flags.update(hang_timeout=10, distributed_timeout_minutes=0.3)
+    third = run(14)
+    assert re.search(r"hang timeouts learned above 16 s \(90% of --distributed-timeout-minutes\) "
+                     r"capped: .*step [\d.]+ s", third), third[-3000:]  # fmt: skip
+    common = torch.load(os.path.join(save, "iter_0000014", "common.pt"), weights_only=False)
+    section = common["run_state"]["components"]["hang_timeouts"]["current_timeouts"]["section"]
+    assert max(section["section"][k] for k in section["calculated_sections"]) <= 16.2 + 1e-9
