@@ -19,12 +19,20 @@ class DataConfig:
     data_path: Optional[Sequence[str]] = option(
         None, "dataset prefixes, optionally weighted: 'P1 P2' or 'W1 P1 W2 P2'"
     )
-    train_data_path: Optional[Sequence[str]] = None
-    valid_data_path: Optional[Sequence[str]] = None
-    test_data_path: Optional[Sequence[str]] = None
-    split: str = "969,30,1"
-    data_cache_path: Optional[str] = None
-    mock_data: bool = False
+    train_data_path: Optional[Sequence[str]] = option(
+        None, "training prefixes (with weights: W1 P1 W2 P2 …), instead of --data-path and --split"
+    )
+    valid_data_path: Optional[Sequence[str]] = option(
+        None, "validation prefixes, instead of --data-path and --split"
+    )
+    test_data_path: Optional[Sequence[str]] = option(
+        None, "test prefixes, instead of --data-path and --split"
+    )
+    split: str = option("969,30,1", "train,valid,test shares of the documents of --data-path")
+    data_cache_path: Optional[str] = option(
+        None, "where the packed sample indices are cached (default: beside the data)"
+    )
+    mock_data: bool = option(False, "random tokens instead of a dataset (smoke tests)")
     data_mode: DataMode = option(
         "packed",
         "packed, per-document (the GPAS reference protocol) or sft (one fine-tuning example "

@@ -19,17 +19,23 @@ class ModelConfig:
 
     norm_type: NormTypeName = option("pre_gpas", "architecture (the 11 of the paper's grid)",
                                      unknown="norm type")  # fmt: skip
-    num_layers: int = 12
-    hidden_size: int = 512
-    num_attention_heads: int = 8
+    num_layers: int = option(12, "decoder layers L")
+    hidden_size: int = option(512, "model width")
+    num_attention_heads: int = option(8, "attention heads")
     num_query_groups: Optional[int] = option(None, "grouped-query attention (default: MHA)")
-    ffn_hidden_size: int = 1368
-    vocab_size: int = 32000
-    make_vocab_size_divisible_by: int = 128
-    seq_length: int = 256
+    ffn_hidden_size: int = option(1368, "SwiGLU inner width")
+    vocab_size: int = option(
+        32000, "vocabulary of --mock-data and the null tokenizer (a real tokenizer sets its own)"
+    )
+    make_vocab_size_divisible_by: int = option(
+        128,
+        "pad the embedding rows to a multiple of this (independent of TP, so every "
+        "layout computes the same loss)",
+    )
+    seq_length: int = option(256, "tokens per sample")
     max_position_embeddings: Optional[int] = option(None, "default: --seq-length")
-    rotary_base: int = 10000
-    layernorm_epsilon: float = 1e-6
+    rotary_base: int = option(10000, "RoPE base θ")
+    layernorm_epsilon: float = option(1e-6, "RMSNorm ε")
     post_num: Optional[int] = option(
         None, "Mix-LN: number of leading Post-LN layers (default num_layers // 4)"
     )
@@ -41,12 +47,16 @@ class ModelConfig:
     deepnorm_init_for_gpas: bool = option(
         False, "the DeepNorm init for deeppost_gpas too (the reference gives it only α)"
     )
-    init_method_std: float = 0.02
-    embedding_init_std: float = math.sqrt(0.4)
+    init_method_std: float = option(0.02, "σ of the normal init of the linear layers")
+    embedding_init_std: float = option(
+        math.sqrt(0.4), "σ of the embedding init (the reference's √0.4)"
+    )
     scaled_output_init: bool = option(
         False, "output projections at σ/√(2L) (Megatron's), not σ (the reference's)"
     )
-    untie_embeddings_and_output_weights: bool = True
+    untie_embeddings_and_output_weights: bool = option(
+        True, "a separate output layer (the reference's); --no-… ties it to the embedding"
+    )
     gate_init: float = option(0.0, "initial value of every GPAS gate g (c = 1 − SiLU(g))")
 
     @property
@@ -150,11 +160,19 @@ ARCHITECTURE_FIELDS = (
 class ParallelConfig:
     """How the model is split over processes (Megatron-LM's flag names)."""
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    num_layers_per_virtual_pipeline_stage: Optional[int] = None
-    sequence_parallel: bool = False
-    use_distributed_optimizer: bool = False
+    tensor_model_parallel_size: int = option(
+        1, "TP: each layer's matrices split over this many ranks"
+    )
+    pipeline_model_parallel_size: int = option(1, "PP: the layers split into this many stages")
+    num_layers_per_virtual_pipeline_stage: Optional[int] = option(
+        None, "interleaved PP: layers per virtual stage (a stage holds several chunks)"
+    )
+    sequence_parallel: bool = option(
+        False, "SP (with TP > 1): norms and dropout on a 1/TP slice of the sequence"
+    )
+    use_distributed_optimizer: bool = option(
+        False, "shard the optimizer state (and fp32 master weights) over data-parallel ranks"
+    )
     distributed_timeout_minutes: float = option(
         30.0,
         "process-group timeout: a collective that waits longer than this fails the run instead "

@@ -46,23 +46,25 @@ class TokenizerConfig:
 
 @dataclass
 class OptimConfig:
-    micro_batch_size: int = 1
+    micro_batch_size: int = option(1, "sequences per rank per forward/backward")
     global_batch_size: Optional[int] = option(None, "default: micro batch × data-parallel size")
-    train_iters: int = 1000
-    lr: float = 1e-3
+    train_iters: int = option(1000, "optimizer steps of the run")
+    lr: float = option(1e-3, "peak learning rate")
     min_lr: Optional[float] = option(None, "default: 0.1 × lr (the reference's cosine floor)")
-    lr_warmup_iters: int = 0
+    lr_warmup_iters: int = option(0, "linear warm-up steps")
     lr_decay_iters: Optional[int] = option(None, "default: --train-iters")
-    lr_decay_style: LRDecayStyle = "cosine"
+    lr_decay_style: LRDecayStyle = option(
+        "cosine", "schedule after warm-up: cosine, linear, constant, inverse-square-root or WSD"
+    )
     clip_grad: float = option(0.0, "global gradient-norm clip (0: off)")
     clip_gate_grad: float = option(
         0.0, "joint-norm clip of all GPAS gate gradients, after --clip-grad (0: off)"
     )
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    bf16: bool = False
+    weight_decay: float = option(0.0, "AdamW weight decay (not on norms, biases and gates)")
+    adam_beta1: float = option(0.9, "AdamW β1")
+    adam_beta2: float = option(0.999, "AdamW β2")
+    adam_eps: float = option(1e-8, "AdamW ε")
+    bf16: bool = option(False, "bf16 mixed precision (fp32 master weights and optimizer state)")
     fp8_format: Optional[FP8Format] = option(
         None, "FP8 GEMMs through Transformer Engine: hybrid (E4M3 fwd, E5M2 bwd) or e4m3"
     )
@@ -73,13 +75,15 @@ class OptimConfig:
     fp8_amax_compute_algo: FP8AmaxAlgo = option(
         "max", "delayed scaling: max or most_recent of the history"
     )
-    fp8_margin: int = 0
+    fp8_margin: int = option(0, "delayed scaling: margin of the FP8 scale (powers of 2)")
     recompute_granularity: Optional[RecomputeGranularity] = option(
         None, "full (whole layers) or selective (core attention only)"
     )
     recompute_method: Optional[RecomputeMethod] = option(None, "full recompute: uniform or block")
-    recompute_num_layers: Optional[int] = None
-    seed: int = 42
+    recompute_num_layers: Optional[int] = option(
+        None, "full recompute: layers per block (block) or per group (uniform)"
+    )
+    seed: int = option(42, "the seed of the init, the data order and dropout")
     freeze_gates: Optional[bool] = option(
         None, "keep the GPAS gates fixed; default: on with --sft, off otherwise"
     )
@@ -113,8 +117,8 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
-    eval_interval: int = 1000
-    eval_iters: int = 10
+    eval_interval: int = option(1000, "validate every this many steps (and at the end)")
+    eval_iters: int = option(10, "validation batches per evaluation")
     eval_tokens: Optional[int] = option(
         None, "per-document mode: evaluate on this many non-pad tokens (default 10M)"
     )
@@ -166,10 +170,14 @@ class FaultConfig:
 
 @dataclass
 class CheckpointConfig:
-    save: Optional[str] = None
-    load: Optional[str] = None
-    save_interval: Optional[int] = None
-    keep_last_checkpoints: Optional[int] = None
+    save: Optional[str] = option(None, "the checkpoint directory written to")
+    load: Optional[str] = option(
+        None, "the checkpoint directory resumed from (its newest intact checkpoint)"
+    )
+    save_interval: Optional[int] = option(None, "save every this many steps (and at the end)")
+    keep_last_checkpoints: Optional[int] = option(
+        None, "keep only this many newest checkpoints (default: all)"
+    )
     finetune: bool = option(False, "load weights only and start at iteration 0")
     pretrained_checkpoint: Optional[str] = option(
         None,
@@ -266,13 +274,17 @@ class FusionConfig:
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = 10
+    log_interval: int = option(10, "one step line and metrics record every this many steps")
     metrics_file: Optional[str] = option(
         None, "JSONL metrics (default: <save or run dir>/metrics.jsonl)"
     )
-    tensorboard_dir: Optional[str] = None
-    wandb_project: Optional[str] = None
-    wandb_exp_name: Optional[str] = None
+    tensorboard_dir: Optional[str] = option(
+        None, "also write the metrics as TensorBoard events here"
+    )
+    wandb_project: Optional[str] = option(
+        None, "also log the metrics to this Weights & Biases project"
+    )
+    wandb_exp_name: Optional[str] = option(None, "the W&B run's name (default: W&B's)")
     new_wandb_on_resume: bool = option(
         False, "start a new W&B run on resume instead of continuing the old one"
     )
@@ -293,8 +305,8 @@ class ProfileConfig:
         "else cudaProfilerStart/Stop for nsys --capture-range=cudaProfilerApi",
     )
     use_pytorch_profiler: bool = option(False, "--profile with torch.profiler (works on CPU too)")
-    profile_step_start: int = 10
-    profile_step_end: int = 12
+    profile_step_start: int = option(10, "--profile: the window starts after this step")
+    profile_step_end: int = option(12, "--profile: the window's last step")
     profile_ranks: list[int] = option(
         default_factory=lambda: [0], help="global ranks to profile (default: 0)"
     )
@@ -348,7 +360,9 @@ class RunConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     profiling: ProfileConfig = field(default_factory=ProfileConfig)
     device: Device = option("cuda", "cpu runs everything with gloo (CPU emulation)")
-    transformer_impl: TransformerImpl = "local"
+    transformer_impl: TransformerImpl = option(
+        "local", "local (megatron-core's own modules) or transformer_engine (needed for FP8)"
+    )
     num_workers: int = option(2, "data-loader worker processes per rank")
 
     @property

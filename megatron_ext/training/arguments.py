@@ -174,3 +174,43 @@ def run_config_from_values(values: dict, model_size: Optional[str] = None) -> Ru
             sections[section] = cls(**given)
     top = {k: values[k] for k in TOP_LEVEL if values.get(k) is not None}
     return RunConfig(**sections, **top)
+
+
+def flags_reference() -> str:
+    """Every flag of ``pretrain_gpas.py`` as markdown, one table per group with its default:
+    ``docs/flags.md`` is this text (a test keeps it so)."""
+    defaults = run_config_from_values({})
+    lines = [
+        "# Every flag of `pretrain_gpas.py`",
+        "",
+        "Generated from the configuration (`megatron_ext/config/`) by",
+        "`python -c 'from megatron_ext.training.arguments import flags_reference; "
+        'print(flags_reference(), end="")\' > docs/flags.md`;',
+        "`tests/unit/test_flags_reference.py` fails when it is stale. Any flag can also be set",
+        "in a `--config` YAML file (the key is the flag's name); `--model-size` presets fill the",
+        "model flags, and explicit ones override the preset. The default shown is the one",
+        "without a preset.",
+        "",
+    ]
+    for group in build_parser()._action_groups:
+        actions = [a for a in group._group_actions if a.option_strings and a.dest != "help"]
+        if not actions:
+            continue
+        lines += [f"## {group.title}", "", "| flag | default | what |", "|---|---|---|"]
+        for a in actions:
+            names = " / ".join(f"`{o}`" for o in a.option_strings)
+            what = (a.help or "").replace("|", "\\|").replace("%%", "%")
+            lines.append(f"| {names} | {_default_text(defaults, a)} | {what} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _default_text(defaults: RunConfig, action) -> str:
+    if action.dest.startswith(_COMMAND) or "." not in action.dest and action.dest not in TOP_LEVEL:
+        return ""
+    obj = defaults
+    for part in action.dest.split("."):
+        obj = getattr(obj, part)
+    if obj is None or obj == []:
+        return ""
+    return f"`{' '.join(map(str, obj)) if isinstance(obj, list) else obj}`"

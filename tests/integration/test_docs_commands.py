@@ -54,6 +54,11 @@ TINY_TRAINING = (
     "--num-workers 0 --log-interval 1"
 )
 TINY_MODEL = "--model-size tiny " + TINY_TRAINING
+# The SFT recipe on the tiny pretrained model: one epoch, one of its two layers trained at a time
+TINY_SFT = (
+    "--model-size tiny --device cpu --micro-batch-size 1 --global-batch-size 2 --seq-length 64 "
+    "--epochs 1 --lisa-layers 1 --num-workers 0 --log-interval 1 --save-interval 4"
+)
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,8 @@ class Rule:
 
 
 RULES = (
+    Rule(r"^python3 -m venv \.venv && \. \.venv/bin/activate$", "test",
+         proof="tests/integration/test_quickstart.py::test_first_command_in_an_empty_venv"),
     Rule(r"^bash examples/quickstart/run\.sh$", "test",
          proof="tests/integration/test_quickstart.py::test_first_command_in_an_empty_venv"),
     Rule(r"^bash run_tests\.sh", "test", proof=".ci/run"),
@@ -122,10 +129,11 @@ RULES = (
     Rule(r"^python bench/bench_(gemm_shapes|throughput|checkpoint)\.py ", "help"),
     Rule(r"^bash examples/sft/run\.sh$", "test",
          proof="tests/integration/test_sft_recipe.py::test_the_recipe_prints_sft_losses_and_writes_the_table"),
-    Rule(r"^python tools/(preprocess_sft|downstream_eval)\.py ", "help"),
+    Rule(r"^python tools/preprocess_sft\.py ", "run",
+         subs=(("--seq-length 512", "--seq-length 64"),)),
+    Rule(r"^python tools/downstream_eval\.py ", "help"),  # lm-eval's tasks need the HF hub
     Rule(r"^torchrun --nproc-per-node 8 pretrain_gpas\.py --config examples/slurm/recipes/sft_1b",
-         "test",
-         proof="tests/integration/test_slurm_recipes.py::test_the_sft_recipe_plans_the_papers_second_stage"),
+         "run", extra=TINY_SFT, subs=(("--nproc-per-node 8", "--nproc-per-node 2"),)),
     Rule(r"^DRY_RUN=1 CS170K=.*pipeline\.sh$", "test",
          proof="tests/integration/test_slurm_recipes.py::test_the_sft_pipeline_submits_data_then_sft_then_the_table"),
     Rule(r"^bash tools/install_te_offline\.sh ", "test",
@@ -263,6 +271,13 @@ def sandbox(tmp_path_factory, english_docs, mistral_model):
     _write_c4_shard(ws / "c4/en/c4-train.00001-of-01024.json.gz", train[half:])
     _write_c4_shard(ws / "c4/en/c4-validation.00000-of-00008.json.gz", english_docs[::7])
     shutil.copy(mistral_model, ws / "spiece.model")
+    # Commonsense170K's record format (LLM-Adapters), questions made from the same text
+    records = [
+        {"instruction": f"Does this continue sensibly? {doc[:200]}", "input": "",
+         "output": f"the correct answer is {answer}", "answer": answer}
+        for doc, answer in zip(english_docs[:40], ["true", "false"] * 20, strict=True)
+    ]  # fmt: skip
+    (ws / "commonsense_170k.json").write_text(json.dumps(records))
     return ws
 
 
@@ -339,5 +354,7 @@ def test_documented_commands_run(sandbox):
     # what the walk left behind is what the docs say it makes
     assert (sandbox / "data" / "c4_text_document.idx").is_file()
     assert (sandbox / "exports" / "1b_pre_gpas" / "config.json").is_file()
+    # the second stage started from the README's pretraining run, where the table looks for it
+    assert (sandbox / "runs" / "1b_pre_gpas_sft" / "latest_checkpointed_iteration.txt").is_file()
     assert (sandbox / "runs" / "grid" / "table.md").is_file()
     assert (sandbox / "runs" / "depth" / "depth.md").is_file()
