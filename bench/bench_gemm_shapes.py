@@ -139,7 +139,7 @@ def summarize(results: list[dict], num_layers: int, peak_tflops) -> list[str]:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-size", default="1b")
     p.add_argument(
         "--ffn-hidden-sizes",

@@ -99,7 +99,7 @@ def run(shape_name, shape, device, bf16, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--repeats", type=int, default=20)

@@ -112,7 +112,7 @@ def ours(files, model, workers: int, out_dir: str) -> tuple[float, float, str]:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--min-mb", type=float, default=100.0)
     p.add_argument(
         "--tokenizer", default=os.path.join(SHARED, "tokenizers", "mistral-v1-bpe32k.model")

@@ -191,7 +191,7 @@ def _measure_in_fresh_process(norm_type, args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-size", default="1b")
     p.add_argument("--num-layers", type=int, default=None)
     p.add_argument(

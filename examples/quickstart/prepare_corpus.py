@@ -67,7 +67,7 @@ def documents() -> list[str]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--valid-every", type=int, default=10, help="every Nth document is held out")
     args = p.parse_args()

@@ -20,7 +20,7 @@ from megatron_ext.metrics_file import MetricsFile  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--grid", required=True)
     p.add_argument("--depth", help="depth.json from tools/depth_analysis.py")
     args = p.parse_args(argv)
