@@ -129,7 +129,8 @@ RULES = (
     Rule(r"^python bench/bench_(gemm_shapes|throughput|checkpoint)\.py ", "help"),
     Rule(r"^bash examples/sft/run\.sh$", "test",
          proof="tests/integration/test_sft_recipe.py::test_the_recipe_prints_sft_losses_and_writes_the_table"),
-    Rule(r"^python tools/preprocess_sft\.py ", "run",
+    Rule(r"^python tools/preprocess_sft\.py .*--seq-length 256", "run"),
+    Rule(r"^python tools/preprocess_sft\.py .*--pack --seq-length 512", "run",
          subs=(("--seq-length 512", "--seq-length 64"),)),
     Rule(r"^python tools/downstream_eval\.py ", "help"),  # lm-eval's tasks need the HF hub
     Rule(r"^torchrun --nproc-per-node 8 pretrain_gpas\.py --config examples/slurm/recipes/sft_1b",
