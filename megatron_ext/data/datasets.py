@@ -13,8 +13,10 @@ Sample order depends only on the seed and the sample index, never on data-loader
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -43,6 +45,57 @@ class DatasetTokenizer:
     def unique_identifiers(self) -> dict:
         """Part of megatron-core's dataset cache key."""
         return {"class": type(self).__name__, "vocab_size": self.vocab_size, "eod": self.eod}
+
+
+# The packed index build's rate on one core of a 2-core machine (bench/bench_scale.py at 25% of
+# C4 en): what the line announcing a build expects
+BUILD_DOCUMENTS_PER_S = 3.0e6
+BUILD_SAMPLES_PER_S = 4.0e6
+
+
+class PackedDataset(GPTDataset):
+    """megatron-core's ``GPTDataset`` (documents concatenated with EOD, cut into samples), given
+    its split as a ``range``: the int32 array of every document its index build needs is made
+    only on the rank that builds the index, and released after. A build announces itself in one
+    line with its expected time (the other ranks wait for it)."""
+
+    def _build_document_sample_shuffle_indices(self):
+        documents = self.indices
+        building = not self.cache_complete() and (
+            not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        )
+        if building:
+            self.indices = np.arange(documents.start, documents.stop, dtype=np.int32)
+            say = getattr(self.config, "say", None)
+            if say is not None:
+                say(self._build_line(len(documents)))
+        try:
+            return super()._build_document_sample_shuffle_indices()
+        finally:
+            self.indices = documents
+
+    def cache_paths(self) -> list[str]:
+        """The files megatron-core caches this split's indices in (its own naming)."""
+        name = type(self).__name__
+        cache = self.config.path_to_cache or os.path.join(
+            self.dataset.path_prefix, "cache", f"{name}_indices"
+        )
+        base = os.path.join(cache, f"{self.unique_description_hash}-{name}-{self.index_split.name}")
+        parts = ("description.txt", "document_index.npy", "sample_index.npy", "shuffle_index.npy")
+        return [f"{base}-{part}" for part in parts]
+
+    def cache_complete(self) -> bool:
+        return all(map(os.path.isfile, self.cache_paths()))
+
+    def _build_line(self, num_documents: int) -> str:
+        seconds = num_documents / BUILD_DOCUMENTS_PER_S + self.num_samples / BUILD_SAMPLES_PER_S
+        return (
+            f"data: no cached {self.index_split.name} index for {self.dataset_path} (seed "
+            f"{self.config.random_seed}, {self.num_samples:,} samples): building it on this rank "
+            f"from {num_documents:,} documents, ~{max(1, round(seconds))} s expected; the other "
+            f"ranks wait (build it before the job: pretrain_gpas.py --prepare-data-only); cache: "
+            f"{os.path.dirname(self.cache_paths()[0])}"
+        )
 
 
 class PerDocumentDataset(MegatronDataset):
@@ -140,8 +193,8 @@ class SFTDataset(PerDocumentDataset):
 
 class _DocumentRangeBuilder(BlendedMegatronDatasetBuilder):
     """megatron-core's builder, handing each split's documents to the dataset as a ``range``
-    instead of an int32 array: per-document datasets index it and need nothing more, and an
-    array of every document is 1.5 GB per rank at C4 en's size."""
+    instead of an int32 array of every document (1.5 GB per rank at C4 en's size): per-document
+    datasets index it, and a packed dataset that finds its cache needs nothing more."""
 
     def _build_megatron_dataset_splits(self, dataset_path, split, sizes, synchronize_ranks=True):
         if torch.distributed.is_initialized() and not self.is_built_on_rank():
@@ -200,18 +253,19 @@ def build_datasets(
     eod_id: int,
     num_samples: Sequence[int],
     is_built_on_rank: Callable[[], bool] = lambda: True,
+    say: Optional[Callable[[str], None]] = None,
 ):
     """(train, valid, test) datasets holding at least ``num_samples`` samples each (None where a
-    split is empty)."""
+    split is empty); ``say`` gets a line when a packed index must be built."""
     data.validate()
     tokenizer = DatasetTokenizer(vocab_size=vocab_size, eod=eod_id)
     config = _gpt_config(data, seq_length, seed, tokenizer)
-    builder = BlendedMegatronDatasetBuilder
+    config.say = say
     if data.mock_data:
-        cls = MockGPTDataset
-    elif data.data_mode in ("per-document", "sft"):
-        cls = PerDocumentDataset if data.data_mode == "per-document" else SFTDataset
-        builder = _DocumentRangeBuilder
+        cls, builder = MockGPTDataset, BlendedMegatronDatasetBuilder
     else:
-        cls = GPTDataset
+        cls = {"per-document": PerDocumentDataset, "sft": SFTDataset}.get(
+            data.data_mode, PackedDataset
+        )
+        builder = _DocumentRangeBuilder
     return builder(cls, list(num_samples), is_built_on_rank, config).build()
