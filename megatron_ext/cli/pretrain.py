@@ -8,7 +8,8 @@
 ``python pretrain_gpas.py --help`` lists every flag; ``--config run.yaml`` sets any of them.
 ``--dry-run [--world-size N]`` checks the flags and files as training would, then prints the
 layout, the parameter count of the model it would build, a memory estimate per rank and the
-token budget, without training.
+token budget (with a real dataset: the real tokens it holds), without training.
+``--prepare-data-only [--world-size N]`` builds the packed index cache training will look for.
 ``--verbose`` keeps third-party warnings (hidden by default; ``PYTHONWARNINGS`` also keeps them).
 With ``GPAS_EXIT_STATUS_DIR`` set (the SLURM script sets it), each rank leaves its exit code in
 ``<dir>/rank<RANK>``.
@@ -33,7 +34,8 @@ from megatron_ext.config import ConfigError  # noqa: E402
 from megatron_ext.restart_ledger import RestartRefused  # noqa: E402
 from megatron_ext.run_lock import RunLockError  # noqa: E402
 from megatron_ext.training.arguments import parse_command_line  # noqa: E402
-from megatron_ext.training.planning import plan_run  # noqa: E402
+from megatron_ext.training.data_setup import prepare_data  # noqa: E402
+from megatron_ext.training.planning import data_tokens, plan_run, smallest_world  # noqa: E402
 from megatron_ext.training.resolve import resolve_run  # noqa: E402
 from megatron_ext.training.trainer import TrainingStopped, run  # noqa: E402
 
@@ -68,10 +70,15 @@ def _exit_code(stop: SystemExit) -> int:
 def _main(argv=None) -> int:
     try:
         cfg, command = parse_command_line(argv)
-        if command.dry_run:  # --world-size: planned for a machine other than this one
-            ws = command.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-            for line in plan_run(resolve_run(cfg, ws).cfg, ws).lines():
-                print(line)
+        if command.dry_run or command.prepare_data_only:
+            ws = command.world_size or int(os.environ.get("WORLD_SIZE", "0")) or smallest_world(cfg)
+            resolved = resolve_run(cfg, ws)  # --world-size: the job's, planned elsewhere
+            if command.prepare_data_only:
+                _configure_logging()
+                prepare_data(resolved, say=lambda line: print(line, flush=True))
+            else:
+                for line in plan_run(resolved.cfg, ws, data_tokens(resolved)).lines():
+                    print(line)
             return 0
         _configure_logging()
         run(cfg)

@@ -88,10 +88,12 @@ class PackedDataset(GPTDataset):
         return all(map(os.path.isfile, self.cache_paths()))
 
     def _build_line(self, num_documents: int) -> str:
-        seconds = num_documents / BUILD_DOCUMENTS_PER_S + self.num_samples / BUILD_SAMPLES_PER_S
+        samples = self.num_samples or 0  # None: one epoch
+        seconds = num_documents / BUILD_DOCUMENTS_PER_S + samples / BUILD_SAMPLES_PER_S
+        wanted = f"{samples:,} samples" if samples else "one epoch"
         return (
             f"data: no cached {self.index_split.name} index for {self.dataset_path} (seed "
-            f"{self.config.random_seed}, {self.num_samples:,} samples): building it on this rank "
+            f"{self.config.random_seed}, {wanted}): building it on this rank "
             f"from {num_documents:,} documents, ~{max(1, round(seconds))} s expected; the other "
             f"ranks wait (build it before the job: pretrain_gpas.py --prepare-data-only); cache: "
             f"{os.path.dirname(self.cache_paths()[0])}"

@@ -89,6 +89,7 @@ class CommandOptions:
     """How this command runs, not what the run is: never read from ``--config``, never saved."""
 
     dry_run: bool = False
+    prepare_data_only: bool = False
     world_size: Optional[int] = None
     verbose: bool = False
 
@@ -105,11 +106,19 @@ def _add_command_options(group) -> None:
         "count, memory per rank and token budget; train nothing",
     )
     group.add_argument(
+        "--prepare-data-only",
+        dest=_COMMAND + "prepare_data_only",
+        action="store_true",
+        help="build the packed data index cache that training with the same flags will look "
+        "for, in this one process (before the job, on a CPU node), then exit",
+    )
+    group.add_argument(
         "--world-size",
         dest=_COMMAND + "world_size",
         type=int,
         metavar="N",
-        help="with --dry-run: the ranks of the planned job (default: $WORLD_SIZE or 1)",
+        help="with --dry-run or --prepare-data-only: the ranks of the planned job (default: "
+        "$WORLD_SIZE, else the smallest layout; needed when --global-batch-size is not given)",
     )
     group.add_argument(
         "--verbose",

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
+
 from megatron_ext.config import RunConfig
 from megatron_ext.models.params import count_parameters
 
@@ -28,6 +30,7 @@ class Plan:
     train_iters: int = 0
     device: str = "cuda"
     lisa: Optional[str] = None  # what LISA computes and allocates
+    data: Optional[DataTokens] = None  # with a real dataset: what the slots hold
 
     def lines(self) -> list[str]:
         total = self.weights_and_optimizer_gib + self.activations_gib
@@ -43,11 +46,68 @@ class Plan:
             f"memory per {rank} (estimate): weights+grads+optimizer "
             f"{self.weights_and_optimizer_gib:.1f} GiB, "
             f"activations {self.activations_gib:.1f} GiB, total {total:.1f} GiB",
+            *([self.data.line(self.total_tokens)] if self.data else []),
             *([self.lisa] if self.lisa else []),
         ]
 
 
-def plan_run(cfg: RunConfig, world_size: int) -> Plan:
+@dataclass(frozen=True)
+class DataTokens:
+    """What the token slots of a run hold, from the training split's document lengths."""
+
+    mode: str
+    documents: int
+    tokens: int  # in the training split
+    real_tokens: int  # the run's non-padding input tokens
+    epochs: float  # passes over the training split
+
+    def line(self, slots: int) -> str:
+        head = (
+            f"data: {self.documents:,} documents, {self.tokens / 1e9:,.2f}B tokens in the "
+            f"training split; {self.epochs:,.2f} epochs over it"
+        )
+        if self.mode == "packed":
+            return f"{head}; packed: every slot a real token ({self.real_tokens / 1e9:,.2f}B)"
+        return (
+            f"{head}; {self.mode}: ≈{self.real_tokens / 1e9:,.2f}B real tokens "
+            f"({self.real_tokens / slots:.1%} of the slots, the rest padding)"
+        )
+
+
+def data_tokens(run) -> Optional[DataTokens]:
+    """The real tokens a resolved run trains on (None for mock data): packed samples are all
+    real tokens; a per-document sample holds its document's first ``seq_length`` tokens (the
+    last one the EOD that ends each document) and padding."""
+    from megatron_ext.training.preflight import train_split_lengths
+
+    cfg = run.cfg
+    if cfg.data.mock_data or cfg.data.data_mode == "sft":
+        return None
+    parts = train_split_lengths(cfg.data)
+    if not parts:
+        return None
+    samples = cfg.optim.train_iters * run.global_batch_size
+    seq = cfg.model.seq_length
+    documents = sum(len(lengths) for _, _, lengths in parts)
+    tokens = sum(int(lengths.sum(dtype="int64")) for _, _, lengths in parts)
+    if cfg.data.data_mode == "packed":
+        slots = samples * seq
+        return DataTokens("packed", documents, tokens, slots, slots / max(tokens, 1))
+    real, epochs = 0.0, 0.0
+    for _, share, lengths in parts:
+        mine = share * samples
+        per_document = float(np.minimum(lengths, seq).mean(dtype="float64")) if len(lengths) else 0
+        real += mine * per_document
+        epochs = max(epochs, mine / max(len(lengths), 1))
+    return DataTokens(cfg.data.data_mode, documents, tokens, int(real), epochs)
+
+
+def smallest_world(cfg: RunConfig) -> int:
+    """The fewest ranks the layout takes (one data-parallel replica)."""
+    return cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+
+
+def plan_run(cfg: RunConfig, world_size: int, data: Optional[DataTokens] = None) -> Plan:
     cfg.validate(world_size)
     m, par, o = cfg.model, cfg.parallel, cfg.optim
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
@@ -93,4 +153,5 @@ def plan_run(cfg: RunConfig, world_size: int) -> Plan:
         o.train_iters,
         cfg.device,
         lisa,
+        data,
     )

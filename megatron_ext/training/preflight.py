@@ -136,6 +136,24 @@ def train_examples(data: DataConfig, seq_length: int) -> int:
     return total
 
 
+def train_split_lengths(data: DataConfig) -> list[tuple]:
+    """(prefix, share of the training samples, its training documents' lengths) for each
+    prefix of the training split: what ``--dry-run`` counts real tokens from. Unweighted
+    prefixes share by documents."""
+    from megatron_ext.data.indexed_writer import read_index
+
+    blend = parse_blend(data.train_data_path, "train_data_path") or parse_blend(data.data_path)
+    ranges = [(p, first, end) for split, p, first, end in _split_ranges(data) if split == "train"]
+    if blend is None or not ranges:
+        return []
+    weights = blend[1] or [end - first for _, first, end in ranges]
+    total = float(sum(weights)) or 1.0
+    return [
+        (prefix, w / total, read_index(idx_path(prefix))[1][first:end])
+        for (prefix, first, end), w in zip(ranges, weights, strict=True)
+    ]
+
+
 def _split_ranges(data: DataConfig) -> list[tuple[str, str, int, int]]:
     """(split, prefix, first, end) document ranges of every split the run reads."""
     out = []

@@ -19,7 +19,6 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_ext.checkpoint_layout import CheckpointError
 from megatron_ext.config import RunConfig
 from megatron_ext.data.dataset_info import SIDECAR_SUFFIX
-from megatron_ext.data.datasets import build_datasets
 from megatron_ext.data.sampler import build_data_loader
 from megatron_ext.metrics_file import METRICS_FILE
 from megatron_ext.models.gates import freeze_gates
@@ -38,6 +37,7 @@ from megatron_ext.training.components import (
     StepOutcome,
 )
 from megatron_ext.training.counters import RunCounters
+from megatron_ext.training.data_setup import run_datasets
 from megatron_ext.training.evaluation import Evaluator
 from megatron_ext.training.flops import flops_per_iteration
 from megatron_ext.training.lisa import LayerActivation
@@ -288,18 +288,7 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg, o = self.cfg, self.cfg.optim
-        evals = o.train_iters // cfg.eval.eval_interval + 1
-        per_doc = cfg.data.data_mode == "per-document"
-        valid_samples = None if per_doc else evals * cfg.eval.eval_iters * self.gbs
-        train, valid, _ = build_datasets(
-            cfg.data,
-            seq_length=cfg.model.seq_length,
-            seed=o.seed,
-            vocab_size=cfg.model.vocab_size,
-            eod_id=self.eod,
-            num_samples=[o.train_iters * self.gbs, valid_samples, 0],
-            is_built_on_rank=lambda: True,
-        )
+        train, valid = run_datasets(cfg, self.gbs, self.eod, say=_say)
         self.train_ds, self.valid_ds = train, valid
         dp_rank = parallel_state.get_data_parallel_rank()
         dp = parallel_state.get_data_parallel_world_size()
