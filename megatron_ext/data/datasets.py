@@ -88,9 +88,9 @@ class PackedDataset(GPTDataset):
         return all(map(os.path.isfile, self.cache_paths()))
 
     def _build_line(self, num_documents: int) -> str:
-        samples = self.num_samples or 0  # None: one epoch
+        samples = self.num_samples or 0
         seconds = num_documents / BUILD_DOCUMENTS_PER_S + samples / BUILD_SAMPLES_PER_S
-        wanted = f"{samples:,} samples" if samples else "one epoch"
+        wanted = "one epoch" if self.num_samples is None else f"{samples:,} samples"
         return (
             f"data: no cached {self.index_split.name} index for {self.dataset_path} (seed "
             f"{self.config.random_seed}, {wanted}): building it on this rank "

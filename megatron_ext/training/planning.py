@@ -63,15 +63,22 @@ class DataTokens:
 
     def line(self, slots: int) -> str:
         head = (
-            f"data: {self.documents:,} documents, {self.tokens / 1e9:,.2f}B tokens in the "
+            f"data: {self.documents:,} documents, {_count(self.tokens)} tokens in the "
             f"training split; {self.epochs:,.2f} epochs over it"
         )
         if self.mode == "packed":
-            return f"{head}; packed: every slot a real token ({self.real_tokens / 1e9:,.2f}B)"
+            return f"{head}; packed: every slot a real token ({_count(self.real_tokens)})"
         return (
-            f"{head}; {self.mode}: ≈{self.real_tokens / 1e9:,.2f}B real tokens "
+            f"{head}; {self.mode}: ≈{_count(self.real_tokens)} real tokens "
             f"({self.real_tokens / slots:.1%} of the slots, the rest padding)"
         )
+
+
+def _count(n: float) -> str:
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:,.2f}{unit}"
+    return f"{n:,.0f}"
 
 
 def data_tokens(run) -> Optional[DataTokens]:
