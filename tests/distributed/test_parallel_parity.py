@@ -124,6 +124,18 @@ LAYOUTS = {
 FOUR_RANK_LAYOUTS = {
     "tp2_pp2_sp": Layout(dict(pipeline_model_parallel_size=2, **SP), world=4),
     "tp2_dp2_sp_distopt": Layout(dict(use_distributed_optimizer=True, **SP), world=4),
+    # all three dimensions at once (8 ranks; one norm type each, for the suite's time): the
+    # data-parallel groups are not contiguous in rank order, the distributed optimizer shards
+    # over them, sequence parallelism reduces within TP, and the pipeline (interleaved in the
+    # second) carries activations between stages
+    "tp2_pp2_dp2_sp_distopt": Layout(
+        dict(pipeline_model_parallel_size=2, use_distributed_optimizer=True, **SP),
+        world=8,
+        norm_types=("pre_gpas",),
+    ),
+    "tp2_vpp2_dp2_sp_distopt": Layout(
+        dict(use_distributed_optimizer=True, **VPP, **SP), world=8, norm_types=("post_pre_gpas",)
+    ),
 }
 
 

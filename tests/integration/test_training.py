@@ -92,6 +92,12 @@ MOVES = {
         ({"use_distributed_optimizer": True}, 1),
         ({"use_distributed_optimizer": True}, 2),
     ),
+    # all three dimensions (8 ranks) to two: TP 2 + SP × PP 2 × DP 2 with the distributed
+    # optimizer, resumed as TP 2 + SP × DP 2 (4 ranks)
+    "tp2_pp2_dp2_distopt_to_tp2_dp2": (
+        ({**SP2, "pipeline_model_parallel_size": 2, "use_distributed_optimizer": True}, 8),
+        ({**SP2, "use_distributed_optimizer": True}, 4),
+    ),
 }
 
 
