@@ -87,30 +87,49 @@ def write_index(path: str, dtype, lengths: np.ndarray) -> None:
         f.write(doc_indices.tobytes(order="C"))
 
 
+_HEADER_BYTES = len(_HEADER) + 8 + 1 + 8 + 8  # magic, version, dtype code, two counts
+
+
+def _read_header(f, path: str) -> tuple[type, int, int]:
+    """(dtype, sequences, document-index entries) from an open .idx; checks that the file holds
+    the arrays they announce. Raises ValueError if it is not a complete index file."""
+    if f.read(len(_HEADER)) != _HEADER:
+        raise ValueError(f"{path}: not a megatron-core index file (bad magic)")
+    (version,) = struct.unpack("<Q", f.read(8))
+    if version != 1:
+        raise ValueError(f"{path}: unsupported index version {version}")
+    (code,) = struct.unpack("<B", f.read(1))
+    seq_count, doc_count = struct.unpack("<QQ", f.read(16))
+    if code not in _DTYPE_FROM_CODE:
+        raise ValueError(f"{path}: unknown dtype code {code}")
+    if os.fstat(f.fileno()).st_size < _HEADER_BYTES + 12 * seq_count + 8 * doc_count:
+        raise ValueError(f"{path}: truncated index")
+    return _DTYPE_FROM_CODE[code], seq_count, doc_count
+
+
 def read_index(path: str) -> tuple[type, np.ndarray]:
     """(dtype, per-sequence lengths) of an .idx file; raises ValueError if it is not one."""
     with open(path, "rb") as f:
-        if f.read(len(_HEADER)) != _HEADER:
-            raise ValueError(f"{path}: not a megatron-core index file (bad magic)")
-        (version,) = struct.unpack("<Q", f.read(8))
-        if version != 1:
-            raise ValueError(f"{path}: unsupported index version {version}")
-        (code,) = struct.unpack("<B", f.read(1))
-        (seq_count,) = struct.unpack("<Q", f.read(8))
-        struct.unpack("<Q", f.read(8))
+        dtype, seq_count, _ = _read_header(f, path)
         lengths = np.frombuffer(f.read(4 * seq_count), dtype=np.int32)
-        if len(lengths) != seq_count:
-            raise ValueError(f"{path}: truncated index")
-    if code not in _DTYPE_FROM_CODE:
-        raise ValueError(f"{path}: unknown dtype code {code}")
-    return _DTYPE_FROM_CODE[code], lengths
+    return dtype, lengths
 
 
 def described_bin_size(prefix: str) -> tuple[int, int]:
-    """(documents, bytes of .bin) that ``prefix``.idx describes; raises ValueError if it is not
-    an index file, OSError if it cannot be read."""
-    dtype, lengths = read_index(idx_path(prefix))
-    return len(lengths), int(lengths.astype(np.int64).sum()) * np.dtype(dtype).itemsize
+    """(documents, bytes of .bin) that ``prefix``.idx describes: the last sequence's byte offset
+    plus its length, read without loading the index (every rank checks this at start, and the
+    index of all of C4 en is 7 GB). Raises ValueError if it is not an index file, OSError if it
+    cannot be read."""
+    path = idx_path(prefix)
+    with open(path, "rb") as f:
+        dtype, seq_count, _ = _read_header(f, path)
+        if seq_count == 0:
+            return 0, 0
+        f.seek(_HEADER_BYTES + 4 * (seq_count - 1))
+        (last_length,) = struct.unpack("<i", f.read(4))
+        f.seek(_HEADER_BYTES + 4 * seq_count + 8 * (seq_count - 1))
+        (last_pointer,) = struct.unpack("<q", f.read(8))
+    return seq_count, last_pointer + last_length * np.dtype(dtype).itemsize
 
 
 def is_complete(prefix: str) -> bool:
