@@ -88,8 +88,12 @@ def measure(prefix: str, mode: str, cache: str, samples: int, seq: int) -> dict:
 
     from megatron_ext.config.data import DataConfig
     from megatron_ext.data.datasets import build_datasets
+    from megatron_ext.training.preflight import check_dataset_files
 
     base = _rss_mb()
+    t0 = time.perf_counter()
+    check_dataset_files("--data-path", prefix)  # what every rank checks before its data
+    checks_s = time.perf_counter() - t0
     data = DataConfig(data_path=[prefix], split="969,30,1", data_mode=mode, data_cache_path=cache)
     extra = {}
     if "say" in inspect.signature(build_datasets).parameters:  # absent before 2026-12-07
@@ -107,7 +111,8 @@ def measure(prefix: str, mode: str, cache: str, samples: int, seq: int) -> dict:
     last = train[len(train) - 1]
     last_s = time.perf_counter() - t0
     assert first["tokens"].shape[0] == seq and last["tokens"].shape[0] == seq
-    return {"start_s": start_s, "first_sample_s": first_s, "last_epoch_sample_s": last_s,
+    return {"checks_s": checks_s, "start_s": start_s, "first_sample_s": first_s,
+            "last_epoch_sample_s": last_s,
             "peak_rss_mb": _rss_mb(), "data_rss_mb": _rss_mb() - base,
             "samples": len(train)}  # fmt: skip
 
@@ -146,8 +151,9 @@ def run_fraction(fraction: float, workdir: str, samples: int, seq: int) -> dict:
         cache_gb = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache)
                        for f in fs) / 1e9 if os.path.isdir(cache) else 0.0  # fmt: skip
         result["modes"][mode] = {"cold": cold, "cache_hit": warm, "cache_gb": cache_gb}
-        print(f"  {mode}: cold start {cold['start_s']:.1f} s (peak RSS {cold['peak_rss_mb']:,.0f}"
-              f" MB), cache-hit start {warm['start_s']:.2f} s, first sample "
+        print(f"  {mode}: file checks {warm['checks_s']:.2f} s, cold start {cold['start_s']:.1f} "
+              f"s (peak RSS {cold['peak_rss_mb']:,.0f} MB), cache-hit start "
+              f"{warm['start_s']:.2f} s, first sample "
               f"{warm['first_sample_s'] * 1e3:.1f} ms, last-epoch sample "
               f"{warm['last_epoch_sample_s'] * 1e3:.1f} ms, data RSS per rank "
               f"{warm['data_rss_mb']:,.0f} MB (peak {warm['peak_rss_mb']:,.0f} MB), cache "
