@@ -422,3 +422,36 @@ def test_dry_run_plans_the_7b_recipe_and_refuses_bad_layouts():
         cwd=ROOT,
     )
     assert bad.returncode == 2 and "--tensor-model-parallel-size" in bad.stderr
+
+
+def test_per_document_order_resumes_exactly_under_another_layout(tmp_path):
+    """Per-document samples (a real indexed dataset, the Feistel order): 6 steps on one process
+    equal 3 steps on DP 2 resumed for 3 more on one process, step by step."""
+    import numpy as np
+
+    from megatron_ext.data.indexed_writer import IndexedDatasetWriter
+
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(4, 60, size=300).astype(np.int32)
+    prefix = str(tmp_path / "docs_text_document")
+    writer = IndexedDatasetWriter(prefix, np.uint16)
+    writer.add_documents(rng.integers(2, 500, size=int(lengths.sum())).astype(np.uint16), lengths)
+    writer.finalize()
+
+    def args(save, **extra):
+        argv = base_args(save, iters=6, adam_eps=1e-6, **extra)
+        argv.remove("--mock-data")
+        return argv + ["--data-path", prefix, "--data-mode", "per-document", "--split",
+                       "95,5,0", "--tokenizer-type", "NullTokenizer"]  # fmt: skip
+
+    straight = str(tmp_path / "straight")
+    _run(tmp_path, args(straight))
+    moved = str(tmp_path / "moved")
+    _run(tmp_path, args(moved, exit_interval=3), 2)
+    _run(tmp_path, args(moved))
+    a = step_metrics(os.path.join(straight, "metrics.jsonl"))
+    b = step_metrics(os.path.join(moved, "metrics.jsonl"))
+    assert sorted(b["lm_loss"]) == list(range(1, 7))
+    for it in range(1, 7):
+        assert b["lm_loss"][it] == pytest.approx(a["lm_loss"][it], rel=1e-5), it
+        assert b["grad_norm"][it] == pytest.approx(a["grad_norm"][it], rel=1e-5), it
