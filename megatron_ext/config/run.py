@@ -137,6 +137,15 @@ class StopConfig:
     )
 
 
+BACKSTOP_SHARE = 0.9  # no hang timeout exceeds this share of the process-group timeout
+
+
+def timeout_ceiling(distributed_timeout_minutes: float) -> float:
+    """The longest hang timeout, set, default or learned: the hang monitor must fire before a
+    collective's own timeout (the backstop) ends the run without a stack."""
+    return BACKSTOP_SHARE * distributed_timeout_minutes * 60
+
+
 @dataclass
 class FaultConfig:
     """Hangs and slow ranks (read by the hang watchdog and the straggler report)."""
@@ -152,11 +161,11 @@ class FaultConfig:
         None,
         "with --hang-timeout: seconds the start of each launch (setup with checkpoint load and "
         "data index build, then the first step) may take before its rank is declared hung "
-        "(default: 90%% of --distributed-timeout-minutes)",
+        "(default: 90% of --distributed-timeout-minutes)",
     )
     calc_ft_timeouts: bool = option(
         False,
-        "learn each phase's hang timeout from the run (5× the longest seen, at most 90%% of "
+        "learn each phase's hang timeout from the run (5× the longest seen, at most 90% of "
         "--distributed-timeout-minutes), kept with the checkpoint; --hang-timeout holds until "
         "there is enough to learn from",
     )
@@ -499,24 +508,27 @@ def _check_faults(f: FaultConfig, parallel) -> None:
         "--calc-ft-timeouts",
         "needs --hang-timeout (the timeout that holds until one is learned)",
     )
-    require(
-        f.hang_timeout is None or f.hang_timeout < parallel.distributed_timeout_minutes * 60,
-        "--hang-timeout",
-        f"{f.hang_timeout} s must be shorter than --distributed-timeout-minutes "
-        f"{parallel.distributed_timeout_minutes} (the hang detector must fire first)",
-    )
+    ceiling = timeout_ceiling(parallel.distributed_timeout_minutes)
+    for name, value in (("--hang-timeout", f.hang_timeout), ("--hang-setup-timeout",
+                                                              f.hang_setup_timeout)):  # fmt: skip
+        if value is None:
+            continue
+        require(
+            value <= ceiling,
+            name,
+            f"{value:g} s is more than 90% of --distributed-timeout-minutes "
+            f"{parallel.distributed_timeout_minutes:g} ({ceiling:g} s; the hang detector must "
+            "fire before a collective times out)",
+        )
     require(
         f.hang_setup_timeout is None or f.hang_timeout is not None,
         "--hang-setup-timeout",
         "needs --hang-timeout (it times the start of a watched run)",
     )
     require(
-        f.hang_setup_timeout is None
-        or 0 < f.hang_setup_timeout < parallel.distributed_timeout_minutes * 60,
+        f.hang_setup_timeout is None or f.hang_setup_timeout > 0,
         "--hang-setup-timeout",
-        f"{f.hang_setup_timeout} s must be positive and shorter than "
-        f"--distributed-timeout-minutes {parallel.distributed_timeout_minutes} (the hang "
-        "detector must fire first)",
+        "must be positive",
     )
     require(f.straggler_threshold > 0, "--straggler-threshold", "must be positive")
 

@@ -20,8 +20,9 @@ from typing import Optional
 
 import numpy as np
 import torch
+from megatron.core.datasets import gpt_dataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split
 
@@ -53,11 +54,13 @@ BUILD_DOCUMENTS_PER_S = 4.5e6
 BUILD_SAMPLES_PER_S = 3.7e6
 
 
-class PackedDataset(GPTDataset):
+class GPTDataset(gpt_dataset.GPTDataset):
     """megatron-core's ``GPTDataset`` (documents concatenated with EOD, cut into samples), given
     its split as a ``range``: the int32 array of every document its index build needs is made
     only on the rank that builds the index, and released after. A build announces itself in one
-    line with its expected time (the other ranks wait for it)."""
+    line with its expected time (the other ranks wait for it). It keeps megatron-core's class
+    name, from which the index cache's folder and key derive: caches built before, or by
+    megatron-core itself, are found."""
 
     def _build_document_sample_shuffle_indices(self):
         documents = self.indices
@@ -66,9 +69,8 @@ class PackedDataset(GPTDataset):
         )
         if building:
             self.indices = np.arange(documents.start, documents.stop, dtype=np.int32)
-            say = getattr(self.config, "say", None)
-            if say is not None:
-                say(self._build_line(len(documents)))
+            if self.config.say is not None:
+                self.config.say(self._build_line(len(documents)))
         try:
             return super()._build_document_sample_shuffle_indices()
         finally:
@@ -103,14 +105,14 @@ class PackedDataset(GPTDataset):
 class PerDocumentDataset(MegatronDataset):
     """One document per sample (the GPAS reference's protocol), order set by seed and index."""
 
-    build_low_level_dataset = staticmethod(GPTDataset.build_low_level_dataset)
-    numel_low_level_dataset = staticmethod(GPTDataset.numel_low_level_dataset)
+    build_low_level_dataset = staticmethod(gpt_dataset.GPTDataset.build_low_level_dataset)
+    numel_low_level_dataset = staticmethod(gpt_dataset.GPTDataset.numel_low_level_dataset)
 
     def __init__(self, dataset, dataset_path, indices, num_samples, index_split, config):
         super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
         self.seq_length = config.sequence_length
         self.eod = config.tokenizer.eod
-        self.pad_id = getattr(config, "per_document_pad_id", 0)
+        self.pad_id = config.per_document_pad_id
         self.num_docs = len(indices)
         if self.num_docs == 0:
             raise ValueError(f"{dataset_path}: no documents in the {index_split.name} split")
@@ -196,7 +198,8 @@ class SFTDataset(PerDocumentDataset):
 class _DocumentRangeBuilder(BlendedMegatronDatasetBuilder):
     """megatron-core's builder, handing each split's documents to the dataset as a ``range``
     instead of an int32 array of every document (1.5 GB per rank at C4 en's size): per-document
-    datasets index it, and a packed dataset that finds its cache needs nothing more."""
+    datasets index it, and a packed dataset that finds its cache needs nothing more. The config's
+    ``fast_cache_load`` is not supported (it is never set here)."""
 
     def _build_megatron_dataset_splits(self, dataset_path, split, sizes, synchronize_ranks=True):
         if torch.distributed.is_initialized() and not self.is_built_on_rank():
@@ -222,8 +225,18 @@ class _DocumentRangeBuilder(BlendedMegatronDatasetBuilder):
         return out
 
 
-def _gpt_config(data: DataConfig, seq_length: int, seed: int, tokenizer: DatasetTokenizer):
-    config = GPTDatasetConfig(
+@dataclass
+class DatasetConfig(GPTDatasetConfig):
+    """megatron-core's dataset config and what this project's datasets read beside it."""
+
+    per_document_pad_id: int = 0  # the input id on per-document padding (masked out)
+    say: Optional[Callable[[str], None]] = None  # gets the line of a packed index build
+
+
+def _gpt_config(
+    data: DataConfig, seq_length: int, seed: int, tokenizer: DatasetTokenizer, say=None
+) -> DatasetConfig:
+    return DatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
         blend=parse_blend(data.data_path),
@@ -241,9 +254,9 @@ def _gpt_config(data: DataConfig, seq_length: int, seed: int, tokenizer: Dataset
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,
+        per_document_pad_id=data.pad_id,
+        say=say,
     )
-    config.per_document_pad_id = data.pad_id
-    return config
 
 
 def build_datasets(
@@ -261,13 +274,12 @@ def build_datasets(
     split is empty); ``say`` gets a line when a packed index must be built."""
     data.validate()
     tokenizer = DatasetTokenizer(vocab_size=vocab_size, eod=eod_id)
-    config = _gpt_config(data, seq_length, seed, tokenizer)
-    config.say = say
+    config = _gpt_config(data, seq_length, seed, tokenizer, say)
     if data.mock_data:
         cls, builder = MockGPTDataset, BlendedMegatronDatasetBuilder
     else:
         cls = {"per-document": PerDocumentDataset, "sft": SFTDataset}.get(
-            data.data_mode, PackedDataset
+            data.data_mode, GPTDataset
         )
         builder = _DocumentRangeBuilder
     return builder(cls, list(num_samples), is_built_on_rank, config).build()

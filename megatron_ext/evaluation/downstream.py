@@ -255,6 +255,7 @@ def evaluate(
 def _export(model: Model, out: str, identity: dict, say) -> str:
     """The checkpoint exported once per checkpoint identity: a retrained model is exported
     again over its earlier export (which stays whole until the new one is complete)."""
+    from megatron_ext.checkpoint_layout import CheckpointError
     from megatron_ext.export.to_hf import ExportOptions, export_to_hf
 
     target = os.path.join(out, "exports", model.name)
@@ -265,7 +266,7 @@ def _export(model: Model, out: str, identity: dict, say) -> str:
         export_to_hf(
             ExportOptions(model.path, target, target="gpas", dtype="float32", overwrite=True)
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, CheckpointError) as err:
         raise DownstreamError(f"{model.name}: the export of {model.path} failed: {err}") from err
     fileio.write_json(os.path.join(target, SOURCE_FILE), identity)
     return target

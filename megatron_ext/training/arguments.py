@@ -60,7 +60,7 @@ def _add_fields(group, cls, names=None, section: Optional[str] = None) -> None:
         kwargs = _argument(hints[f.name])
         if "action" not in kwargs:
             kwargs.setdefault("metavar", f.name.upper())
-        help_text = f.metadata.get("help") or None
+        help_text = (f.metadata.get("help") or "").replace("%", "%%") or None  # argparse
         group.add_argument(flag(f.name), dest=dest, default=None, help=help_text, **kwargs)
 
 
@@ -91,7 +91,7 @@ class CommandOptions:
     dry_run: bool = False
     prepare_data_only: bool = False
     world_size: Optional[int] = None
-    verbose: bool = False
+    verbose: bool = False  # read from argv by quiet.py before any import; here for --help
 
 
 _COMMAND = "command."  # the dest prefix of CommandOptions' flags
@@ -165,7 +165,17 @@ def parse_command_line(argv: Optional[list] = None) -> tuple[RunConfig, CommandO
 
 
 def parse_run_config(argv: Optional[list] = None) -> RunConfig:
-    return parse_command_line(argv)[0]
+    """The run's configuration alone (a grid cell's, a recipe's test): the command's own flags
+    would be ignored there, so they are refused."""
+    cfg, command = parse_command_line(argv)
+    given = [f.name for f in dataclasses.fields(command) if getattr(command, f.name) not in
+             (None, False) and f.name != "verbose"]  # fmt: skip
+    if given:
+        raise ConfigError(
+            f"{flag(given[0])}: an option of the pretrain_gpas.py command, not of a run's "
+            "configuration; leave it out here"
+        )
+    return cfg
 
 
 def run_config_from_values(values: dict, model_size: Optional[str] = None) -> RunConfig:

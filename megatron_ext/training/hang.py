@@ -32,6 +32,7 @@ import time
 from typing import Optional
 
 from megatron_ext.config import FaultConfig
+from megatron_ext.config.run import timeout_ceiling
 from megatron_ext.training.components import (
     CHECKPOINT_LOAD,
     CHECKPOINT_SAVE,
@@ -50,20 +51,13 @@ STACKS_DIR = "stacks"
 SECTIONS = (FIRST_STEP, STEP, *PHASES)  # what the monitor times
 START_SECTIONS = (SETUP, CHECKPOINT_LOAD, FIRST_STEP)  # --hang-setup-timeout; never learned
 LEARNED_FLOOR_S = 60.0
-BACKSTOP_SHARE = 0.9  # no hang timeout exceeds this share of the process-group timeout
-
-
-def timeout_ceiling(distributed_timeout_minutes: float) -> float:
-    """The longest hang timeout, learned or default: the monitor must fire before a collective's
-    own timeout (the backstop) does."""
-    return BACKSTOP_SHARE * distributed_timeout_minutes * 60
 
 
 def setup_timeout(cfg: FaultConfig, distributed_timeout_minutes: float) -> float:
-    """``--hang-setup-timeout``, by default the ceiling (never below ``--hang-timeout``)."""
+    """``--hang-setup-timeout``, by default the ceiling."""
     if cfg.hang_setup_timeout is not None:
         return cfg.hang_setup_timeout
-    return max(cfg.hang_timeout, timeout_ceiling(distributed_timeout_minutes))
+    return timeout_ceiling(distributed_timeout_minutes)
 
 
 def stacks_path(run_dir: str, rank: int) -> str:
@@ -96,6 +90,7 @@ class HangWatchdog(Component):
             faulthandler.register(sig, file=self._stack_file, all_threads=True, chain=dies)
         timeout = cfg.hang_timeout
         sections = {n: self.setup_timeout if n in START_SECTIONS else timeout for n in SECTIONS}
+        self._configured = sections
         self._socket = os.path.join(tempfile.gettempdir(), f"gpas_rank_monitor_{os.getpid()}")
         self._monitor = rank_monitor.start_monitor(
             rank_monitor.monitor_config(sections, timeout),
@@ -161,9 +156,9 @@ class HangWatchdog(Component):
     def load_state_dict(self, state: dict) -> None:
         self._saved_timeouts = state
         if _describe(state) != "none" and self.cfg.calc_ft_timeouts:
-            self.client.load_state_dict(state)
+            self.client.load_state_dict(state)  # NVRx replaces every section's timeout
             logger.info("hang timeouts learned by the run before: %s", _describe(state))
-            self._bound()  # this run's process-group timeout may be shorter
+            self._settle()  # this launch's start timeouts, and its process-group timeout
 
     # -- internals -----------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -198,36 +193,49 @@ class HangWatchdog(Component):
             selected_sections=seen, calc_out_of_section=False, skip_if_not_ready=True
         ):
             return
-        self._bound()
+        self._settle()
         logger.info("hang timeouts learned: %s", _describe(self.client.state_dict()))
 
-    def _bound(self) -> None:
-        """Learned timeouts kept at least ``min(--hang-timeout, LEARNED_FLOOR_S)`` (5× a step of
-        tens of milliseconds would stop a run at its first garbage collection) and at most the
-        ceiling (5× a long save could outlast the process-group timeout, and the backstop would
-        end the run without a stack)."""
-        ceiling = self.ceiling
-        floor = min(self.cfg.hang_timeout, LEARNED_FLOOR_S, ceiling)
-        timeouts = self.client.section_timeouts
-        bounded = {}
-        for name in timeouts.calculated_sections:
-            value = timeouts.section.get(name)
-            if value is not None and not floor <= value <= ceiling:
-                bounded[name] = min(max(value, floor), ceiling)
-        if not bounded:
+    def _settle(self) -> None:
+        """Give the monitor this launch's timeouts: its own for the start and every section not
+        learned, the learned ones bounded (:func:`settled_timeouts`)."""
+        if not self.client.is_initialized:
             return
-        capped = {k: timeouts.section[k] for k, v in bounded.items() if v < timeouts.section[k]}
+        timeouts = self.client.section_timeouts
+        section, learned, capped = settled_timeouts(
+            self._configured, timeouts.section, timeouts.calculated_sections,
+            floor=min(self.cfg.hang_timeout, LEARNED_FLOOR_S, self.ceiling), ceiling=self.ceiling,
+        )  # fmt: skip
         if capped:
             logger.warning(
                 "hang timeouts learned above %.0f s (90%% of --distributed-timeout-minutes) "
-                "capped: %s", ceiling,
+                "capped: %s", self.ceiling,
                 ", ".join(f"{k} {v:.1f} s" for k, v in capped.items()),
             )  # fmt: skip
-        # NVRx 0.4.1's own setter: the monitor gets the bounded values too
-        bounded_timeouts = dataclasses.replace(timeouts, section={**timeouts.section, **bounded})
-        self.client._set_calculated_timeouts(
-            new_hb_timeouts=None, new_section_timeouts=bounded_timeouts
-        )
+        settled = dataclasses.replace(
+            timeouts, section=section, calculated_sections=learned,
+            out_of_section=self.cfg.hang_timeout, is_out_of_section_calculated=False,
+        )  # fmt: skip
+        # NVRx 0.4.1's own setter: the monitor gets the same values
+        self.client._set_calculated_timeouts(new_hb_timeouts=None, new_section_timeouts=settled)
+
+
+def settled_timeouts(configured: dict, section: dict, calculated, *, floor: float, ceiling: float):
+    """(timeouts, learned sections, learned values capped) for the monitor: every section of
+    ``configured`` (this launch's), with a learned value in its place where one was learned for
+    a section after the start, kept within [floor, ceiling]. A checkpoint's learned start
+    timeouts (written before the start had its own) and sections this launch does not know are
+    dropped: the start keeps ``--hang-setup-timeout``."""
+    out, learned, capped = dict(configured), set(), {}
+    for name in calculated:
+        value = section.get(name)
+        if name in START_SECTIONS or name not in configured or value is None:
+            continue
+        out[name] = min(max(value, floor), ceiling)
+        learned.add(name)
+        if value > ceiling:
+            capped[name] = value
+    return out, learned, capped
 
 
 def _describe(state: dict) -> str:

@@ -84,7 +84,9 @@ def _count(n: float) -> str:
 def data_tokens(run) -> Optional[DataTokens]:
     """The real tokens a resolved run trains on (None for mock data): packed samples are all
     real tokens; a per-document sample holds its document's first ``seq_length`` tokens (the
-    last one the EOD that ends each document) and padding."""
+    last one the EOD that ends each document) and padding. A blend's prefixes share the samples
+    by their weights, unweighted ones by their size (tokens packed, documents per-document, as
+    megatron-core sizes them); the epochs are the most any prefix is read."""
     from megatron_ext.training.preflight import train_split_lengths
 
     cfg = run.cfg
@@ -93,20 +95,24 @@ def data_tokens(run) -> Optional[DataTokens]:
     parts = train_split_lengths(cfg.data)
     if not parts:
         return None
+    mode, seq = cfg.data.data_mode, cfg.model.seq_length
     samples = cfg.optim.train_iters * run.global_batch_size
-    seq = cfg.model.seq_length
+    sizes = [int(lengths.sum(dtype="int64")) for _, _, lengths in parts]
+    if mode != "packed":
+        sizes = [len(lengths) for _, _, lengths in parts]
+    weights = [w if w is not None else size for (_, w, _), size in zip(parts, sizes, strict=True)]
+    real, epochs = 0.0, 0.0
+    for (_, _, lengths), weight, size in zip(parts, weights, sizes, strict=True):
+        mine = samples * weight / sum(weights)
+        if mode == "packed":
+            real += mine * seq
+            epochs = max(epochs, mine * seq / max(size, 1))
+        else:
+            real += mine * (float(np.minimum(lengths, seq).mean(dtype="float64")) if size else 0.0)
+            epochs = max(epochs, mine / max(size, 1))
     documents = sum(len(lengths) for _, _, lengths in parts)
     tokens = sum(int(lengths.sum(dtype="int64")) for _, _, lengths in parts)
-    if cfg.data.data_mode == "packed":
-        slots = samples * seq
-        return DataTokens("packed", documents, tokens, slots, slots / max(tokens, 1))
-    real, epochs = 0.0, 0.0
-    for _, share, lengths in parts:
-        mine = share * samples
-        per_document = float(np.minimum(lengths, seq).mean(dtype="float64")) if len(lengths) else 0
-        real += mine * per_document
-        epochs = max(epochs, mine / max(len(lengths), 1))
-    return DataTokens(cfg.data.data_mode, documents, tokens, int(real), epochs)
+    return DataTokens(mode, documents, tokens, int(real), epochs)
 
 
 def smallest_world(cfg: RunConfig) -> int:

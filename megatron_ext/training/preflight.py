@@ -137,20 +137,18 @@ def train_examples(data: DataConfig, seq_length: int) -> int:
 
 
 def train_split_lengths(data: DataConfig) -> list[tuple]:
-    """(prefix, share of the training samples, its training documents' lengths) for each
-    prefix of the training split: what ``--dry-run`` counts real tokens from. Unweighted
-    prefixes share by documents."""
+    """(prefix, blend weight or None, its training documents' lengths) for each prefix of the
+    training split: what ``--dry-run`` counts real tokens from."""
     from megatron_ext.data.indexed_writer import read_index
 
     blend = parse_blend(data.train_data_path, "train_data_path") or parse_blend(data.data_path)
     ranges = [(p, first, end) for split, p, first, end in _split_ranges(data) if split == "train"]
     if blend is None or not ranges:
         return []
-    weights = blend[1] or [end - first for _, first, end in ranges]
-    total = float(sum(weights)) or 1.0
+    weights = blend[1] or [None] * len(ranges)
     return [
-        (prefix, w / total, read_index(idx_path(prefix))[1][first:end])
-        for (prefix, first, end), w in zip(ranges, weights, strict=True)
+        (prefix, weight, read_index(idx_path(prefix))[1][first:end])
+        for (prefix, first, end), weight in zip(ranges, weights, strict=True)
     ]
 
 

@@ -19,15 +19,18 @@ pytest.importorskip("nvidia_resiliency_ext")
 HANG_TIMEOUT = 8.0  # checked every 2 s; the monitor's own grace after announcing: 4 s
 
 RANK = """
-import sys, time
+import sys, time, types
 from megatron_ext.config import FaultConfig
 from megatron_ext.training.components import SETUP
 from megatron_ext.training.hang import HangWatchdog
 
-watchdog = HangWatchdog(FaultConfig(hang_timeout=float(sys.argv[2])), sys.argv[1], rank=0)
+watchdog = HangWatchdog(FaultConfig(hang_timeout=float(sys.argv[2])), sys.argv[1], rank=0,
+                        distributed_timeout_minutes=30.0)
 watchdog.phase_started(SETUP, 0)
 watchdog.phase_ended(SETUP, 0)
-watchdog.before_step(1)
+watchdog.before_step(1)  # the first step has the start's timeout; the second, --hang-timeout
+watchdog.after_step(types.SimpleNamespace(iteration=1))
+watchdog.before_step(2)
 print(watchdog._monitor.pid, flush=True)
 
 def the_step_that_never_ends():
