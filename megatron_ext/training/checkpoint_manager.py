@@ -16,7 +16,7 @@ from megatron_ext import checkpoint_manifest
 from megatron_ext.checkpoint_layout import CheckpointError, checkpoint_dir
 from megatron_ext.checkpoint_manifest import human_bytes
 from megatron_ext.config import CheckpointConfig
-from megatron_ext.run_lock import RunLock, RunLockError
+from megatron_ext.run_lock import STALLED_AFTER_S, RunLock, RunLockError
 from megatron_ext.training import checkpointing
 from megatron_ext.training.checkpoint_space import check_free_space, estimate_checkpoint_bytes
 from megatron_ext.training.checkpointing import LoadedCheckpoint, PendingSave
@@ -35,9 +35,10 @@ from megatron_ext.training.run_state import RunState, saved_component_states
 logger = logging.getLogger("gpas")
 
 
-def lock_save_dir(save: Optional[str]) -> Optional[RunLock]:
+def lock_save_dir(save: Optional[str], quiet_s: float = STALLED_AFTER_S) -> Optional[RunLock]:
     """Collective: take ``--save``'s lock on rank 0 before anything is written there; every
-    rank raises the same :class:`RunLockError` when another run holds it."""
+    rank raises the same :class:`RunLockError` when another run holds it. Its heartbeat stops
+    after ``quiet_s`` without progress (at least as long as the run's start may take)."""
     if not save:
         return None
     lock, outcome = None, None
@@ -45,7 +46,7 @@ def lock_save_dir(save: Optional[str]) -> Optional[RunLock]:
         lock = RunLock(save)
         try:
             outcome = ("taken over", lock.acquire())
-            lock.start_heartbeat()
+            lock.start_heartbeat(stalled_after_s=max(STALLED_AFTER_S, quiet_s))
         except (RunLockError, OSError) as err:
             outcome = ("refused", str(err))
     kind, message = gather(outcome)[0]

@@ -112,7 +112,10 @@ class Trainer:
         )
         logger.setLevel(logging.INFO if _is_logging_rank() else logging.WARNING)
         with self.components.phase(SETUP):
-            self.lock = lock_save_dir(cfg.checkpoint.save)  # before anything is written there
+            # before anything is written there; quiet through a start as long as collectives allow
+            self.lock = lock_save_dir(
+                cfg.checkpoint.save, quiet_s=cfg.parallel.distributed_timeout_minutes * 60
+            )
             self._build_model_and_optimizer()
             self.checkpoints = CheckpointManager(
                 cfg.checkpoint,
