@@ -237,3 +237,63 @@ def test_a_deliberate_stop_of_one_task_is_not_restarted_when_srun_reports_a_kill
     assert "the trainer stopped on purpose (exit 2); not restarting" in proc.stderr
     assert "starting it again" not in proc.stderr
     assert (run / "logs" / "train-7-restart0.exits" / "rank1").read_text() == "2\n"
+
+
+_DATA_STEP_SRUN = """#!/bin/bash
+# Stands in for srun: runs the one-task data step; records the training step and ends it.
+args=("$@")
+while [[ $1 == --* ]]; do
+    [[ $1 == --output=* ]] && log=${1#--output=}
+    [[ $1 == --ntasks=1 ]] && one=1
+    shift
+done
+if [[ -n $one ]]; then
+    "$@" >>"$log" 2>&1
+else
+    echo "training step: ${args[*]}" >>"$log"
+fi
+"""
+
+
+@pytest.mark.parametrize("data", ["real", "missing"])
+def test_the_job_prepares_the_data_in_one_task_before_training(tmp_path, mistral_model, data):
+    """With DATA, train.sbatch's first step is one task of ``--prepare-data-only`` with the
+    training flags: it builds the packed index cache, then the training step runs; data that
+    cannot be read ends the job with that exit code before any training step."""
+    import numpy as np
+
+    from megatron_ext.data.indexed_writer import IndexedDatasetWriter
+
+    prefix = str(tmp_path / "data" / "c4_text_document")
+    if data == "real":
+        rng = np.random.default_rng(0)
+        lengths = rng.integers(20, 200, size=2000).astype(np.int32)
+        writer = IndexedDatasetWriter(prefix, np.uint16)
+        writer.add_documents(rng.integers(3, 30000, int(lengths.sum())).astype(np.uint16), lengths)
+        writer.finalize()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(_DATA_STEP_SRUN)
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho node1\n")
+    for tool in ("srun", "scontrol"):
+        os.chmod(bin_dir / tool, 0o755)
+    run = tmp_path / "run"
+    env = dict(
+        os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        RECIPE=os.path.join(SLURM, "recipes", "tiny_cpu.yaml"), RUN=str(run), DEVICE="cpu",
+        PYTHON=sys.executable, DATA=prefix, TOKENIZER=mistral_model, SLURM_JOB_ID="9",
+        SLURM_JOB_NODELIST="node1", SLURM_NNODES="1", SLURM_NTASKS="2", SLURM_SUBMIT_DIR=ROOT,
+    )  # fmt: skip
+    proc = subprocess.run(["bash", os.path.join(SLURM, "train.sbatch")], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    prepared = (run / "logs" / "prepare-data-9.log").read_text()
+    training = run / "logs" / "train-9-restart0.log"
+    if data == "missing":
+        assert proc.returncode == 2, proc.stderr + prepared
+        assert "error: --data-path" in prepared and "preparing the data failed" in proc.stderr
+        assert not training.exists()
+        return
+    assert proc.returncode == 0, proc.stderr + prepared
+    assert "data: no cached train index" in prepared and "data: train index ready" in prepared
+    assert os.listdir(os.path.join(prefix, "cache", "GPTDataset_indices"))  # megatron-core's place
+    assert "training step:" in training.read_text()
