@@ -42,7 +42,7 @@ if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT"
 # Workers started with this on PYTHONPATH start slowly, as a 7B run on all of C4 does: rank 0's
 # data build takes SLOW_START_S (the others wait for it in the next collective), and every
 # rank's first step takes SLOW_START_S more (something built lazily).
-SLOW_START_S = 15
+SLOW_START_S = 12
 SLOW_START = f"""
 import os
 import time

@@ -276,7 +276,7 @@ def sandbox(tmp_path_factory, english_docs, mistral_model):
     records = [
         {"instruction": f"Does this continue sensibly? {doc[:200]}", "input": "",
          "output": f"the correct answer is {answer}", "answer": answer}
-        for doc, answer in zip(english_docs[:40], ["true", "false"] * 20, strict=True)
+        for doc, answer in zip(english_docs[:16], ["true", "false"] * 8, strict=True)
     ]  # fmt: skip
     (ws / "commonsense_170k.json").write_text(json.dumps(records))
     return ws

@@ -9,8 +9,8 @@ command) must be an option of one of the project's commands."""
 
 from __future__ import annotations
 
-import functools
 import glob
+import json
 import os
 import re
 import subprocess
@@ -53,28 +53,53 @@ def _script_of(word: str):
     return None
 
 
-@functools.cache
-def options_of(command: tuple) -> frozenset:
-    """The option strings ``--help`` shows on its option lines (``--x``, ``--no-x``)."""
-    script, *sub = command
-    path = os.path.join(ROOT, script)
-    assert os.path.isfile(path), f"the docs name {script}, which does not exist"
-    proc = subprocess.run([sys.executable, path, *sub, "--help"], capture_output=True,
-                          text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})  # fmt: skip
-    assert proc.returncode == 0, f"{script} {' '.join(sub)} --help: {proc.stderr[-2000:]}"
-    found = set()
-    for line in proc.stdout.splitlines():
-        if re.match(r"^\s+-", line):  # an option line, not the help text around it
-            found |= set(re.findall(FLAG, line.split("  ")[1] if "  " in line[2:] else line))
-    return frozenset(found)
+# Runs each command's --help in one process (the imports paid once): {command: stdout or error}
+_HELPS = r"""
+import contextlib, io, json, os, runpy, sys, traceback
+out = {}
+for script, *sub in json.loads(sys.argv[1]):
+    sys.argv, buf = [script, *sub, "--help"], io.StringIO()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python script` does
+    try:
+        with contextlib.redirect_stdout(buf):
+            runpy.run_path(script, run_name="__main__")
+    except SystemExit as stop:
+        if stop.code not in (0, None):
+            buf.write(f"ERROR exit {stop.code}")
+    except Exception:
+        buf.write("ERROR " + traceback.format_exc())
+    sys.path.pop(0)
+    out[" ".join([script, *sub])] = buf.getvalue()
+print(json.dumps(out))
+"""
 
 
-def _all_ours() -> frozenset:
+def helps_of(commands) -> dict:
+    """{command: the option strings its ``--help`` shows on option lines}."""
+    for script, *_ in commands:
+        assert os.path.isfile(os.path.join(ROOT, script)), f"the docs name {script}: no such file"
+    proc = subprocess.run([sys.executable, "-c", _HELPS, json.dumps(sorted(commands))],
+                          capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": ROOT})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = {}
+    for command in commands:
+        text = json.loads(proc.stdout.strip().splitlines()[-1])[" ".join(command)]
+        assert "ERROR" not in text, f"{' '.join(command)} --help: {text[-2000:]}"
+        out[command] = frozenset(
+            flag
+            for line in text.splitlines()
+            if re.match(r"^\s+-", line)  # an option line, not the help text around it
+            for flag in re.findall(FLAG, line.split("  ")[1] if "  " in line[2:] else line)
+        )
+    return out
+
+
+def _our_commands() -> list:
     scripts = [os.path.relpath(p, ROOT) for pattern in ("tools/*.py", "bench/*.py")
                for p in glob.glob(os.path.join(ROOT, pattern))]  # fmt: skip
     commands = [PRETRAIN] + [(p,) for p in scripts if _has_main(os.path.join(ROOT, p))]
-    commands += [("tools/run_grid.py", sub) for sub in ("run", "status", "slurm", "cell")]
-    return frozenset().union(*map(options_of, commands))
+    return commands + [("tools/run_grid.py", sub) for sub in ("run", "status", "slurm", "cell")]
 
 
 def _has_main(path: str) -> bool:
@@ -127,19 +152,22 @@ def documented_files() -> list:
 
 
 def _problems() -> list:
-    ours = _all_ours()
-    problems = []
+    found = []
     for rel in documented_files():
         with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
             text = f.read()
-        for n, command, flag in attributed_flags(text, rel.endswith(".yaml")):
-            if command == "other" or flag in NOT_OURS:
-                continue
-            if command is None:
-                if flag not in ours and flag not in THEIRS:
-                    problems.append(f"{rel}:{n}: {flag} is an option of none of our commands")
-            elif flag not in options_of(command):
-                problems.append(f"{rel}:{n}: {flag} is not in `{' '.join(command)} --help`")
+        found += [(rel, n, c, flag) for n, c, flag in attributed_flags(text, rel.endswith(".yaml"))
+                  if c != "other" and flag not in NOT_OURS]  # fmt: skip
+    named = {c for _, _, c, _ in found if c is not None}
+    helps = helps_of(sorted(named | set(_our_commands())))
+    ours = frozenset().union(*helps.values())
+    problems = []
+    for rel, n, command, flag in found:
+        if command is None:
+            if flag not in ours and flag not in THEIRS:
+                problems.append(f"{rel}:{n}: {flag} is an option of none of our commands")
+        elif flag not in helps[command]:
+            problems.append(f"{rel}:{n}: {flag} is not in `{' '.join(command)} --help`")
     return problems
 
 

@@ -133,9 +133,7 @@ def test_a_start_slower_than_the_hang_timeout_trains_without_a_restart(tmp_path)
     line = re.search(r"hang watchdog: (\d+) s per step and phase, (\d+) s for the start",
                      launch.text)  # fmt: skip
     assert line and int(line[1]) == hang_timeout and int(line[2]) > 2 * SLOW_START_S, launch.text
-    assert sorted(step_metrics(os.path.join(save, "metrics.jsonl"))["lm_loss"]) == list(
-        range(1, 7)
-    )
+    assert sorted(step_metrics(os.path.join(save, "metrics.jsonl"))["lm_loss"]) == list(range(1, 7))
 
 
 def test_learned_hang_timeouts_are_kept_with_the_checkpoint(tmp_path):

@@ -186,9 +186,7 @@ def test_an_unhashed_manifest_adds_the_files_times(tmp_path):
     assert d.model_identity(str(root)) != before
 
 
-def test_a_checkpoint_that_changed_is_exported_again_over_its_earlier_export(
-    tmp_path, monkeypatch
-):
+def test_a_checkpoint_that_changed_is_exported_again_over_its_earlier_export(tmp_path, monkeypatch):
     """The table re-exports a checkpoint that changed since its last export (a newer
     iteration), replacing the earlier export, and evaluates the new one."""
     import shutil

@@ -41,6 +41,7 @@ def test_learned_timeouts_are_bounded_and_the_capped_ones_named():
 
 def test_both_hang_timeouts_stay_below_90_percent_of_the_process_group_timeout():
     assert timeout_ceiling(30) == 1620.0
+
     def run(faults):
         return RunConfig(faults=faults, data=DataConfig(mock_data=True))
 
