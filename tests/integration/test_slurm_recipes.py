@@ -186,6 +186,18 @@ def test_the_sft_pipeline_submits_data_then_sft_then_the_table(tmp_path):
     assert "tools/downstream_eval.py" in jobs[3] and jobs[3].count("--model ") == 2
 
 
+def _stand_in_slurm(tmp_path, srun: str):
+    """A folder holding an ``srun`` script and an ``scontrol`` that names one node, to put first
+    on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(srun)
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho node1\n")
+    for tool in ("srun", "scontrol"):
+        os.chmod(bin_dir / tool, 0o755)
+    return bin_dir
+
+
 _FAKE_SRUN = """#!/bin/bash
 # Stands in for srun with two tasks where task 1 stops on its own and task 0 is killed by
 # --kill-on-bad-exit before it exits: the step's status is the killed task's 143.
@@ -205,12 +217,7 @@ def test_a_deliberate_stop_of_one_task_is_not_restarted_when_srun_reports_a_kill
 ):
     """srun's status is its worst task's: a peer killed after one rank's exit 2 reads as 143, a
     failure that the script would restart. Each task's own exit code decides instead."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text(_FAKE_SRUN)
-    (bin_dir / "scontrol").write_text("#!/bin/bash\necho node1\n")
-    for tool in ("srun", "scontrol"):
-        os.chmod(bin_dir / tool, 0o755)
+    bin_dir = _stand_in_slurm(tmp_path, _FAKE_SRUN)
     run = tmp_path / "run"
     env = dict(
         os.environ,
@@ -271,12 +278,7 @@ def test_the_job_prepares_the_data_in_one_task_before_training(tmp_path, mistral
         writer = IndexedDatasetWriter(prefix, np.uint16)
         writer.add_documents(rng.integers(3, 30000, int(lengths.sum())).astype(np.uint16), lengths)
         writer.finalize()
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text(_DATA_STEP_SRUN)
-    (bin_dir / "scontrol").write_text("#!/bin/bash\necho node1\n")
-    for tool in ("srun", "scontrol"):
-        os.chmod(bin_dir / tool, 0o755)
+    bin_dir = _stand_in_slurm(tmp_path, _DATA_STEP_SRUN)
     run = tmp_path / "run"
     env = dict(
         os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
