@@ -31,9 +31,9 @@ watchdog.phase_ended(SETUP, 0)
 watchdog.before_step(1)  # the first step has the start's timeout; the second, --hang-timeout
 watchdog.after_step(types.SimpleNamespace(iteration=1))
 watchdog.before_step(2)
-print(watchdog._monitor.pid, flush=True)
 
 def the_step_that_never_ends():
+    print(watchdog._monitor.pid, flush=True)  # from inside: a stop now finds the rank here
     while True:
         time.sleep(0.05)
 
