@@ -99,14 +99,13 @@ def _split_bounds(split: str) -> list:
     return convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
 
 
+def _train_blend(data: DataConfig):
+    """(prefixes, weights or None) of the training split; None for mock data."""
+    return parse_blend(data.train_data_path, "train_data_path") or parse_blend(data.data_path)
+
+
 def _train_ranges(data: DataConfig) -> list[tuple[str, int, int]]:
-    """(prefix, first, end) document ranges of the training split, for ``--epochs``."""
-    blend = parse_blend(data.train_data_path, "train_data_path") or parse_blend(data.data_path)
-    if blend is None or blend[1] is not None:
-        raise ConfigError(
-            "--epochs: counts the examples of unweighted dataset prefixes; with a weighted blend "
-            "or mock data give --train-iters"
-        )
+    """(prefix, first, end) document ranges of the training split."""
     return [(p, first, end) for split, p, first, end in _split_ranges(data) if split == "train"]
 
 
@@ -122,6 +121,12 @@ def train_examples(data: DataConfig, seq_length: int) -> int:
     ``packed``: the ``seq_length``-token samples its tokens fill (as GPTDataset counts them)."""
     from megatron_ext.data.indexed_writer import read_index
 
+    blend = _train_blend(data)
+    if blend is None or blend[1] is not None:
+        raise ConfigError(
+            "--epochs: counts the examples of unweighted dataset prefixes; with a weighted blend "
+            "or mock data give --train-iters"
+        )
     total = 0
     for prefix, first, end in _train_ranges(data):
         if data.data_mode == "sft":
@@ -141,8 +146,7 @@ def train_split_lengths(data: DataConfig) -> list[tuple]:
     training split: what ``--dry-run`` counts real tokens from."""
     from megatron_ext.data.indexed_writer import read_index
 
-    blend = parse_blend(data.train_data_path, "train_data_path") or parse_blend(data.data_path)
-    ranges = [(p, first, end) for split, p, first, end in _split_ranges(data) if split == "train"]
+    blend, ranges = _train_blend(data), _train_ranges(data)
     if blend is None or not ranges:
         return []
     weights = blend[1] or [None] * len(ranges)
