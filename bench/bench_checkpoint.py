@@ -46,7 +46,7 @@ def _timed(fn, *args, **kwargs):
 
 
 def bench_manifest(gigabytes: float, workdir: str) -> dict:
-    from megatron_ext import checkpoint_manifest as m
+    from megatron_ext.checkpoint import manifest as m
 
     directory = os.path.join(workdir, "iter_0000100")
     os.makedirs(directory)

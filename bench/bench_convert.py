@@ -30,9 +30,9 @@ from process_stats import run_measured  # noqa: E402
 def _make_checkpoint(preset: str, dtype_name: str, root: str) -> None:
     import torch
 
+    from megatron_ext.checkpoint.save_load import save_checkpoint
     from megatron_ext.export.megatron_model import build_cpu_model
     from megatron_ext.models.presets import model_preset
-    from megatron_ext.training.checkpointing import save_checkpoint
 
     cfg = model_preset(preset, norm_type="pre_gpas")
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]

@@ -20,18 +20,29 @@ import os
 import platform
 import re
 import statistics
-import sys
 import tempfile
 
+from fault_drills import ROOT, torchrun
 from process_stats import append_result
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from megatron_ext.metrics_file import MetricsFile
+
 RESULTS = os.path.join(ROOT, "bench", "results", "faults.jsonl")
 
-from megatron_ext.metrics_file import MetricsFile  # noqa: E402
-from tests.helpers.cli_runs import base_args  # noqa: E402
-from tests.helpers.torchrun_faults import torchrun  # noqa: E402
+
+def base_args(save: str, iters: int, model_size: str = "tiny4", **extra) -> list[str]:
+    """A small pretraining run on mock data, checkpointed under ``save``; ``extra`` flags as
+    keyword arguments (``log_interval=1`` → ``--log-interval 1``, ``True`` → the bare flag)."""
+    args = ["--device", "cpu", "--model-size", model_size, "--norm-type", "pre_gpas",
+            "--mock-data", "--vocab-size", "512", "--micro-batch-size", "1",
+            "--global-batch-size", "4", "--train-iters", str(iters), "--lr", "3e-3",
+            "--lr-warmup-iters", "2", "--clip-grad", "1.0", "--clip-gate-grad", "0.01",
+            "--log-interval", "1", "--eval-interval", "100", "--eval-iters", "1", "--seed", "7",
+            "--num-workers", "0", "--save", save, "--load", save]  # fmt: skip
+    for name, value in extra.items():
+        flag = "--" + name.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    return args
 
 
 def straggler_cost(tmp: str, iters: int, model: str) -> dict:

@@ -47,8 +47,8 @@ def main() -> None:
     args = parser.parse_args()
     from megatron_ext.config.data import DataConfig
     from megatron_ext.data.datasets import build_datasets
+    from megatron_ext.planning.preflight import check_dataset_files, check_dataset_info
     from megatron_ext.platform.distributed import ensure_single_process_cpu
-    from megatron_ext.training.preflight import check_dataset_files, check_dataset_info
 
     ensure_single_process_cpu()
     with tempfile.TemporaryDirectory() as tmp:

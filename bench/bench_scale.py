@@ -75,7 +75,7 @@ def _rss_mb() -> float:
 
 
 def _recipe_samples(seq_override=None) -> tuple[int, int]:
-    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.planning.arguments import parse_run_config
 
     cfg = parse_run_config(["--config", RECIPE, "--mock-data"])
     return cfg.optim.train_iters * cfg.optim.global_batch_size, cfg.model.seq_length
@@ -88,7 +88,7 @@ def measure(prefix: str, mode: str, cache: str, samples: int, seq: int) -> dict:
 
     from megatron_ext.config.data import DataConfig
     from megatron_ext.data.datasets import build_datasets
-    from megatron_ext.training.preflight import check_dataset_files
+    from megatron_ext.planning.preflight import check_dataset_files
 
     base = _rss_mb()
     t0 = time.perf_counter()

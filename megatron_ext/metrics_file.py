@@ -32,7 +32,7 @@ class StepRecord:
     gate_grad_norm: Optional[float]
     tokens_per_s: float  # over the interval
     step_time_s: float  # mean over the interval
-    skipped_iterations: int  # in the whole run
+    skipped_iterations: int = 0  # in the whole run
     gate_scale_mean: Optional[float] = None  # GPAS types only
     gate_scale_min: Optional[float] = None
     gate_scale_max: Optional[float] = None
@@ -66,7 +66,7 @@ class ValidationRecord:
 @dataclass
 class TelemetryRecord:
     iteration: int
-    telemetry: list  # one row per layer (``training/telemetry.py``)
+    telemetry: list  # one row per layer (``training/components/telemetry.py``)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -74,7 +74,7 @@ class TelemetryRecord:
 
 @dataclass
 class SpikeRecord:
-    """A step whose loss or grad norm left the rolling band (``training/spikes.py``)."""
+    """A step whose loss or grad norm left the rolling band (``training/components/spikes.py``)."""
 
     iteration: int
     spike: list  # which of "loss", "grad_norm"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import sys
 
+from megatron_ext.resilience import exit_codes
+
 #: top-level module → the setup.py extra that installs it
 EXTRA_OF_MODULE = {
     "safetensors": "hf",
@@ -45,6 +47,6 @@ def reports_missing_extras(main):
             if message is None:
                 raise
             print(message, file=sys.stderr)
-            return 2
+            return exit_codes.BAD_INPUT
 
     return wrapper

@@ -28,16 +28,18 @@ from megatron_ext.quiet import quiet_third_party_warnings
 quiet_third_party_warnings()
 
 from megatron_ext import fileio  # noqa: E402
-from megatron_ext.checkpoint_layout import CheckpointError  # noqa: E402
+from megatron_ext.checkpoint.layout import CheckpointError  # noqa: E402
 from megatron_ext.cli.extras import reports_missing_extras  # noqa: E402
 from megatron_ext.config import ConfigError  # noqa: E402
-from megatron_ext.restart_ledger import RestartRefused  # noqa: E402
-from megatron_ext.run_lock import RunLockError  # noqa: E402
-from megatron_ext.training.arguments import parse_command_line  # noqa: E402
+from megatron_ext.planning.arguments import parse_command_line  # noqa: E402
+from megatron_ext.planning.plan import data_tokens, plan_run, smallest_world  # noqa: E402
+from megatron_ext.planning.resolve import resolve_run  # noqa: E402
+from megatron_ext.resilience import exit_codes  # noqa: E402
+from megatron_ext.resilience.restart_ledger import RestartRefused  # noqa: E402
+from megatron_ext.resilience.run_lock import RunLockError  # noqa: E402
+from megatron_ext.training.contract import TrainingStopped  # noqa: E402
 from megatron_ext.training.data_setup import prepare_data  # noqa: E402
-from megatron_ext.training.planning import data_tokens, plan_run, smallest_world  # noqa: E402
-from megatron_ext.training.resolve import resolve_run  # noqa: E402
-from megatron_ext.training.trainer import TrainingStopped, run  # noqa: E402
+from megatron_ext.training.trainer import run  # noqa: E402
 
 
 def _configure_logging() -> None:
@@ -79,25 +81,25 @@ def _main(argv=None) -> int:
             else:
                 for line in plan_run(resolved.cfg, ws, data_tokens(resolved)).lines():
                     print(line)
-            return 0
+            return exit_codes.OK
         _configure_logging()
         run(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_codes.BAD_INPUT
     except RunLockError as err:
         _error_once(err)
-        return 2
+        return exit_codes.BAD_INPUT
     except CheckpointError as err:
         _error_once(err)
-        return 3
+        return exit_codes.STOPPED
     except TrainingStopped as err:
         logging.getLogger("gpas").error(str(err))
-        return 3
+        return exit_codes.STOPPED
     except RestartRefused as err:
         _error_once(err)
         return err.exit_code
-    return 0
+    return exit_codes.OK
 
 
 def _report_exit(code: int) -> int:

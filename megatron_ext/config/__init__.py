@@ -8,7 +8,7 @@
 * ``run.py`` — :class:`RunConfig`: the sections above plus tokenizer, optimizer, evaluation,
   checkpointing, fusion, logging and profiling; ``RunConfig.validate`` checks the whole run.
 
-The command line is derived from these fields (``training/arguments.py``: ``micro_batch_size``
+The command line is derived from these fields (``planning/arguments.py``: ``micro_batch_size``
 → ``--micro-batch-size``); a run's configuration is built once and not mutated afterwards.
 """
 

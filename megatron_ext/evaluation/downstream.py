@@ -31,7 +31,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from megatron_ext import checkpoint_layout, checkpoint_manifest, fileio
+from megatron_ext import fileio
+from megatron_ext.checkpoint import layout as checkpoint_layout
+from megatron_ext.checkpoint import manifest as checkpoint_manifest
 
 #: the commonsense tasks the GPAS paper's fine-tuning code evaluates (5-shot)
 PAPER_TASKS = (
@@ -255,7 +257,7 @@ def evaluate(
 def _export(model: Model, out: str, identity: dict, say) -> str:
     """The checkpoint exported once per checkpoint identity: a retrained model is exported
     again over its earlier export (which stays whole until the new one is complete)."""
-    from megatron_ext.checkpoint_layout import CheckpointError
+    from megatron_ext.checkpoint.layout import CheckpointError
     from megatron_ext.export.to_hf import ExportOptions, export_to_hf
 
     target = os.path.join(out, "exports", model.name)

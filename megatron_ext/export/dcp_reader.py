@@ -18,10 +18,10 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorSt
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megatron_ext.checkpoint_layout import CheckpointError, is_in_progress, latest_checkpoint_dir
+from megatron_ext.checkpoint.integrity import check_intact
+from megatron_ext.checkpoint.layout import CheckpointError, is_in_progress, latest_checkpoint_dir
+from megatron_ext.checkpoint.weights import RESTORE_ADVICE, read_run_state
 from megatron_ext.config import ModelConfig
-from megatron_ext.training.checkpoint_integrity import check_intact
-from megatron_ext.training.checkpoint_weights import RESTORE_ADVICE, read_run_state
 
 LAYER_PREFIX = "decoder.layers."
 

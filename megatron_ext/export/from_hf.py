@@ -15,11 +15,11 @@ from typing import Optional
 
 import torch
 
+from megatron_ext.checkpoint import save_load
 from megatron_ext.config import ARCHITECTURE_FIELDS, ModelConfig, flag
 from megatron_ext.export import weight_map as wm
 from megatron_ext.export.megatron_model import build_cpu_model, checkpoint_param_names
 from megatron_ext.layers.specs import model_layer_recipes
-from megatron_ext.training import checkpointing
 from megatron_ext.variants import GPASPlacement
 
 SUPPORTED = ("llama", "gpas_llama")
@@ -184,5 +184,5 @@ def import_from_hf(
         "config": {"model": asdict(model_cfg), "tokenizer": tokenizer or {}},
         "imported_from": os.path.abspath(hf_dir),
     }
-    path = checkpointing.save_checkpoint(save_root, 0, [model], None, None, run_state)
+    path = save_load.save_checkpoint(save_root, 0, [model], None, None, run_state)
     return ImportResult(checkpoint=path, model=model_cfg)

@@ -16,9 +16,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_ext.checkpoint.weights import load_model
 from megatron_ext.export.dcp_reader import DistCheckpointReader
 from megatron_ext.export.megatron_model import build_cpu_model, megatron_logits
-from megatron_ext.training.checkpoint_weights import load_model
 
 #: a few sentences of plain English used when no --verify-text is given
 DEFAULT_TEXT = (

@@ -198,7 +198,7 @@ def _train_iters(spec: GridSpec, cell: Cell) -> int:
 
     import yaml
 
-    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.planning.arguments import parse_run_config
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe = os.path.join(tmp, "recipe.yaml")

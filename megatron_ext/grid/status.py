@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_ext import fileio
-from megatron_ext.checkpoint_layout import latest_iteration
+from megatron_ext.checkpoint.layout import latest_iteration
 from megatron_ext.grid.spec import Cell
 from megatron_ext.metrics_file import MetricsFile
 

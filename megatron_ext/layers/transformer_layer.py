@@ -101,7 +101,7 @@ class GPASTransformerLayer(TransformerLayer):
             self.gpas_gate = None
 
         # Optional recorder of the residual stream (training-dynamics telemetry); see
-        # megatron_ext.training.telemetry. None costs nothing.
+        # megatron_ext.training.components.telemetry. None costs nothing.
         self.telemetry = None
 
         # This forward implements MLP recompute itself; norm recompute/offload of the stock

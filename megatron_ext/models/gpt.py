@@ -184,3 +184,10 @@ def build_model_chunks(
         build_model(model, config, seed=seed, transformer_impl=transformer_impl, vp_stage=s)
         for s in stages
     ]
+
+
+def unwrap_model(module):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module

@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import torch
 
+from megatron_ext.platform.collectives import collective_device
+
 
 def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """Drop-in for ``amp_C.multi_tensor_l2norm`` as megatron-core calls it: (total, None)."""
     tensors = [t for group in tensor_lists for t in group]
     if not tensors:
-        return torch.zeros(1, dtype=torch.float32, device=_device()), None
+        return torch.zeros(1, dtype=torch.float32, device=collective_device()), None
     norms = torch._foreach_norm(tensors)
     total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
     return total.reshape(1), None
-
-
-def _device() -> torch.device:
-    return torch.device(torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
 
 
 def use_foreach_l2_norm(enabled: bool = True) -> bool:

@@ -1,7 +1,10 @@
-"""Wrap model chunks for training: bf16 (Float16Module) and megatron-core DDP."""
+"""The run's model for training: its chunks built, bf16 (Float16Module) and megatron-core DDP
+around them, and the data-parallel reduction's bookkeeping for parameters a step leaves
+untouched."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Optional
 
@@ -14,7 +17,38 @@ from megatron.core.distributed import (
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_ext.config import ParallelConfig
+from megatron_ext.config import ParallelConfig, RunConfig
+from megatron_ext.models.gates import freeze_gates
+from megatron_ext.models.gpt import build_model_chunks, build_transformer_config
+
+logger = logging.getLogger("gpas")
+
+
+def build_run_model(cfg: RunConfig) -> tuple[TransformerConfig, list[DistributedDataParallel]]:
+    """(transformer config, wrapped model chunks) of a run: GPAS gates frozen where the run asks
+    (fine-tuning), on the run's device, wrapped for its data-parallel layout."""
+    o = cfg.optim
+    tf_config = build_transformer_config(
+        cfg.model,
+        cfg.parallel,
+        bf16=o.bf16,
+        use_cpu=cfg.device == "cpu",
+        recompute_granularity=o.recompute_granularity,
+        recompute_method=o.recompute_method,
+        recompute_num_layers=o.recompute_num_layers,
+        **o.fp8_transformer_config(),
+        **cfg.fusion.transformer_config(cfg.device, cfg.transformer_impl),
+    )
+    chunks = build_model_chunks(
+        cfg.model, tf_config, seed=o.seed, transformer_impl=cfg.transformer_impl
+    )
+    if cfg.gates_frozen:
+        frozen = sum(freeze_gates(c) for c in chunks)
+        if frozen:
+            logger.info("froze %d GPAS gates", frozen)
+    if cfg.device == "cuda":
+        chunks = [c.cuda() for c in chunks]
+    return tf_config, wrap_model(chunks, tf_config, cfg.parallel)
 
 
 class TimedFinalize:
@@ -87,8 +121,27 @@ def sync_params(model) -> None:
             chunk.start_param_sync(force_sync=True)
 
 
-def unwrap_model(module):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
+def mark_frozen_ready(chunks, frozen: Optional[set]) -> None:
+    """Under ``--overlap-grad-reduce``, count parameters that will get no gradient this step as
+    ready for the data-parallel reduction (megatron-core launches a bucket's reduction once
+    every parameter in it reported; a frozen one never would). Call after the grad buffers are
+    zeroed, before the forward-backward. Only where the backward hooks drive the reduction:
+    pipeline stages after the first, and interleaved chunks, reduce from the schedule instead."""
+    if not frozen or not _reduction_follows_hooks(chunks):
+        return
+    for chunk in chunks:
+        if not getattr(getattr(chunk, "ddp_config", None), "overlap_grad_reduce", False):
+            continue
+        groups = chunk.param_to_bucket_group
+        for p in frozen:
+            group = groups.get(p)
+            if group is not None:
+                group.register_grad_ready(p)
+
+
+def _reduction_follows_hooks(chunks) -> bool:
+    """megatron-core's 1F1B schedule lets the hooks launch the reduction on the first pipeline
+    stage only (the others call ``grad_sync_func`` at the end); its interleaved schedule never."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return True
+    return len(chunks) == 1 and parallel_state.get_pipeline_model_parallel_rank() == 0

@@ -17,9 +17,12 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import param_is_not_shared
 
+from megatron_ext.config import RunConfig
 from megatron_ext.layers.transformer_layer import is_gpas_gate
+from megatron_ext.platform.collectives import collective_device
 from megatron_ext.training.grad_norm import use_foreach_l2_norm
 
 
@@ -58,6 +61,44 @@ def build_optimizer(
         if hasattr(sub, "get_parameter_state_dp_zero"):
             _keep_bucket_padding_in_dp_zero_state(sub)
     return optimizer
+
+
+def build_run_optimizer(cfg: RunConfig, model, params_dtype: torch.dtype):
+    """(optimizer, LR scheduler) of a run: Adam with the run's hyper-parameters (clipping is
+    :func:`optimizer_step`'s), linear warmup then ``--lr-decay-style``, constant weight decay."""
+    o = cfg.optim
+    optimizer = build_optimizer(
+        model,
+        OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.resolved_min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            bf16=o.bf16,
+            params_dtype=params_dtype,
+            clip_grad=0.0,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        ),
+        fused_adam=cfg.device == "cuda" if o.use_fused_adam is None else o.use_fused_adam,
+        foreach_grad_norm=o.foreach_grad_norm,
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.resolved_min_lr,
+        lr_warmup_steps=o.lr_warmup_iters,
+        lr_decay_steps=o.resolved_decay_iters,
+        lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=o.train_iters,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
 
 
 @contextlib.contextmanager
@@ -250,7 +291,7 @@ def _clip_gate_grads(optimizer, max_norm: float) -> float:
 def _device_of(params: Iterable[torch.Tensor]) -> torch.device:
     for p in params:
         return p.device
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return collective_device()
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-COMPONENTS = "components"  # the run state's field holding {state_key: a component's state}
+from megatron_ext.checkpoint.layout import COMPONENTS_KEY as COMPONENTS
 
 # Checkpoints written before components saved their own state kept it at the top level of the
 # run state: {state_key: {field of its state: the old top-level field}} and

@@ -13,7 +13,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_ext.training.lisa import mark_frozen_ready
+from megatron_ext.platform.collectives import collective_device
+from megatron_ext.training.model_setup import mark_frozen_ready
 from megatron_ext.training.optimizer import optimizer_step
 
 
@@ -42,12 +43,13 @@ def forward_step(data_iterator, model):
 
 @dataclass
 class IterationResult:
-    loss: Optional[float]  # mean of per-micro-batch token means, averaged over DP
+    # mean of per-micro-batch token means, averaged over DP; the same on every rank
+    loss: Optional[float]
     grad_norm: Optional[float]
     gate_grad_norm: Optional[float]
     update_successful: bool
     num_tokens: int  # tokens that carry loss, over the global batch (every rank knows it)
-    rejected: bool = False  # the update was refused by the caller's gate (a spike)
+    rejected: bool = False  # a component refused the update (may_apply_update)
     # seconds from the step's start until this rank reached its gradient reduction: its own
     # forward and backward, before it waits for the data-parallel peers
     compute_seconds: Optional[float] = None
@@ -112,16 +114,15 @@ def train_step(
     micro_batch_size: int,
     clip_grad: float = 0.0,
     clip_gate_grad: float = 0.0,
-    share_loss: bool = False,
-    accept_update: Optional[Callable[[Optional[float], float], bool]] = None,
+    may_apply_update: Optional[Callable[[Optional[float], float], bool]] = None,
     frozen: Optional[set] = None,
 ) -> IterationResult:
     """Forward/backward over ``num_microbatches``, then one optimizer update.
 
-    ``data_iterators`` holds one iterator per model chunk (virtual pipeline stage). With
-    ``share_loss`` every pipeline stage gets the loss (else it is None off the last stage);
-    ``accept_update(loss, grad_norm)`` may refuse the update, and must answer alike on every
-    rank; parameters in ``frozen`` are not updated (LISA).
+    ``data_iterators`` holds one iterator per model chunk (virtual pipeline stage). Every
+    pipeline stage gets the loss (it travels with the token count the stages share anyway).
+    ``may_apply_update(loss, grad_norm)`` may refuse the update, and must answer alike on every
+    rank; parameters in ``frozen`` are not updated.
     """
     started = time.perf_counter()
     for chunk in model:
@@ -133,13 +134,11 @@ def train_step(
     )
     compute = _compute_seconds(model, started)
     loss, tokens = _reduce_loss(reports if parallel_state.is_pipeline_last_stage() else [])
-    shared_loss, tokens = _from_last_stage(loss, tokens)
+    loss, tokens = _from_last_stage(loss, tokens)
     tokens = int(tokens)
-    if tokens == 0:  # agreed by every rank: nothing to learn from, so no update
+    if tokens == 0:  # the same on every rank: nothing to learn from, so no update
         return IterationResult(None, None, None, False, 0, compute_seconds=compute)
-    if share_loss:
-        loss = shared_loss
-    accept = None if accept_update is None else partial(accept_update, loss)
+    accept = None if may_apply_update is None else partial(may_apply_update, loss)
     step = optimizer_step(
         optimizer, clip_grad=clip_grad, clip_gate_grad=clip_gate_grad, accept=accept, frozen=frozen
     )
@@ -189,9 +188,8 @@ def _from_last_stage(*values: Optional[float]) -> tuple:
     exact for counts; what other stages pass, None included, is a placeholder)."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return values
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     t = torch.tensor([0.0 if v is None else float(v) for v in values], dtype=torch.float64,
-                     device=device)  # fmt: skip
+                     device=collective_device())  # fmt: skip
     group = parallel_state.get_pipeline_model_parallel_group()
     last = torch.distributed.get_global_rank(group, torch.distributed.get_world_size(group) - 1)
     torch.distributed.broadcast(t, src=last, group=group)

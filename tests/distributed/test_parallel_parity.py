@@ -230,7 +230,9 @@ def _rel(a: float, b: float) -> float:
 
 
 def _last_stage(per_rank, key):
-    return [r[key] for r in per_rank if r["losses"][0] is not None][0]
+    """``key`` of the first rank on the last pipeline stage (every rank has the step losses;
+    only the last stage has its evaluation's)."""
+    return next(r[key] for r in per_rank if r["last_stage"])
 
 
 def _cases(layouts):
@@ -369,9 +371,9 @@ def test_bf16_layout_within_bf16_rounding(runs, name, norm_type):
 
 
 def _load_tp1(norm_type, directory):
+    from megatron_ext.checkpoint.weights import load_model
     from megatron_ext.models.gpt import build_model, build_transformer_config
     from megatron_ext.models.presets import model_preset
-    from megatron_ext.training.checkpoint_weights import load_model
 
     cfg = model_preset("tiny4", norm_type=norm_type)
     model = build_model(cfg, build_transformer_config(cfg, use_cpu=True), seed=0)

@@ -78,7 +78,7 @@ def test_profiler_window_sees_the_gpu_kernels(tmp_path):
     """--use-pytorch-profiler on CUDA: the summary counts device kernels (a cuBLAS GEMM), not
     host-side operators, and only for the window's iterations."""
     from megatron_ext.config import ProfileConfig
-    from megatron_ext.training.profiling import IterationProfiler
+    from megatron_ext.training.components.profiler import IterationProfiler
 
     cfg = ProfileConfig(
         profile=True,

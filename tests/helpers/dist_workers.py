@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import traceback
 
@@ -11,6 +12,15 @@ import torch.multiprocessing as mp
 
 from megatron_ext.platform.distributed import free_port
 from tests.helpers import cpu_share
+
+# Ranks start from a fork server that imported torch, megatron-core and the project once: a
+# rank then starts in milliseconds instead of the ~5 s of CPU each import costs a spawned one
+# (a few hundred ranks over the suite). The server is a fresh interpreter, forked from before
+# any process group, thread pool or test state exists.
+START_METHOD = "forkserver"
+multiprocessing.get_context(START_METHOD).set_forkserver_preload(
+    ["torch", "megatron.core", "megatron_ext.training.trainer", "tests.helpers.dist_workers"]
+)
 
 
 def _entry(rank, world_size, port, fn, args, kwargs, result_dir):
@@ -42,7 +52,7 @@ def run_ranks(fn, world_size: int, args, tmp_path, kwargs=None) -> list:
                 args=(world_size, free_port(), fn, args, kwargs or {}, result_dir),
                 nprocs=world_size,
                 join=True,
-                start_method="spawn",
+                start_method=START_METHOD,
             )
     except Exception as err:
         errors = [
@@ -170,12 +180,12 @@ def train_layout(
     from megatron.core import parallel_state as ps
     from megatron.core.optimizer import OptimizerConfig
 
+    from megatron_ext.checkpoint.save_load import save_checkpoint
+    from megatron_ext.checkpoint.weights import save_model
     from megatron_ext.config import ParallelConfig
     from megatron_ext.models.gpt import build_model_chunks, build_transformer_config
     from megatron_ext.models.presets import model_preset
     from megatron_ext.platform.distributed import init_distributed
-    from megatron_ext.training.checkpoint_weights import save_model
-    from megatron_ext.training.checkpointing import save_checkpoint
     from megatron_ext.training.model_setup import sync_params, wrap_model
     from megatron_ext.training.optimizer import build_optimizer
     from megatron_ext.training.step import evaluate_loss, train_step
@@ -254,6 +264,7 @@ def train_layout(
             grad_norms=grad_norms,
             gate_grad_norms=gate_grad_norms,
             buckets=len(model[0].bucket_groups),
+            last_stage=ps.is_pipeline_last_stage(ignore_virtual=True),
         )
         if snapshot:
             sync_params(model)
@@ -314,7 +325,7 @@ def local_snapshot(model, what: str) -> dict:
     how TP split each one."""
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.training.model_setup import unwrap_model
+    from megatron_ext.models.gpt import unwrap_model
 
     tensors = {}
     for chunk in model:
@@ -390,7 +401,7 @@ def perturb_by_rounding(cfg, model, gen) -> None:
     """Multiply every weight by 1 ± :func:`rounding_scale` (random signs from ``gen``)."""
     import torch
 
-    from megatron_ext.training.model_setup import unwrap_model
+    from megatron_ext.models.gpt import unwrap_model
 
     scale = rounding_scale(cfg)
     with torch.no_grad():
@@ -419,7 +430,7 @@ def fp32_gradient_error(cfg, tc, model, mbs, perturbations: int = 3) -> dict:
     """
     import torch
 
-    from megatron_ext.training.model_setup import unwrap_model
+    from megatron_ext.models.gpt import unwrap_model
 
     trained = {n: p.detach() for n, p in unwrap_model(model[0]).named_parameters()}
     exact = _plain_gradients(cfg, tc, trained, mbs, torch.float64)

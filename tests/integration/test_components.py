@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from megatron_ext.training.components import Component
+from megatron_ext.training.contract import Component
 from tests.helpers import ROOT
 from tests.helpers.cli_runs import base_args
 from tests.helpers.dist_workers import run_ranks
@@ -26,7 +26,7 @@ class ParamRunningMean(Component):
     state_key = "param_mean"
 
     def __init__(self, ctx):
-        from megatron_ext.training.model_setup import unwrap_model
+        from megatron_ext.models.gpt import unwrap_model
 
         self.param, self.sharded, self.mean = None, None, None
         for chunk in ctx.model:
@@ -45,6 +45,7 @@ class ParamRunningMean(Component):
         self.count += 1
         if self.mean is not None:
             self.mean += (self.param.detach().float() - self.mean) / self.count
+        step.record_metric("param_mean_steps", self.count)  # reaches the metrics file
 
     def state_dict(self):
         return {"count": self.count}
@@ -63,7 +64,7 @@ class ParamRunningMean(Component):
 
 def _train(save, layout, iters, **extra):
     """One run on this rank; its losses and the toy component's count and local mean."""
-    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.planning.arguments import parse_run_config
     from megatron_ext.training.trainer import run
     from tests.helpers.cli_runs import losses
 
@@ -77,11 +78,19 @@ def _train(save, layout, iters, **extra):
     run(parse_run_config(args), components=[toy])
     (c,) = toys
     logging_rank = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+    metrics = os.path.join(save, "metrics.jsonl")
     return {
-        "losses": losses(os.path.join(save, "metrics.jsonl")) if logging_rank else None,
+        "losses": losses(metrics) if logging_rank else None,
+        "recorded": _recorded(metrics, "param_mean_steps") if logging_rank else None,
         "count": c.count,
         "mean": None if c.mean is None else c.mean.clone(),
     }
+
+
+def _recorded(metrics_path, name) -> dict:
+    from megatron_ext.metrics_file import MetricsFile
+
+    return {r["iteration"]: r[name] for r in MetricsFile.read(metrics_path).records if name in r}
 
 
 LAYOUTS = {
@@ -110,6 +119,8 @@ def test_a_component_with_sharded_state_resumes_exactly(tmp_path, layout):
         assert not torch.equal(holders[0]["mean"], holders[1]["mean"])
     assert whole[-1]["losses"] == resumed[-1]["losses"]  # {iteration: loss}, 1-4 in both
     assert len(whole[-1]["losses"]) == 4
+    # the metric it recorded is in every step record, counted on across the resume
+    assert whole[-1]["recorded"] == resumed[-1]["recorded"] == {1: 1, 2: 2, 3: 3, 4: 4}
 
 
 class PhaseRecorder(Component):
@@ -117,6 +128,9 @@ class PhaseRecorder(Component):
 
     def __init__(self):
         self.events = []
+
+    def after_load(self, iteration):
+        self.events.append(("loaded", iteration))
 
     def on_start(self, state):
         self.events.append(("start", state.iteration))
@@ -138,7 +152,7 @@ class PhaseRecorder(Component):
 
 
 def _record_phases(save, iters, extra):
-    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.planning.arguments import parse_run_config
     from megatron_ext.training.trainer import run
 
     recorder = PhaseRecorder()
@@ -164,8 +178,9 @@ def test_components_see_every_phase_that_is_not_a_step(tmp_path):
     _paired(events)
     names = [n for n, _ in events]
     # setup comes first and holds the checkpoint load; the loop starts after it
-    assert names[:5] == [
-        "begin setup", "begin checkpoint load", "end checkpoint load", "end setup", "start"
+    assert names[:6] == [
+        "begin setup", "begin checkpoint load", "loaded", "end checkpoint load", "end setup",
+        "start",
     ]  # fmt: skip
     assert [e for e in events if e[0] == "begin evaluation"] == [
         ("begin evaluation", 2),
@@ -185,14 +200,18 @@ def test_components_see_every_phase_that_is_not_a_step(tmp_path):
     # a resumed run loads its checkpoint, then the components' state, both as loads
     (resumed,) = run_ranks(_record_phases, 1, (save, 5, {}), tmp_path)
     _paired(resumed)
-    loads = [e for e in resumed if e[0] == "begin checkpoint load"]
-    assert loads == [("begin checkpoint load", 0), ("begin checkpoint load", 0)]
+    loads = [e for e in resumed if e[0] in ("begin checkpoint load", "loaded")]
+    # the components' state loads after the checkpoint, so at the iteration it ends at
+    assert loads == [("begin checkpoint load", 0), ("loaded", 4), ("begin checkpoint load", 4)]
     assert ("start", 4) in resumed and ("after", 5) in resumed
 
 
 def _resume_fixture(save, iters):
     """Resume from the older-layout checkpoint; the components' state right after setup."""
-    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.planning.arguments import parse_run_config
+    from megatron_ext.training.components.counters import RunCounters
+    from megatron_ext.training.components.lisa import Lisa
+    from megatron_ext.training.components.spikes import SpikeMonitor
     from megatron_ext.training.trainer import Trainer
 
     args = [
@@ -209,9 +228,9 @@ def _resume_fixture(save, iters):
         trainer.setup()
         restored = {
             "iteration": trainer.state.iteration,
-            "spikes": trainer.spikes.state_dict(),
-            "lisa": trainer.layer_activation.state_dict(),
-            "counters": trainer.counters.state_dict(),
+            "spikes": trainer.components.find(SpikeMonitor).state_dict(),
+            "lisa": trainer.components.find(Lisa).state_dict(),
+            "counters": trainer.components.find(RunCounters).state_dict(),
             "adam_steps": _adam_steps(trainer.optimizer),
         }
         trainer.train()

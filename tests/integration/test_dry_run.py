@@ -32,8 +32,8 @@ def _planned_parameters(out: str) -> int:
 
 
 def _built_parameters(args):
-    from megatron_ext.training.arguments import parse_run_config
-    from megatron_ext.training.model_setup import unwrap_model
+    from megatron_ext.models.gpt import unwrap_model
+    from megatron_ext.planning.arguments import parse_run_config
     from megatron_ext.training.trainer import Trainer
 
     trainer = Trainer(parse_run_config(args))

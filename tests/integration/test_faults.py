@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+from megatron_ext.resilience import exit_codes
 from tests.helpers import ROOT
 from tests.helpers.cli_runs import base_args, losses, spawn, step_metrics
 from tests.helpers.dist_workers import run_ranks
@@ -142,7 +143,7 @@ def test_damaged_checkpoint_with_stop_is_one_line_and_touches_nothing(run, how):
     shard = _damage(run, how)
     before = _listing(run)
     proc = _cli(base_args(run, iters=8, on_damaged_checkpoint="stop"))
-    assert proc.returncode == 3
+    assert proc.returncode == exit_codes.STOPPED
     line = _error_line(proc)
     what = "1,000 bytes" if how == "truncated" else "contents differ from the manifest (SHA-256)"
     assert line.startswith(f"error: checkpoint {run}/iter_0000006 is damaged: {shard}: {what}")
@@ -171,7 +172,7 @@ def test_missing_pointer_resumes_from_the_newest_complete_checkpoint(run):
     for it in (3, 6, 7):
         os.remove(os.path.join(run, f"iter_{it:07d}", "manifest.json"))
     proc = _cli(base_args(run, iters=8))
-    assert proc.returncode == 3
+    assert proc.returncode == exit_codes.STOPPED
     line = _error_line(proc)
     assert f"--load {run}: holds iter_0000007 but no {POINTER} pointer" in line
 
@@ -203,7 +204,7 @@ def test_too_little_space_is_refused_before_training(small_disk):
     disk = small_disk(2048)
     save = os.path.join(disk, "run")
     proc = _cli(base_args(save, iters=6, save_interval=3))
-    assert proc.returncode == 3
+    assert proc.returncode == exit_codes.STOPPED
     line = _error_line(proc)
     assert line.startswith(f"error: --save {save}: 2.0 MiB free, a checkpoint needs about")
     assert "iter " not in proc.stdout + proc.stderr  # not one step trained
@@ -214,7 +215,7 @@ def test_space_running_out_between_checkpoints_stops_cleanly(small_disk):
     disk = small_disk(6144)  # holds the first checkpoint (3.4 MiB), not a second
     save = os.path.join(disk, "run")
     proc = _cli(base_args(save, iters=6, save_interval=3))
-    assert proc.returncode == 3
+    assert proc.returncode == exit_codes.STOPPED
     line = _error_line(proc)
     assert line.startswith(f"error: --save {save}: ") and "checkpoint 6 needs about 3.4 MiB" in line
     assert _pointer(save) == 3
@@ -246,7 +247,7 @@ def _enospc_worker(save, failing_rank):
 def test_a_failing_write_on_one_rank_keeps_the_previous_checkpoint(tmp_path):
     save = str(tmp_path / "run")
     results = run_ranks(_enospc_worker, 2, (save, 1), tmp_path)
-    assert [code for code, _ in results] == [3, 3]  # every rank stops, none hangs
+    assert [code for code, _ in results] == [exit_codes.STOPPED] * 2  # every rank stops, none hangs
     errors = [[x for x in err.splitlines() if x.startswith("error: ")] for _, err in results]
     assert len(errors[0]) == 1 and errors[1] == [], errors  # one line, from rank 0
     assert "Traceback" not in results[0][1] + results[1][1]
@@ -273,7 +274,7 @@ def test_a_second_run_on_the_same_save_is_refused_then_takes_over_a_dead_one(tmp
         time.sleep(0.1)
     try:
         second = _cli(base_args(save, iters=5))
-        assert second.returncode == 2
+        assert second.returncode == exit_codes.BAD_INPUT
         line = _error_line(second)
         assert line.startswith(f"error: --save {save} is in use by another run (host ")
         assert f"{socket.gethostname()}, pid {first.pid}" in line
@@ -290,8 +291,8 @@ def test_a_second_run_on_the_same_save_is_refused_then_takes_over_a_dead_one(tmp
 
 def _progress_worker(save):
     """A short run; how many times it told its lock it made progress."""
-    from megatron_ext.run_lock import RunLock
-    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.planning.arguments import parse_run_config
+    from megatron_ext.resilience.run_lock import RunLock
     from megatron_ext.training.trainer import run
 
     notes = []
@@ -319,7 +320,8 @@ def test_the_lock_heartbeat_is_kept_alive_by_steps_and_phases(tmp_path):
 
 def _spike_worker(save, skip):
     """20 ordinary steps, then one whose logits are scaled 30× (a test hook)."""
-    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.planning.arguments import parse_run_config
+    from megatron_ext.training.components.counters import RunCounters
     from megatron_ext.training.trainer import Trainer
 
     extra = {"skip_spiky_steps": True} if skip else {}
@@ -349,7 +351,7 @@ def _spike_worker(save, skip):
     return {
         "unchanged": unchanged,
         "lr_advanced": seen["lr_steps_after"] - seen["lr_steps"],
-        "skipped": trainer.counters.skipped_total,
+        "skipped": trainer.components.find(RunCounters).skipped_total,
         "iteration": trainer.state.iteration,
     }
 

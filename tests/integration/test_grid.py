@@ -339,6 +339,11 @@ def test_tiny_grid_interrupted_resumed_and_tabulated(tmp_path):
         "megatron_ext.grid.table, megatron_ext.grid.runner, megatron_ext.grid.status",
         # a run's configuration can be built and validated anywhere (a login node, a notebook)
         "megatron_ext.config",
+        # where checkpoints live, the --save lock, the restart ledger and the exit codes are
+        # read by launchers and tools that have no torch
+        "megatron_ext.checkpoint.layout, megatron_ext.checkpoint.manifest, "
+        "megatron_ext.resilience.run_lock, megatron_ext.resilience.restart_ledger, "
+        "megatron_ext.resilience.exit_codes",
     ],
 )
 def test_imports_without_torch(modules):

@@ -9,9 +9,10 @@ import re
 
 import pytest
 
+from bench.fault_drills import torchrun
 from megatron_ext.metrics_file import MetricsFile
 from tests.helpers.cli_runs import base_args, step_metrics
-from tests.helpers.torchrun_faults import SLOW_START, SLOW_START_S, STALL_IN_SAVE, torchrun
+from tests.helpers.fault_scenarios import SLOW_START, SLOW_START_S, STALL_IN_SAVE
 
 HANG_TIMEOUT = 10  # seconds: well above a step or a save of the tiny model on a loaded CPU
 pytestmark = [pytest.mark.slow, pytest.mark.exclusive]

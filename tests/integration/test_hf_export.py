@@ -128,8 +128,8 @@ def test_missing_and_partial_checkpoints_are_named(checkpoints, tmp_path):
     expected = re.escape(f"checkpoint {altered}/iter_0000002 is damaged: {shard}: contents differ")
     with pytest.raises(CheckpointError, match=expected):
         DistCheckpointReader(str(altered))
+    from megatron_ext.checkpoint.weights import load_model
     from megatron_ext.export.megatron_model import build_cpu_model
-    from megatron_ext.training.checkpoint_weights import load_model
 
     cfg = DistCheckpointReader(str(checkpoints / "tp2" / "pre")).model_config()
     with pytest.raises(CheckpointError, match=expected):
@@ -214,13 +214,13 @@ def test_hf_llama_to_ours_to_hf_is_the_identity(tmp_path):
     for name in original:
         assert torch.equal(original[name], back[name]), name
     # our model (padded vocabulary 384) gives the Llama's logits on the real 300 entries
+    from megatron_ext.checkpoint.weights import load_model
     from megatron_ext.export.megatron_model import build_cpu_model, megatron_logits
-    from megatron_ext.training.checkpoint_weights import load_model
 
     cfg = DistCheckpointReader(str(tmp_path / "ours")).model_config()
     # the printed model flags rebuild exactly the imported architecture
     from megatron_ext.config import ARCHITECTURE_FIELDS
-    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.planning.arguments import parse_run_config
 
     printed = imported.stderr.split("model flags: ", 1)[1].splitlines()[0].split()
     rebuilt = parse_run_config(printed).model
@@ -274,9 +274,9 @@ def test_tokenizer_travels_with_the_export_and_is_verified(mistral_model, tmp_pa
     """A run trained with a SentencePiece model: --verify checks the tokenizer ids too."""
     import dataclasses
 
+    from megatron_ext.checkpoint.save_load import save_checkpoint
     from megatron_ext.export.megatron_model import build_cpu_model
     from megatron_ext.models.presets import model_preset
-    from megatron_ext.training.checkpointing import save_checkpoint
 
     cfg = model_preset("tiny", norm_type="pre_gpas", vocab_size=32000)
     model = build_cpu_model(cfg)
@@ -308,9 +308,9 @@ def test_llama_fold_is_exact_with_per_norm_epsilon(tmp_path):
 
     from transformers import AutoModelForCausalLM
 
+    from megatron_ext.checkpoint.save_load import save_checkpoint
     from megatron_ext.export.megatron_model import build_cpu_model, megatron_logits
     from megatron_ext.models.presets import model_preset
-    from megatron_ext.training.checkpointing import save_checkpoint
     from tests.helpers.dist_workers import set_gates
 
     cfg = model_preset("tiny4", norm_type="lns_gpas", lns_mode="fixed")

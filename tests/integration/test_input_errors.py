@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from megatron_ext.data.dataset_info import DatasetInfo, sidecar_path
+from megatron_ext.resilience import exit_codes
 from tests.helpers import ROOT
 from tests.helpers.dist_workers import run_cli, run_ranks
 
@@ -136,7 +137,7 @@ def test_token_ids_beyond_the_vocabulary_without_a_sidecar_stop_at_the_first_bat
         capture_output=True,
         text=True,
     )
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.returncode == exit_codes.BAD_INPUT, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert "no .meta.json description" in proc.stderr  # the warning at start
     last = proc.stderr.strip().splitlines()[-1]
@@ -251,17 +252,17 @@ def test_data_from_another_tokenizer_of_a_larger_vocabulary_is_refused(
 
 
 def test_override_tokenizer_check_lets_a_deliberate_mismatch_through(dataset, v2_model, tmp_path):
-    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.planning.arguments import parse_run_config
     from megatron_ext.training.trainer import Trainer
 
     argv = _args(tmp_path / "run", "--override-tokenizer-check", data=dataset, tokenizer=v2_model)
     trainer = Trainer(parse_run_config(argv))
-    assert trainer.undescribed_data == []
+    assert list(trainer.resolved.undescribed_data) == []
     assert not (tmp_path / "run").exists()
 
 
 def test_a_dataset_without_sidecar_still_loads(dataset, mistral_model, tmp_path):
-    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.planning.arguments import parse_run_config
     from megatron_ext.training.trainer import Trainer
 
     legacy = str(tmp_path / "legacy")
@@ -271,17 +272,17 @@ def test_a_dataset_without_sidecar_still_loads(dataset, mistral_model, tmp_path)
     trainer = Trainer(
         parse_run_config(_args(tmp_path / "run", data=legacy, tokenizer=mistral_model))
     )
-    assert trainer.undescribed_data == [legacy]
+    assert list(trainer.resolved.undescribed_data) == [legacy]
 
 
 def test_the_same_tokenizer_passes(dataset, mistral_model, tmp_path):
-    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.planning.arguments import parse_run_config
     from megatron_ext.training.trainer import Trainer
 
     trainer = Trainer(
         parse_run_config(_args(tmp_path / "r", data=dataset, tokenizer=mistral_model))
     )
-    assert trainer.undescribed_data == []
+    assert list(trainer.resolved.undescribed_data) == []
 
 
 def test_errors_print_one_line_without_traceback(tmp_path):
@@ -291,7 +292,7 @@ def test_errors_print_one_line_without_traceback(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert proc.returncode == 2
+    assert proc.returncode == exit_codes.BAD_INPUT
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --num-layers: ")
 

@@ -58,9 +58,9 @@ def _our_loglikelihood(model, vocab, tokenizer, context, continuation):
 def test_lm_eval_loglikelihoods_match_our_model(trained, tmp_path, target):
     from tokenizers import Tokenizer
 
+    from megatron_ext.checkpoint.weights import load_model
     from megatron_ext.export.dcp_reader import DistCheckpointReader
     from megatron_ext.export.megatron_model import build_cpu_model
-    from megatron_ext.training.checkpoint_weights import load_model
 
     export = trained / target
     env = dict(

@@ -11,7 +11,7 @@ import pytest
 
 from megatron_ext.config import ConfigError
 from megatron_ext.config import run as run_config
-from megatron_ext.training.arguments import parse_run_config
+from megatron_ext.planning.arguments import parse_run_config
 from tests.helpers import ROOT
 from tests.helpers.tool_commands import TINY_CPU_RUN
 from tests.helpers.wandb_records import offline_runs

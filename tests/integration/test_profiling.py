@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from megatron_ext.config import ConfigError, ProfileConfig
-from megatron_ext.training.arguments import parse_run_config
-from megatron_ext.training.profiling import IterationProfiler
+from megatron_ext.planning.arguments import parse_run_config
+from megatron_ext.training.components.profiler import IterationProfiler
 from tests.helpers import ROOT
 from tests.helpers.dist_workers import run_cli, run_ranks
 

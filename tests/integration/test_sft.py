@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 
+from megatron_ext.resilience import exit_codes
 from tests.helpers.cli_runs import STEP_KEYS, step_metrics
 from tests.helpers.dist_workers import run_cli, run_ranks
 
@@ -72,7 +73,8 @@ def _snapshot(gpt, optimizer):
 def _lisa_worker(data, tokenizer, save, extra):
     """Snapshot weights and Adam states at the start of the second LISA interval and at its end."""
     from megatron_ext.layers.transformer_layer import is_gpas_gate
-    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.planning.arguments import parse_run_config
+    from megatron_ext.training.components.lisa import Lisa
     from megatron_ext.training.trainer import Trainer
 
     trainer = Trainer(parse_run_config(sft_args(data, tokenizer, save, iters=6, **extra)))
@@ -108,7 +110,7 @@ def _lisa_worker(data, tokenizer, save, extra):
     finally:
         trainer.close()
     seen["after"] = _snapshot(gpt, trainer.optimizer)
-    return seen, trainer.layer_activation.active
+    return seen, trainer.components.find(Lisa).active
 
 
 def _layer_of(name):
@@ -118,7 +120,7 @@ def _layer_of(name):
 
 @pytest.mark.parametrize("gates", ["frozen", "trained"])
 def test_lisa_updates_exactly_the_sampled_layers(sft_data, mistral_model, tmp_path, gates):
-    from megatron_ext.training.lisa import sample_layers
+    from megatron_ext.training.components.lisa import sample_layers
 
     extra = {} if gates == "frozen" else {"no_freeze_gates": True}
     ((seen, active),) = run_ranks(
@@ -267,7 +269,7 @@ def test_examples_that_keep_no_loss_token_are_refused_or_counted(mistral_model, 
     and the epoch counts only the others. Never a run of loss 0.0."""
     _, all_long = _preprocess(tmp_path, mistral_model, _chat_records(0, 6), "long")
     proc = _pretrain(_short_run_args(all_long, mistral_model, str(tmp_path / "a"), epochs=1))
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.returncode == exit_codes.BAD_INPUT, proc.stderr[-2000:]
     errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and "none of the 6 examples of its train split keeps a token with " \
         "loss within --seq-length 32" in errors[0], proc.stderr[-2000:]  # fmt: skip
@@ -304,14 +306,14 @@ def test_epochs_count_packed_blocks(mistral_model, tmp_path):
 
 def _empty_batch_worker(data, tokenizer, save):
     """Iteration 2's micro-batches lose every loss token; the weights before and after it."""
-    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.planning.arguments import parse_run_config
     from megatron_ext.training.trainer import Trainer
 
     trainer = Trainer(parse_run_config(sft_args(data, tokenizer, save, iters=3, lisa_layers=0)))
     trainer.setup()
     gpt = trainer.model[0].module
     weights = {}
-    original = trainer.train_iterators[0]
+    original = trainer.data.train[0]
 
     def emptied():
         for batch in original:
@@ -322,7 +324,7 @@ def _empty_batch_worker(data, tokenizer, save):
                 weights.setdefault("after", [p.detach().clone() for p in gpt.parameters()])
             yield batch
 
-    trainer.train_iterators = [emptied()]
+    trainer.data.train = [emptied()]
     try:
         trainer.train()
     finally:

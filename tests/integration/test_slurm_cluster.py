@@ -19,10 +19,10 @@ import time
 
 import pytest
 
+from bench.fault_drills import process_with_env
 from tests.helpers import ROOT
 from tests.helpers.slurm_cluster import TERMINAL_STATES, LocalSlurmCluster, why_unavailable
 from tests.helpers.tool_commands import grid_command, preprocess_command
-from tests.helpers.torchrun_faults import process_with_env
 
 TRAIN = os.path.join(ROOT, "examples", "slurm", "train.sbatch")
 PREPROCESS = os.path.join(ROOT, "examples", "slurm", "preprocess_array.sbatch")

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from megatron_ext.training.arguments import parse_run_config
-from megatron_ext.training.planning import plan_run
+from megatron_ext.planning.arguments import parse_run_config
+from megatron_ext.planning.plan import plan_run
 from tests.helpers import ROOT
 
 SLURM = os.path.join(ROOT, "examples", "slurm")

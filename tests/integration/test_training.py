@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from megatron_ext.resilience import exit_codes
 from tests.helpers import ROOT
 from tests.helpers.cli_runs import STEP_KEYS, base_args, losses, spawn, step_metrics
 from tests.helpers.dist_workers import run_cli, run_ranks
@@ -210,8 +211,10 @@ def _nan_worker(save):
     """Poison the embedding output for every forward after iteration 2."""
     import torch
 
-    from megatron_ext.training.arguments import parse_run_config
-    from megatron_ext.training.trainer import Trainer, TrainingStopped
+    from megatron_ext.planning.arguments import parse_run_config
+    from megatron_ext.training.components.counters import RunCounters
+    from megatron_ext.training.contract import TrainingStopped
+    from megatron_ext.training.trainer import Trainer
 
     cfg = parse_run_config(base_args(save, iters=20, nan_skip_limit=3))
     trainer = Trainer(cfg)
@@ -235,7 +238,7 @@ def _nan_worker(save):
             "stopped": str(err),
             "iteration": trainer.state.iteration,
             "unchanged": unchanged,
-            "skipped": trainer.counters.skipped_total,
+            "skipped": trainer.components.find(RunCounters).skipped_total,
         }
     return {"stopped": None}
 
@@ -250,7 +253,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
 
 
 def test_yaml_config_with_command_line_override(tmp_path):
-    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.planning.arguments import parse_run_config
 
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(
@@ -291,12 +294,12 @@ def test_config_errors_name_the_flag(args, message):
         text=True,
         cwd=ROOT,
     )
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.returncode == exit_codes.BAD_INPUT, proc.stderr[-2000:]
     assert message in proc.stderr
 
 
 def test_command_line_turns_off_a_yaml_boolean(tmp_path):
-    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.planning.arguments import parse_run_config
 
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text("sequence-parallel: true\nbf16: true\nmock-data: true\n")
@@ -309,7 +312,7 @@ def test_command_line_turns_off_a_yaml_boolean(tmp_path):
 
 def test_fp8_flags_reach_the_transformer_config():
     from megatron_ext.config import ConfigError
-    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.planning.arguments import parse_run_config
 
     gpu_te = ["--device", "cuda", "--transformer-impl", "transformer_engine", "--mock-data"]
     gpu_te += ["--model-size", "130m"]  # FFN 2048: FP8-compatible shapes
@@ -339,7 +342,7 @@ def test_fp8_flags_reach_the_transformer_config():
 
 def test_fusion_defaults_follow_the_device_and_flags_override_them():
     from megatron_ext.config import ConfigError
-    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.planning.arguments import parse_run_config
 
     def fields(*argv):
         cfg = parse_run_config(["--mock-data", *argv]).validate(1)
@@ -378,7 +381,7 @@ def test_fusion_defaults_follow_the_device_and_flags_override_them():
 
 def test_yaml_unknown_key_is_reported(tmp_path):
     from megatron_ext.config import ConfigError
-    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.planning.arguments import parse_run_config
 
     cfg_file = tmp_path / "bad.yaml"
     cfg_file.write_text("learning-rate: 0.1\n")
@@ -427,7 +430,7 @@ def test_dry_run_plans_the_7b_recipe_and_refuses_bad_layouts():
         text=True,
         cwd=ROOT,
     )
-    assert bad.returncode == 2 and "--tensor-model-parallel-size" in bad.stderr
+    assert bad.returncode == exit_codes.BAD_INPUT and "--tensor-model-parallel-size" in bad.stderr
 
 
 def test_per_document_order_resumes_exactly_under_another_layout(tmp_path):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from megatron_ext import checkpoint_manifest as m
+from megatron_ext.checkpoint import manifest as m
 
 
 @pytest.fixture

@@ -103,7 +103,7 @@ def test_gate_init_and_scaled_output_init_reach_the_built_model():
     import torch
 
     from megatron_ext.models.gpt import build_model, build_transformer_config
-    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.planning.arguments import parse_run_config
 
     base = "--model-size tiny4 --norm-type pre_gpas --mock-data --vocab-size 512".split()
     base += "--micro-batch-size 1 --global-batch-size 1 --train-iters 1".split()
@@ -137,7 +137,7 @@ def test_every_choice_field_refuses_an_unknown_value_naming_its_flag():
     import typing
 
     from megatron_ext.config import RunConfig, choices_of
-    from megatron_ext.training.arguments import SECTIONS, TOP_LEVEL, parse_run_config
+    from megatron_ext.planning.arguments import SECTIONS, TOP_LEVEL, parse_run_config
 
     fields = [(cls, f) for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
     fields += [(RunConfig, f) for f in dataclasses.fields(RunConfig) if f.name in TOP_LEVEL]
@@ -157,7 +157,7 @@ def test_every_choice_field_refuses_an_unknown_value_naming_its_flag():
 
 
 def test_flag_types_come_from_the_fields():
-    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.planning.arguments import parse_run_config
 
     cfg = parse_run_config(
         [
@@ -191,7 +191,7 @@ def test_attention_backend_choices_are_megatron_cores():
 
 
 def test_lisa_refuses_overlapped_parameter_gathers():
-    from megatron_ext.training.arguments import parse_run_config
+    from megatron_ext.planning.arguments import parse_run_config
 
     base = ["--mock-data", "--device", "cpu", "--num-layers", "4", "--hidden-size", "64",
             "--num-attention-heads", "4", "--lisa-layers", "2"]  # fmt: skip

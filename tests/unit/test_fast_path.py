@@ -113,7 +113,8 @@ def test_foreach_grad_norm_is_installed_and_used_by_clipping():
 def test_fused_adam_matches_torch_default_adam():
     from megatron.core.optimizer import OptimizerConfig
 
-    from megatron_ext.training.model_setup import unwrap_model, wrap_model
+    from megatron_ext.models.gpt import unwrap_model
+    from megatron_ext.training.model_setup import wrap_model
     from megatron_ext.training.optimizer import build_optimizer
     from megatron_ext.training.step import train_step
     from tests.helpers.dist_workers import micro_batches, synthetic_batches

@@ -4,11 +4,11 @@ it lists each flag of --help, with its help text, and is regenerated when the co
 import os
 import re
 
-from megatron_ext.training.arguments import build_parser, flags_reference
+from megatron_ext.planning.arguments import build_parser, flags_reference
 from tests.helpers import ROOT
 
 REGENERATE = (
-    "python -c 'from megatron_ext.training.arguments import flags_reference; "
+    "python -c 'from megatron_ext.planning.arguments import flags_reference; "
     'print(flags_reference(), end="")\' > docs/flags.md'
 )
 

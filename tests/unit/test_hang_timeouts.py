@@ -9,7 +9,11 @@ from megatron_ext.config.run import timeout_ceiling
 
 pytest.importorskip("nvidia_resiliency_ext")
 
-from megatron_ext.training.hang import SECTIONS, START_SECTIONS, settled_timeouts  # noqa: E402
+from megatron_ext.training.components.hang_watchdog import (  # noqa: E402
+    SECTIONS,
+    START_SECTIONS,
+    settled_timeouts,
+)
 
 
 def _configured(step=30.0, start=1620.0):

@@ -21,8 +21,8 @@ HANG_TIMEOUT = 8.0  # checked every 2 s; the monitor's own grace after announcin
 RANK = """
 import sys, time, types
 from megatron_ext.config import FaultConfig
-from megatron_ext.training.components import SETUP
-from megatron_ext.training.hang import HangWatchdog
+from megatron_ext.training.contract import SETUP
+from megatron_ext.training.components.hang_watchdog import HangWatchdog
 
 watchdog = HangWatchdog(FaultConfig(hang_timeout=float(sys.argv[2])), sys.argv[1], rank=0,
                         distributed_timeout_minutes=30.0)

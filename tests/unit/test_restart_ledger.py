@@ -4,8 +4,9 @@ and a start by a person always runs."""
 
 import pytest
 
-from megatron_ext.restart_ledger import (
-    NO_PROGRESS_EXIT,
+from megatron_ext.resilience import exit_codes
+from megatron_ext.resilience.exit_codes import NO_PROGRESS
+from megatron_ext.resilience.restart_ledger import (
     NO_PROGRESS_LIMIT,
     RestartLedger,
     RestartRefused,
@@ -24,11 +25,11 @@ def test_restarts_from_the_same_checkpoint_stop_after_the_limit(tmp_path):
     with pytest.raises(RestartRefused, match="no progress: the last 3 restarts all resumed "
                        "from iteration 4") as refused:  # fmt: skip
         ledger.check_and_record(4, _env(NO_PROGRESS_LIMIT + 1))
-    assert refused.value.exit_code == NO_PROGRESS_EXIT
+    assert refused.value.exit_code == NO_PROGRESS
     # every later restart of it refuses at once, naming the stop
     with pytest.raises(RestartRefused, match="the attempt before stopped on purpose") as again:
         ledger.check_and_record(4, _env(NO_PROGRESS_LIMIT + 2))
-    assert again.value.exit_code == NO_PROGRESS_EXIT
+    assert again.value.exit_code == NO_PROGRESS
     # a person starting it again is not refused
     ledger.check_and_record(4, {})
 
@@ -48,7 +49,7 @@ def test_a_restart_after_a_deliberate_stop_is_refused_with_its_exit_code(tmp_pat
     ledger.record_stop(3, "stopped at iteration 20: 10 iterations in a row were skipped")
     with pytest.raises(RestartRefused, match="exit 3: stopped at iteration 20") as refused:
         ledger.check_and_record(12, _env(1))
-    assert refused.value.exit_code == 3
+    assert refused.value.exit_code == exit_codes.STOPPED
     assert ledger.starts()[-1].stopped["exit"] == 3  # the refusal is recorded too
 
 
@@ -56,3 +57,15 @@ def test_an_unreadable_ledger_lets_the_restart_run(tmp_path):
     (tmp_path / "restarts.json").write_text("{half")
     RestartLedger(str(tmp_path)).check_and_record(4, _env(5))
     assert len(RestartLedger(str(tmp_path)).starts()) == 1
+
+
+def test_the_slurm_script_leaves_alone_the_exit_codes_a_restart_does_not_change():
+    import re
+    from pathlib import Path
+
+    from megatron_ext.resilience import exit_codes
+
+    script = (Path(__file__).parents[2] / "examples" / "slurm" / "train.sbatch").read_text()
+    listed = re.search(r'^DELIBERATE_EXITS="([\d ]+)"$', script, re.M)
+    assert listed, "train.sbatch names no DELIBERATE_EXITS"
+    assert tuple(int(c) for c in listed.group(1).split()) == exit_codes.DELIBERATE

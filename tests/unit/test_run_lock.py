@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from megatron_ext.run_lock import LOCK_FILE, RunLock, RunLockError
+from megatron_ext.resilience.run_lock import LOCK_FILE, RunLock, RunLockError
 
 
 def _plant(directory, host, pid, job=None, age_s=0.0, **torchrun):

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from megatron_ext.config import SpikeConfig
-from megatron_ext.training.components import StepOutcome
-from megatron_ext.training.spikes import MIN_HISTORY, SpikeMonitor
+from megatron_ext.training.components.spikes import MIN_HISTORY, SpikeMonitor
+from megatron_ext.training.contract import StepOutcome
 
 
 class _Sink:
@@ -33,7 +33,7 @@ def _step(monitor, state, loss, grad_norm, rejected=False):
     result = SimpleNamespace(loss=loss, grad_norm=grad_norm, rejected=rejected)
     step = StepOutcome(state.iteration, result, lr=0.0, seconds=0.0, consumed_samples=0)
     monitor.after_step(step)
-    state.report = step.report
+    state.report = step.metrics
     return verdict
 
 

@@ -7,17 +7,14 @@ from types import SimpleNamespace
 import pytest
 
 from megatron_ext.config import StopConfig
-from megatron_ext.training.components import StepOutcome
-from megatron_ext.training.counters import RunCounters
-from megatron_ext.training.stopping import StopPolicy
+from megatron_ext.training.components.counters import RunCounters
+from megatron_ext.training.components.stop_policy import StopPolicy
+from megatron_ext.training.contract import StepOutcome
 
 
 class Signals:
-    def __init__(self, agreed=False, received=None):
-        self._agreed, self.received = agreed, received
-
-    def agreed(self, extra=False):
-        return self._agreed or extra
+    def __init__(self, received=None):
+        self.received = received
 
 
 def _cfg(nan_skip_limit=3, exit_interval=None, exit_duration_in_mins=None):
@@ -37,13 +34,13 @@ EMPTY, SPIKE = _result(no_loss_tokens=True), _result(rejected=True)
 
 def _run(components, results, first=1):
     """The results as steps first, first+1, … through every component's hook; the last
-    step's report."""
+    step's recorded metrics."""
     step = None
     for it, result in enumerate(results, start=first):
         step = StepOutcome(it, result, lr=0.0, seconds=0.0, consumed_samples=it)
         for c in components:
             c.after_step(step)
-    return step.report
+    return step.metrics
 
 
 def test_skipped_steps_in_a_row_stop_the_run_and_a_good_step_resets_the_count():
@@ -70,7 +67,7 @@ def test_a_refused_spike_counts_as_skipped_but_not_toward_the_limit():
     policy, counters = StopPolicy(_cfg(nan_skip_limit=2), Signals()), RunCounters()
     report = _run([counters, policy], [NAN, SPIKE, NAN, SPIKE])
     assert policy.reason is None and policy.skipped_in_a_row == 0
-    assert report == {"skipped_iterations": 4, "no_loss_iterations": None}
+    assert report == {"skipped_iterations": 4}  # no batch without a loss token: not recorded
 
 
 def test_state_round_trip_stops_where_the_uninterrupted_run_stops():
@@ -91,7 +88,7 @@ def test_state_round_trip_stops_where_the_uninterrupted_run_stops():
     [
         (_cfg(exit_interval=4), Signals(), 8, "--exit-interval 4"),
         (_cfg(exit_interval=4), Signals(), 7, None),
-        (_cfg(), Signals(agreed=True, received=15), 1, "signal 15"),
+        (_cfg(), Signals(received=15), 1, "signal 15"),
         (_cfg(exit_duration_in_mins=0.0), Signals(), 1, "time limit reached"),
     ],
 )

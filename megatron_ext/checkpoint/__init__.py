@@ -1,0 +1,1 @@
+"""How a run is saved and read, never when (that is the checkpointer component's)."""
