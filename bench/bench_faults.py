@@ -22,7 +22,7 @@ import re
 import statistics
 import tempfile
 
-from fault_drills import ROOT, torchrun
+from fault_drills import ROOT, tiny_run_args, torchrun
 from process_stats import append_result
 
 from megatron_ext.metrics_file import MetricsFile
@@ -30,24 +30,9 @@ from megatron_ext.metrics_file import MetricsFile
 RESULTS = os.path.join(ROOT, "bench", "results", "faults.jsonl")
 
 
-def base_args(save: str, iters: int, model_size: str = "tiny4", **extra) -> list[str]:
-    """A small pretraining run on mock data, checkpointed under ``save``; ``extra`` flags as
-    keyword arguments (``log_interval=1`` → ``--log-interval 1``, ``True`` → the bare flag)."""
-    args = ["--device", "cpu", "--model-size", model_size, "--norm-type", "pre_gpas",
-            "--mock-data", "--vocab-size", "512", "--micro-batch-size", "1",
-            "--global-batch-size", "4", "--train-iters", str(iters), "--lr", "3e-3",
-            "--lr-warmup-iters", "2", "--clip-grad", "1.0", "--clip-gate-grad", "0.01",
-            "--log-interval", "1", "--eval-interval", "100", "--eval-iters", "1", "--seed", "7",
-            "--num-workers", "0", "--save", save, "--load", save]  # fmt: skip
-    for name, value in extra.items():
-        flag = "--" + name.replace("_", "-")
-        args += [flag] if value is True else [flag, str(value)]
-    return args
-
-
 def straggler_cost(tmp: str, iters: int, model: str) -> dict:
     save = os.path.join(tmp, "straggler")
-    args = base_args(save, iters=iters, log_straggler=True, model_size=model, log_interval=1)
+    args = tiny_run_args(save, iters=iters, log_straggler=True, model_size=model)
     launch = torchrun(args)
     assert launch.returncode == 0, launch.text[-3000:]
     records = MetricsFile.read(os.path.join(save, "metrics.jsonl")).records
@@ -64,7 +49,7 @@ def straggler_cost(tmp: str, iters: int, model: str) -> dict:
 
 def hang_recovery(tmp: str, hang_timeout: float, at_iteration: int) -> dict:
     save = os.path.join(tmp, "hang")
-    args = base_args(save, iters=at_iteration + 8, save_interval=4, hang_timeout=hang_timeout)
+    args = tiny_run_args(save, iters=at_iteration + 8, save_interval=4, hang_timeout=hang_timeout)
     launch = torchrun(args, max_restarts=2, fault="freeze", at_iteration=at_iteration)
     assert launch.returncode == 0, launch.text[-3000:]
     e = launch.events

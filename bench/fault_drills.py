@@ -21,6 +21,22 @@ from megatron_ext.platform.distributed import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def tiny_run_args(save: str, iters: int = 6, model_size: str = "tiny4", **extra) -> list[str]:
+    """``pretrain_gpas.py``'s flags for a small run on mock data, checkpointed under ``save``
+    (the fault drills' and the integration tests' run); ``extra`` flags as keyword arguments
+    (``save_interval=4`` → ``--save-interval 4``, ``True`` → the bare flag)."""
+    args = ["--device", "cpu", "--model-size", model_size, "--norm-type", "pre_gpas",
+            "--mock-data", "--vocab-size", "512", "--micro-batch-size", "1",
+            "--global-batch-size", "4", "--train-iters", str(iters), "--lr", "3e-3",
+            "--lr-warmup-iters", "2", "--clip-grad", "1.0", "--clip-gate-grad", "0.01",
+            "--log-interval", "1", "--eval-interval", "100", "--eval-iters", "1", "--seed", "7",
+            "--num-workers", "0", "--save", save, "--load", save]  # fmt: skip
+    for name, value in extra.items():
+        flag = "--" + name.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    return args
+
+
 @dataclass
 class Launch:
     returncode: int

@@ -6,53 +6,8 @@ import os
 import subprocess
 import sys
 
+from bench.fault_drills import tiny_run_args as base_args  # noqa: F401 - the tests' tiny run
 from tests.helpers import ROOT
-
-
-def base_args(save, iters=6, **extra):
-    args = [
-        "--device",
-        "cpu",
-        "--model-size",
-        "tiny4",
-        "--norm-type",
-        "pre_gpas",
-        "--mock-data",
-        "--vocab-size",
-        "512",
-        "--micro-batch-size",
-        "1",
-        "--global-batch-size",
-        "4",
-        "--train-iters",
-        str(iters),
-        "--lr",
-        "3e-3",
-        "--lr-warmup-iters",
-        "2",
-        "--clip-grad",
-        "1.0",
-        "--clip-gate-grad",
-        "0.01",
-        "--log-interval",
-        "1",
-        "--eval-interval",
-        "100",
-        "--eval-iters",
-        "1",
-        "--seed",
-        "7",
-        "--num-workers",
-        "0",
-        "--save",
-        save,
-        "--load",
-        save,
-    ]
-    for k, v in extra.items():
-        flag = "--" + k.replace("_", "-")
-        args += [flag] if v is True else [flag, str(v)]
-    return args
 
 
 def losses(metrics_path):
