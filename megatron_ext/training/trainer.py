@@ -82,15 +82,16 @@ class Trainer:
         self.metrics_path = _metrics_path(cfg)
         self.run_dir = os.path.dirname(os.path.abspath(self.metrics_path))
         self.components = Components()
-        # These see the setup: they are registered before it starts.
+        # These see the setup: they are registered before it starts, the lock first (before
+        # anything is written under --save, the watchdog's stack files included).
+        if cfg.checkpoint.save:
+            quiet_s = cfg.parallel.distributed_timeout_minutes * 60  # a start may take as long
+            self.components.add(SaveDirLock(cfg.checkpoint.save, quiet_s))
+            self.components.add(RestartGuard(cfg.checkpoint.save))
         if cfg.faults.hang_timeout is not None:
             rank = int(os.environ.get("RANK", "0"))
             minutes = cfg.parallel.distributed_timeout_minutes
             self.components.add(HangWatchdog(cfg.faults, self.run_dir, rank, minutes))
-        if cfg.checkpoint.save:  # before anything is written there
-            quiet_s = cfg.parallel.distributed_timeout_minutes * 60  # a start may take as long
-            self.components.add(SaveDirLock(cfg.checkpoint.save, quiet_s))
-            self.components.add(RestartGuard(cfg.checkpoint.save))
         for c in components:
             if isinstance(c, Component):
                 self.components.add(c)

@@ -266,18 +266,25 @@ def test_a_failing_write_on_one_rank_keeps_the_previous_checkpoint(tmp_path):
 
 
 def test_a_second_run_on_the_same_save_is_refused_then_takes_over_a_dead_one(tmp_path):
+    """The refused run leaves the live run's files alone: its hang watchdog's stack file too."""
     save = str(tmp_path / "run")
-    first = spawn(base_args(save, iters=400))
+    first = spawn(base_args(save, iters=400, hang_timeout=600))
     metrics = os.path.join(save, "metrics.jsonl")
+    stacks = os.path.join(save, "stacks", "rank0.txt")
     deadline = time.time() + 120
     while time.time() < deadline and not (os.path.exists(metrics) and losses(metrics)):
         time.sleep(0.1)
     try:
-        second = _cli(base_args(save, iters=5))
+        with open(stacks) as f:
+            live_stacks = f.read()
+        assert live_stacks.startswith(f"--- pid {first.pid} started ")
+        second = _cli(base_args(save, iters=5, hang_timeout=600))
         assert second.returncode == exit_codes.BAD_INPUT
         line = _error_line(second)
         assert line.startswith(f"error: --save {save} is in use by another run (host ")
         assert f"{socket.gethostname()}, pid {first.pid}" in line
+        with open(stacks) as f:
+            assert f.read() == live_stacks  # neither appended to nor removed
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()

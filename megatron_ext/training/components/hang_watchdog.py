@@ -65,8 +65,9 @@ def stacks_path(run_dir: str, rank: int) -> str:
 
 
 class HangWatchdog(Component):
-    """The trainer registers it first, when ``--hang-timeout`` is given, so that it sees the
-    setup and the checkpoint load."""
+    """The trainer registers it before the setup starts, when ``--hang-timeout`` is given, so
+    that it sees the setup and the checkpoint load; after the ``--save`` lock, so that only the
+    run holding ``--save`` opens its stack file."""
 
     state_key = "hang_timeouts"
 
@@ -81,13 +82,8 @@ class HangWatchdog(Component):
         self._stepped = False  # a step finished since this start
         self.iteration = multiprocessing.get_context("fork").RawValue("q", 0)
         self.stacks = stacks_path(run_dir, rank)
-        os.makedirs(os.path.dirname(self.stacks), exist_ok=True)
-        self._stack_file = open(self.stacks, "a", encoding="utf-8")  # noqa: SIM115 - kept open
-        self._stack_file.write(f"--- pid {os.getpid()} started {time.strftime('%F %T')}\n")
-        self._stack_file.flush()
+        self._stack_file = None  # opened as the setup starts: after the --save lock is taken
         self._signals = (rank_monitor.DUMP_SIGNAL, rank_monitor.HANG_SIGNAL)
-        for sig, dies in zip(self._signals, (False, True), strict=True):
-            faulthandler.register(sig, file=self._stack_file, all_threads=True, chain=dies)
         timeout = cfg.hang_timeout
         sections = {n: self.setup_timeout if n in START_SECTIONS else timeout for n in SECTIONS}
         self._configured = sections
@@ -110,6 +106,7 @@ class HangWatchdog(Component):
     # -- sections ------------------------------------------------------------------------------
     def phase_started(self, phase: str, iteration: int) -> None:
         if phase == SETUP and not self.client.is_initialized:
+            self._open_stacks()
             self._connect()  # the process group exists: the client can name its rank
             logger.info(
                 "hang watchdog: %.0f s per step and phase, %.0f s for the start (setup and "
@@ -139,6 +136,8 @@ class HangWatchdog(Component):
         with contextlib.suppress(Exception):
             self.client.shutdown_workload_monitoring()
         self._stop_monitor(self._monitor)
+        if self._stack_file is None:
+            return  # the setup never started (another run holds --save): its file is not ours
         for sig in self._signals:
             faulthandler.unregister(sig)
         self._stack_file.close()
@@ -161,6 +160,17 @@ class HangWatchdog(Component):
             self._settle()  # this launch's start timeouts, and its process-group timeout
 
     # -- internals -----------------------------------------------------------------------------
+    def _open_stacks(self) -> None:
+        """The rank's stack file, where the monitor's signals make faulthandler write. It is
+        opened only once this run holds ``--save`` (the trainer registers the lock first): a run
+        that the lock refuses must not write to, or remove, the live run's file."""
+        os.makedirs(os.path.dirname(self.stacks), exist_ok=True)
+        self._stack_file = open(self.stacks, "a", encoding="utf-8")  # noqa: SIM115 - kept open
+        self._stack_file.write(f"--- pid {os.getpid()} started {time.strftime('%F %T')}\n")
+        self._stack_file.flush()
+        for sig, dies in zip(self._signals, (False, True), strict=True):
+            faulthandler.register(sig, file=self._stack_file, all_threads=True, chain=dies)
+
     def _connect(self) -> None:
         previous = os.environ.get(SOCKET_ENV)
         os.environ[SOCKET_ENV] = self._socket  # NVRx's client reads it while connecting
