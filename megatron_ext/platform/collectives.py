@@ -69,8 +69,10 @@ def decided_by_rank0(decide: Callable[[], T]) -> T:
 
 
 def any_rank(flag: bool) -> bool:
-    """Collective: True on every rank if it is True on any."""
-    if not torch.distributed.is_initialized():
+    """Collective: True on every rank if it is True on any. Asked once per step: on one rank it
+    asks nothing of the device (on a GPU, the flag's copy and its read would each wait for the
+    queued kernels)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return bool(flag)
     t = torch.tensor([int(bool(flag))], dtype=torch.int32, device=collective_device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)

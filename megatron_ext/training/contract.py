@@ -15,8 +15,9 @@ registered:
 - ``phase_started(phase, iteration)`` / ``phase_ended(...)``: around the long stretches that
   are not steps (setup, checkpoint load, save and its background finalize, evaluation);
   ``iteration`` is the last finished step;
-- ``at_end(state, stopped)``: once, after the loop; ``on_error(error)``: when ``run()`` ends
-  with an exception, before ``close()``, which is called however the run ends.
+- ``at_end(state, stopped)``: once, after the loop; ``on_error(error)``: when the run ends
+  with an exception (in ``run()`` or ``with Trainer(...)``), before ``close()``, which is
+  called however the run ends.
 
 Three questions let a component steer the loop without the loop knowing it (the registry
 combines the answers; no component is named by the trainer or the step):

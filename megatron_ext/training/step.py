@@ -85,8 +85,9 @@ def _reduce_loss(loss_reports: Sequence[dict]) -> tuple[Optional[float], int]:
     stats = torch.stack([means.mean(), tokens])
     dp = parallel_state.get_data_parallel_group()
     torch.distributed.all_reduce(stats, group=dp)
-    dp_size = torch.distributed.get_world_size(group=dp)
-    return (stats[0] / dp_size).item(), int(stats[1].item())
+    stats[0] /= torch.distributed.get_world_size(group=dp)
+    loss, tokens = stats.tolist()  # one read of the device: it waits for the backward pass
+    return loss, int(tokens)
 
 
 def _run_schedule(

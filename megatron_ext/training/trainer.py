@@ -264,6 +264,24 @@ class Trainer:
             )
         logger.info("exiting at iteration %d: %s", self.state.iteration, reason.message)
 
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, exc_type, error, traceback) -> None:
+        """``with Trainer(cfg) as trainer:`` ends the run as :func:`run` does: every component
+        hears of an error that ends it, then it is closed."""
+        try:
+            if error is not None:
+                self._hear_error(error)
+        finally:
+            self.close()
+
+    def _hear_error(self, error: BaseException) -> None:
+        try:
+            self.components.on_error(error)
+        except Exception as hook_error:  # noqa: BLE001 - the run's own error is the one raised
+            logger.error("while ending on an error: %s", one_line(hook_error))
+
     def close(self) -> None:
         """However the run ends (an input error mid-run included): every component closed (a
         background checkpoint write finished, the ``--save`` lock released), the metrics sinks
@@ -292,15 +310,6 @@ def _say(message: Optional[str]) -> None:
 def run(cfg: RunConfig, components: Sequence[ExtraComponent] = ()) -> int:
     """Set up and train; returns the last iteration. Every component hears of an error that
     ends the run, and the run is closed however it ends."""
-    trainer = Trainer(cfg, components)
-    try:
+    with Trainer(cfg, components) as trainer:
         trainer.setup()
         return trainer.train()
-    except BaseException as err:
-        try:
-            trainer.components.on_error(err)
-        except Exception as hook_error:  # noqa: BLE001 - the run's own error is the one raised
-            logger.error("while ending on an error: %s", one_line(hook_error))
-        raise
-    finally:
-        trainer.close()

@@ -206,6 +206,40 @@ def test_components_see_every_phase_that_is_not_a_step(tmp_path):
     assert ("start", 4) in resumed and ("after", 5) in resumed
 
 
+class FailsAtStep(PhaseRecorder):
+    """Records the end of the run, and ends it with an error after step 2."""
+
+    def after_step(self, step):
+        super().after_step(step)
+        if step.iteration == 2:
+            raise RuntimeError("failed after step 2")
+
+    def on_error(self, error):
+        self.events.append(("error", str(error)))
+
+    def close(self):
+        self.events.append(("close", None))
+
+
+def _driven_by_hand(save):
+    from megatron_ext.planning.arguments import parse_run_config
+    from megatron_ext.training.trainer import Trainer
+
+    recorder = FailsAtStep()
+    with pytest.raises(RuntimeError, match="failed after step 2"):
+        with Trainer(parse_run_config(base_args(save, iters=4)), [recorder]) as trainer:
+            trainer.setup()
+            trainer.train()
+    return recorder.events
+
+
+def test_a_trainer_driven_by_hand_ends_on_an_error_as_run_does(tmp_path):
+    """``with Trainer(...)``: the components hear the error, then are closed."""
+    (events,) = run_ranks(_driven_by_hand, 1, (str(tmp_path / "run"),), tmp_path)
+    assert events[-3:] == [("after", 2), ("error", "failed after step 2"), ("close", None)]
+    assert ("before", 3) not in events
+
+
 def _resume_fixture(save, iters):
     """Resume from the older-layout checkpoint; the components' state right after setup."""
     from megatron_ext.planning.arguments import parse_run_config
@@ -223,8 +257,7 @@ def _resume_fixture(save, iters):
         "--num-workers", "0", "--save", save, "--load", save, "--spike-threshold", "6",
         "--spike-window", "8", "--lisa-layers", "1", "--lisa-interval", "3",
     ]  # fmt: skip
-    trainer = Trainer(parse_run_config(args))
-    try:
+    with Trainer(parse_run_config(args)) as trainer:
         trainer.setup()
         restored = {
             "iteration": trainer.state.iteration,
@@ -234,8 +267,6 @@ def _resume_fixture(save, iters):
             "adam_steps": _adam_steps(trainer.optimizer),
         }
         trainer.train()
-    finally:
-        trainer.close()
     return restored
 
 

@@ -36,12 +36,9 @@ def _built_parameters(args):
     from megatron_ext.planning.arguments import parse_run_config
     from megatron_ext.training.trainer import Trainer
 
-    trainer = Trainer(parse_run_config(args))
-    try:
+    with Trainer(parse_run_config(args)) as trainer:
         trainer.setup()
         return sum(p.numel() for c in trainer.model for p in unwrap_model(c).parameters())
-    finally:
-        trainer.close()
 
 
 @pytest.mark.parametrize("tokenizer", ["sentencepiece", "null"])

@@ -350,10 +350,8 @@ def _spike_worker(save, skip):
         return output
 
     gpt.output_layer.register_forward_hook(spike)
-    try:
+    with trainer:
         trainer.train()
-    finally:
-        trainer.close()
     unchanged = all(torch.equal(seen["before"][n], seen["after"][n]) for n in seen["before"])
     return {
         "unchanged": unchanged,

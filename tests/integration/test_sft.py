@@ -105,10 +105,8 @@ def _lisa_worker(data, tokenizer, save, extra):
             node = p.expand_as(p).grad_fn.next_functions[0][0]
             node.register_hook(counter(_layer_of(name)))
             keep.append(node)
-    try:
+    with trainer:
         trainer.train()
-    finally:
-        trainer.close()
     seen["after"] = _snapshot(gpt, trainer.optimizer)
     return seen, trainer.components.find(Lisa).active
 
@@ -325,10 +323,8 @@ def _empty_batch_worker(data, tokenizer, save):
             yield batch
 
     trainer.data.train = [emptied()]
-    try:
+    with trainer:
         trainer.train()
-    finally:
-        trainer.close()
     return all(torch.equal(a, b) for a, b in zip(weights["before"], weights["after"],
                                                   strict=True))  # fmt: skip
 

@@ -230,16 +230,17 @@ def _nan_worker(save):
         return output
 
     gpt.embedding.register_forward_hook(poison)
-    try:
-        trainer.train()
-    except TrainingStopped as err:
-        unchanged = all(torch.equal(snapshot[n], p.detach()) for n, p in gpt.named_parameters())
-        return {
-            "stopped": str(err),
-            "iteration": trainer.state.iteration,
-            "unchanged": unchanged,
-            "skipped": trainer.components.find(RunCounters).skipped_total,
-        }
+    with trainer:
+        try:
+            trainer.train()
+        except TrainingStopped as err:
+            unchanged = all(torch.equal(snapshot[n], p.detach()) for n, p in gpt.named_parameters())
+            return {
+                "stopped": str(err),
+                "iteration": trainer.state.iteration,
+                "unchanged": unchanged,
+                "skipped": trainer.components.find(RunCounters).skipped_total,
+            }
     return {"stopped": None}
 
 
