@@ -7,9 +7,10 @@ peak memory (GPU: ``torch.cuda.max_memory_allocated`` from the metrics file; CPU
 of the process tree).
 
     python bench/bench_sft.py --device cpu --iters 20   # 8 layers × 512, 8k vocabulary
-    python bench/bench_sft.py --device cuda --model-size 1b --seq-length 256 --micro-batch-size 8
+    python bench/bench_sft.py --device cuda --model-size 1b --seq-length 256 --micro-batch-size 8 \
+        --lisa-layers 4 --overlap-grad-reduce
 
-Results are appended to ``bench/results/sft.jsonl``.
+Results are appended to ``bench/results/sft.jsonl`` (``--json``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def _run(args, lisa_layers: int, save: str) -> dict:
                  "--num-attention-heads", str(max(1, args.hidden_size // 64))]  # fmt: skip
     if args.device == "cuda":
         argv += ["--bf16"]
+    if args.overlap_grad_reduce:
+        argv += ["--overlap-grad-reduce"]
     seconds, peak_rss, _ = run_measured(argv, cwd=ROOT)
     steps = [json.loads(x) for x in open(os.path.join(save, "metrics.jsonl")) if '"lm_loss"' in x]
     warm = steps[len(steps) // 4 :]  # the first quarter warms up
@@ -75,6 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--lisa-layers", type=int, default=2)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--overlap-grad-reduce", action="store_true", help="passed to both runs")
+    p.add_argument("--json", default=RESULTS, help="the results file (appended)")
     args = p.parse_args(argv)
     result = {"args": vars(args), "machine": f"{platform.node()} ({os.cpu_count()} CPUs)"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,7 +98,7 @@ def main(argv=None) -> int:
         print(f"  {what:18s}: {r['median_step_s'] * 1e3:8.1f} ms/step, "
               f"{r['tokens_per_s']:10,.0f} tokens/s, {mem}")  # fmt: skip
     print(f"  LISA / full: {lisa['tokens_per_s'] / full['tokens_per_s']:.3f}× tokens/s")
-    append_result(RESULTS, result)
+    append_result(args.json, result)
     return 0
 
 

@@ -21,11 +21,13 @@ from megatron_ext.platform.distributed import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_run_args(save: str, iters: int = 6, model_size: str = "tiny4", **extra) -> list[str]:
+def tiny_run_args(
+    save: str, iters: int = 6, model_size: str = "tiny4", device: str = "cpu", **extra
+) -> list[str]:
     """``pretrain_gpas.py``'s flags for a small run on mock data, checkpointed under ``save``
     (the fault drills' and the integration tests' run); ``extra`` flags as keyword arguments
     (``save_interval=4`` → ``--save-interval 4``, ``True`` → the bare flag)."""
-    args = ["--device", "cpu", "--model-size", model_size, "--norm-type", "pre_gpas",
+    args = ["--device", device, "--model-size", model_size, "--norm-type", "pre_gpas",
             "--mock-data", "--vocab-size", "512", "--micro-batch-size", "1",
             "--global-batch-size", "4", "--train-iters", str(iters), "--lr", "3e-3",
             "--lr-warmup-iters", "2", "--clip-grad", "1.0", "--clip-gate-grad", "0.01",
@@ -70,10 +72,10 @@ def worker_pid(rank: int, attempt: int) -> int | None:
     return process_with_env(RANK=rank, TORCHELASTIC_RESTART_COUNT=attempt)
 
 
-def torchrun(args, *, max_restarts=0, nproc=2, fault=None, at_iteration=None, sitecustomize=None,
-             tmp_path=None, timeout=600) -> Launch:  # fmt: skip
+def torchrun(args, *, max_restarts=0, nproc=2, fault=None, at_iteration=None, fault_rank=1,
+             sitecustomize=None, tmp_path=None, timeout=600) -> Launch:  # fmt: skip
     """Run ``pretrain_gpas.py args`` under torchrun; ``fault`` ("kill", "freeze", "throttle")
-    hits rank 1 of the first attempt when iteration ``at_iteration`` is logged."""
+    hits rank ``fault_rank`` of the first attempt when iteration ``at_iteration`` is logged."""
     marker = f"{os.getpid()}-{time.time_ns()}"  # inherited by everything the launch starts
     env = dict(os.environ, PYTHONUNBUFFERED="1", GPAS_TEST_LAUNCH=marker)
     if sitecustomize is not None:
@@ -101,7 +103,7 @@ def torchrun(args, *, max_restarts=0, nproc=2, fault=None, at_iteration=None, si
                 and at_iteration is not None
                 and re.search(rf"iter\s+{at_iteration}/", line)
             ):
-                pid = worker_pid(1, 0)
+                pid = worker_pid(fault_rank, 0)
                 launch.events["fault"] = time.time()
                 if fault == "kill":
                     os.kill(pid, signal.SIGKILL)

@@ -4,6 +4,7 @@
 #
 #   bash bench/gpu_check.sh A OUT_DIR      # no Transformer Engine: ≤ 8 minutes on one GPU
 #   bash bench/gpu_check.sh B OUT_DIR      # Transformer Engine and FP8 (TE importable)
+#   bash bench/gpu_check.sh C OUT_DIR      # SFT with LISA vs full; a hang drill on NCCL
 #   bash bench/gpu_check.sh suite OUT_DIR [PARTS]   # the whole benchmark matrix, in parts
 #   GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh A OUT_DIR   # the same commands on CPU, tiny
 #
@@ -14,6 +15,10 @@
 #    buys); one profiled run (kernel breakdown); the 7b-shaped model (4 layers).
 # B: the Transformer Engine tests; the 1b twin with TE; FP8 delayed and tensorwise on the
 #    7b-shaped model at micro-batches giving each GEMM ≥ 8k tokens (32, 64 × 256), vs bf16.
+# C: one SFT step of the 1b preset with LISA on 4 layers against full fine-tuning (bf16,
+#    --overlap-grad-reduce; bench/bench_sft.py); a rank frozen under --hang-timeout with
+#    --calc-ft-timeouts on one GPU (NCCL): detected, restarted, the learned timeouts all-reduced
+#    on CUDA and reloaded (bench/bench_faults.py --parts hang).
 # suite: the matrix of bench/RESULTS.md, PARTS (default: all, in this order) of
 #   tests     pytest -m gpu (TE tests skip themselves without Transformer Engine)
 #   tetests   the Transformer Engine tests alone (tests/gpu/test_gpu_te.py)
@@ -31,7 +36,7 @@
 # against megatron-core's) and collects the GPU selection, which can only skip on CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-USAGE="usage: $0 A|B|suite OUT_DIR [PARTS]"
+USAGE="usage: $0 A|B|C|suite OUT_DIR [PARTS]"
 CHECK=${1:?$USAGE}
 OUT=${2:?$USAGE}
 PARTS=${3:-tests overhead gemm local profile batch te7b fp8}
@@ -51,6 +56,9 @@ if [[ $DRY == 1 ]]; then  # every command as on the GPU, at a tiny shape on CPU
   TWIN=(--ffn-hidden-size 192)
   ITERS=(--iters 1 --warmup 0)
   GPU_TESTS=(tests/unit/test_fast_path.py)
+  SFT=(--num-layers 4 --hidden-size 64 --vocab-size 512 --seq-length 32 --micro-batch-size 2
+    --iters 4 --lisa-layers 2)
+  HANG_TIMEOUT=5
 else
   DEVICE=(--device cuda)
   ONE_B=(--model-size 1b --micro-batch-size 32 --num-microbatches 4)
@@ -59,6 +67,8 @@ else
   TWIN=(--ffn-hidden-size 5504)
   ITERS=(--iters 5 --warmup 2)
   GPU_TESTS=(-m gpu tests --ignore=tests/gpu/test_gpu_te.py)
+  SFT=(--model-size 1b --seq-length 256 --micro-batch-size 8 --iters 20 --lisa-layers 4)
+  HANG_TIMEOUT=20
 fi
 
 run() {  # run NAME SECONDS CMD...: output to the one log; outcome to the summary
@@ -125,6 +135,12 @@ B)
         --norm-types pre_gpas
     done
   done
+  ;;
+C)
+  run sft_lisa 300 "$PYTHON" bench/bench_sft.py "${DEVICE[@]}" "${SFT[@]}" --overlap-grad-reduce \
+    --json "$OUT/sft.jsonl"
+  run hang_nccl 240 "$PYTHON" bench/bench_faults.py "${DEVICE[@]}" --nproc 1 --parts hang \
+    --hang-timeout "$HANG_TIMEOUT" --calc-ft-timeouts --json "$OUT/faults.jsonl"
   ;;
 suite)
   has() { [[ " $PARTS " == *" $1 "* ]]; }

@@ -30,7 +30,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from megatron_ext.config import ModelConfig
+from megatron_ext.config import ConfigError, ModelConfig
 from megatron_ext.layers.rms_norm import RMSNorm
 from megatron_ext.layers.transformer_layer import GPASLayerSubmodules, GPASTransformerLayer
 from megatron_ext.variants import LayerRecipe, LNSMode, layer_recipe
@@ -64,8 +64,18 @@ def _local_modules() -> _Modules:
     return _Modules(RMSNorm, ColumnParallelLinear, RowParallelLinear, LocalCoreAttention, None)
 
 
+TE_MISSING = (
+    "--transformer-impl transformer_engine needs Transformer Engine (pip install "
+    "transformer-engine[pytorch], or tools/install_te_offline.sh); use --transformer-impl local "
+    "without it"
+)
+
+
 def _te_modules() -> _Modules:
+    """megatron-core's TE modules. Without TE, megatron-core defines stand-ins (mocks) that fail
+    only when a layer is built, with no word of TE: its own ``HAVE_TE`` is asked first."""
     try:
+        from megatron.core.extensions import transformer_engine as te_extension
         from megatron.core.extensions.transformer_engine import (
             TEColumnParallelLinear,
             TEDotProductAttention,
@@ -74,12 +84,9 @@ def _te_modules() -> _Modules:
             TERowParallelLinear,
         )
     except ImportError as err:  # pragma: no cover - depends on the machine
-        raise ImportError(
-            "--transformer-impl transformer_engine needs Transformer Engine "
-            "(pip install transformer-engine[pytorch]); use --transformer-impl local without it"
-        ) from err
-    if TENorm is None or TELayerNormColumnParallelLinear is None:
-        raise ImportError("Transformer Engine is not importable here; use --transformer-impl local")
+        raise ConfigError(TE_MISSING) from err
+    if not getattr(te_extension, "HAVE_TE", False):
+        raise ConfigError(TE_MISSING)
     return _Modules(
         TENorm,
         TEColumnParallelLinear,

@@ -127,3 +127,26 @@ def test_check_b_dry_run_commands_parse(tmp_path):
     assert len(summary) == 1 + 1 + 6 + 1  # tests, TE twin, 2 × (bf16 + 2 FP8 recipes), done
     log = (out / "check.log").read_text()
     assert "unrecognized arguments" not in log and "invalid choice" not in log
+    # every throughput run stopped for the missing Transformer Engine, and said so
+    assert log.count("--transformer-impl transformer_engine needs Transformer Engine") == 7, log
+
+
+@pytest.mark.slow
+def test_check_c_dry_run_runs_every_command_on_cpu(tmp_path):
+    """Check C at a tiny shape on CPU: SFT with LISA against full fine-tuning, and a frozen rank
+    detected and restarted with the timeouts it learned."""
+    import json
+
+    out = tmp_path / "c"
+    proc = _gpu_check("C", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert [line.split()[0] for line in summary[:-1]] == ["sft_lisa", "hang_nccl"]
+    assert all(" rc=0 " in line for line in summary[:-1]), (out / "check.log").read_text()[-3000:]
+    (sft,) = [json.loads(line) for line in (out / "sft.jsonl").read_text().splitlines()]
+    assert [r["lisa_layers"] for r in sft["runs"]] == [0, 2]
+    assert sft["args"]["overlap_grad_reduce"]
+    (faults,) = [json.loads(line) for line in (out / "faults.jsonl").read_text().splitlines()]
+    hang = faults["hang"]
+    assert hang["ranks"] == 1 and hang["hang_line"].startswith("hang: rank 0 ")
+    assert "step" in hang["learned"] and hang["reloaded"] == hang["learned"]
