@@ -123,6 +123,8 @@ RULES = (
          proof="tests/integration/test_gpu_scripts.py::test_check_a_dry_run_runs_every_command_on_cpu"),
     Rule(r"^bash bench/gpu_check\.sh B ", "test",
          proof="tests/integration/test_gpu_scripts.py::test_check_b_dry_run_commands_parse"),
+    Rule(r"^bash bench/gpu_check\.sh C ", "test",
+         proof="tests/integration/test_gpu_scripts.py::test_check_c_dry_run_runs_every_command_on_cpu"),
     Rule(r"^python -m pytest -q -m gpu$", "test", proof=".ci/run"),
     Rule(r"^bash bench/gpu_check\.sh suite ", "test",
          proof="tests/integration/test_gpu_scripts.py::test_suite_runs_a_part_and_records_its_outcome"),
